@@ -1,0 +1,1 @@
+"""N2UQ MobileNetV2 (SPEC §5)."""

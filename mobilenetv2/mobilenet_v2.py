@@ -1,0 +1,107 @@
+"""N2UQ MobileNetV2 (W4A4 in the paper), with the reference's layout and names (SPEC §5).
+
+``feature.0`` is a full-precision 3×3/2 stem; ``feature.1..17`` are inverted-residual blocks
+whose three convolutions are quantized, each behind an RPReLU and an :class:`~n2uq.LTQ` (no
+ReLU6 inside the quantized blocks); ``feature.18`` is ``PACT → quantized 1×1 conv → BN → ReLU6``;
+then a 7×7 average pool (224×224 input; other input sizes pool the whole map) and the FP
+classifier.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from n2uq import LTQ, PACT, HardQuantizeConv, LearnableBias
+
+__all__ = ["MobileNetV2", "InvertedResidual", "CHANNELS"]
+
+#: Output channels of feature.0 .. feature.17.
+CHANNELS = [32, 16, 24, 24, 32, 32, 32, 64, 64, 64, 64, 96, 96, 96, 160, 160, 160, 320]
+_STRIDE2_TARGETS = {24, 32, 64, 160}
+
+
+class StemBlock(nn.Module):
+    """Full-precision ``conv 3×3/2 → BN → ReLU6`` (``feature.0``)."""
+
+    def __init__(self, inp: int, oup: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inp, oup, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(oup)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu6(self.bn1(self.conv1(x)))
+
+
+class InvertedResidual(nn.Module):
+    """Quantized inverted residual: 1×1 expand, 3×3 depthwise (stride), 1×1 project."""
+
+    def __init__(self, inp: int, oup: int, mid: int, stride: int, n_bit: int):
+        super().__init__()
+        self.use_residual = inp == oup and stride == 1
+        self.bias11 = LearnableBias(inp)
+        self.prelu1 = nn.PReLU(inp)
+        self.bias12 = LearnableBias(inp)
+        self.quan1 = LTQ(n_bit)
+        self.conv1 = HardQuantizeConv(inp, mid, n_bit, 1, 1, 0)
+        self.bn1 = nn.BatchNorm2d(mid)
+
+        self.bias21 = LearnableBias(mid)
+        self.prelu2 = nn.PReLU(mid)
+        self.bias22 = LearnableBias(mid)
+        self.quan2 = LTQ(n_bit)
+        self.conv2 = HardQuantizeConv(mid, mid, n_bit, 3, stride, 1, groups=mid)
+        self.bn2 = nn.BatchNorm2d(mid)
+
+        self.bias31 = LearnableBias(mid)
+        self.prelu3 = nn.PReLU(mid)
+        self.bias32 = LearnableBias(mid)
+        self.quan3 = LTQ(n_bit)
+        self.conv3 = HardQuantizeConv(mid, oup, n_bit, 1, 1, 0)
+        self.bn3 = nn.BatchNorm2d(oup)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn1(self.conv1(self.quan1(self.bias12(self.prelu1(self.bias11(x))))))
+        out = self.bn2(self.conv2(self.quan2(self.bias22(self.prelu2(self.bias21(out))))))
+        out = self.bn3(self.conv3(self.quan3(self.bias32(self.prelu3(self.bias31(out))))))
+        return out + x if self.use_residual else out
+
+
+class HeadBlock(nn.Module):
+    """``PACT → quantized conv 1×1 → BN → ReLU6`` (``feature.18``)."""
+
+    def __init__(self, inp: int, oup: int, n_bit: int):
+        super().__init__()
+        self.quan1 = PACT(n_bit)
+        self.conv1 = HardQuantizeConv(inp, oup, n_bit, 1, 1, 0)
+        self.bn1 = nn.BatchNorm2d(oup)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu6(self.bn1(self.conv1(self.quan1(x))))
+
+
+class MobileNetV2(nn.Module):
+    """N2UQ MobileNetV2. ``n_bit=4`` reproduces the paper (the reference hard-codes 4)."""
+
+    def __init__(self, n_bit: int = 4, num_classes: int = 1000):
+        super().__init__()
+        if not isinstance(n_bit, int) or not 1 <= n_bit <= 8:
+            raise ValueError(f"n_bit must be an integer in 1..8, got {n_bit!r}")
+        self.n_bit = n_bit
+        self.feature = nn.ModuleList([StemBlock(3, CHANNELS[0])])
+        for i in range(1, len(CHANNELS)):
+            inp, oup = CHANNELS[i - 1], CHANNELS[i]
+            stride = 2 if (oup != inp and oup in _STRIDE2_TARGETS) else 1
+            mid = 32 if i == 1 else 6 * inp
+            self.feature.append(InvertedResidual(inp, oup, mid, stride, n_bit))
+        self.feature.append(HeadBlock(CHANNELS[-1], 1280, n_bit))
+        self.pool1 = nn.AvgPool2d(7)
+        self.fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.feature:
+            x = block(x)
+        # AvgPool2d(7) on the 7×7 map of a 224×224 input, as the reference; other sizes pool globally.
+        x = self.pool1(x) if x.shape[-2:] == (7, 7) else F.adaptive_avg_pool2d(x, 1)
+        return self.fc(torch.flatten(x, 1))

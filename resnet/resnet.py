@@ -1,0 +1,176 @@
+"""N2UQ ResNet-18/34/50 with quantized activations (LTQ) and weights (HardQuantizeConv).
+
+Layout and parameter names follow the code that produced the released checkpoints (SPEC §5), so
+those checkpoints load strictly. The first convolution and the classifier stay full precision.
+Every quantized convolution is preceded by an RPReLU (``LearnableBias → PReLU → LearnableBias``)
+and an :class:`~n2uq.LTQ`; the block output passes through another RPReLU.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Type, Union
+
+import torch
+from torch import Tensor, nn
+
+from n2uq import LTQ, HardQuantizeConv, LearnableBias
+
+__all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "ARCHS"]
+
+
+def _downsample(inplanes: int, outplanes: int, stride: int, n_bit: int, quantize: bool) -> nn.Sequential:
+    """Shortcut projection: FP ``conv1x1 → BN`` ("N2UQ *" rows) or ``LTQ → quantized conv1x1 → BN``."""
+    if quantize:
+        return nn.Sequential(
+            LTQ(n_bit),
+            HardQuantizeConv(inplanes, outplanes, n_bit, kernel_size=1, stride=stride, padding=0),
+            nn.BatchNorm2d(outplanes),
+        )
+    return nn.Sequential(
+        nn.Conv2d(inplanes, outplanes, kernel_size=1, stride=stride, bias=False),
+        nn.BatchNorm2d(outplanes),
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two quantized 3×3 stages, each ``RPReLU → LTQ → HardQuantizeConv → BN``; residual; RPReLU."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, n_bit: int = 2):
+        super().__init__()
+        self.bias11 = LearnableBias(inplanes)
+        self.prelu1 = nn.PReLU(inplanes)
+        self.bias12 = LearnableBias(inplanes)
+        self.quan1 = LTQ(n_bit)
+        self.conv1 = HardQuantizeConv(inplanes, planes, n_bit, 3, stride, 1)
+        self.bn1 = nn.BatchNorm2d(planes)
+
+        self.bias21 = LearnableBias(planes)
+        self.prelu2 = nn.PReLU(planes)
+        self.bias22 = LearnableBias(planes)
+        self.quan2 = LTQ(n_bit)
+        self.conv2 = HardQuantizeConv(planes, planes, n_bit, 3, 1, 1)
+        self.bn2 = nn.BatchNorm2d(planes)
+
+        self.downsample = downsample
+
+        self.bias31 = LearnableBias(planes)
+        self.prelu3 = nn.PReLU(planes)
+        self.bias32 = LearnableBias(planes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn1(self.conv1(self.quan1(self.bias12(self.prelu1(self.bias11(x))))))
+        out = self.bn2(self.conv2(self.quan2(self.bias22(self.prelu2(self.bias21(out))))))
+        identity = x if self.downsample is None else self.downsample(x)
+        out = out + identity
+        return self.bias32(self.prelu3(self.bias31(out)))
+
+
+class Bottleneck(nn.Module):
+    """Quantized 1×1 → 3×3 (stride) → 1×1 (×4) stages, each behind RPReLU and LTQ; residual; RPReLU."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, n_bit: int = 2):
+        super().__init__()
+        outplanes = planes * self.expansion
+        self.bias11 = LearnableBias(inplanes)
+        self.prelu1 = nn.PReLU(inplanes)
+        self.bias12 = LearnableBias(inplanes)
+        self.quan1 = LTQ(n_bit)
+        self.conv1 = HardQuantizeConv(inplanes, planes, n_bit, 1, 1, 0)
+        self.bn1 = nn.BatchNorm2d(planes)
+
+        self.bias21 = LearnableBias(planes)
+        self.prelu2 = nn.PReLU(planes)
+        self.bias22 = LearnableBias(planes)
+        self.quan2 = LTQ(n_bit)
+        self.conv2 = HardQuantizeConv(planes, planes, n_bit, 3, stride, 1)
+        self.bn2 = nn.BatchNorm2d(planes)
+
+        self.bias31 = LearnableBias(planes)
+        self.prelu3 = nn.PReLU(planes)
+        self.bias32 = LearnableBias(planes)
+        self.quan3 = LTQ(n_bit)
+        self.conv3 = HardQuantizeConv(planes, outplanes, n_bit, 1, 1, 0)
+        self.bn3 = nn.BatchNorm2d(outplanes)
+
+        self.downsample = downsample
+
+        self.bias01 = LearnableBias(outplanes)
+        self.prelu0 = nn.PReLU(outplanes)
+        self.bias02 = LearnableBias(outplanes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn1(self.conv1(self.quan1(self.bias12(self.prelu1(self.bias11(x))))))
+        out = self.bn2(self.conv2(self.quan2(self.bias22(self.prelu2(self.bias21(out))))))
+        out = self.bn3(self.conv3(self.quan3(self.bias32(self.prelu3(self.bias31(out))))))
+        identity = x if self.downsample is None else self.downsample(x)
+        out = out + identity
+        return self.bias02(self.prelu0(self.bias01(out)))
+
+
+class ResNet(nn.Module):
+    """torchvision-style ResNet stem and head around N2UQ blocks (SPEC §5)."""
+
+    def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], layers: List[int], n_bit: int = 2,
+                 quantize_downsample: bool = False, num_classes: int = 1000):
+        super().__init__()
+        if not isinstance(n_bit, int) or not 1 <= n_bit <= 8:
+            raise ValueError(f"n_bit must be an integer in 1..8, got {n_bit!r}")
+        self.n_bit = n_bit
+        self.quantize_downsample = bool(quantize_downsample)
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = _downsample(self.inplanes, planes * block.expansion, stride, self.n_bit,
+                                     self.quantize_downsample)
+        layers = [block(self.inplanes, planes, stride, downsample, self.n_bit)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, n_bit=self.n_bit) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet18(n_bit: int = 2, quantize_downsample: bool = False, num_classes: int = 1000) -> ResNet:
+    """N2UQ ResNet-18 (BasicBlock, [2, 2, 2, 2])."""
+    return ResNet(BasicBlock, [2, 2, 2, 2], n_bit, quantize_downsample, num_classes)
+
+
+def resnet34(n_bit: int = 2, quantize_downsample: bool = False, num_classes: int = 1000) -> ResNet:
+    """N2UQ ResNet-34 (BasicBlock, [3, 4, 6, 3])."""
+    return ResNet(BasicBlock, [3, 4, 6, 3], n_bit, quantize_downsample, num_classes)
+
+
+def resnet50(n_bit: int = 2, quantize_downsample: bool = False, num_classes: int = 1000) -> ResNet:
+    """N2UQ ResNet-50 (Bottleneck, [3, 4, 6, 3])."""
+    return ResNet(Bottleneck, [3, 4, 6, 3], n_bit, quantize_downsample, num_classes)
+
+
+ARCHS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}

@@ -1,0 +1,30 @@
+"""Build an N2UQ model from a :class:`n2uq.checkpoint.ModelConfig` (shared by the scripts).
+
+The library (``n2uq``) never imports an architecture folder; scripts do, through this module.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from mobilenetv2.mobilenet_v2 import MobileNetV2  # noqa: E402
+from n2uq.checkpoint import ModelConfig  # noqa: E402
+from resnet.resnet import ARCHS as RESNET_ARCHS  # noqa: E402
+
+ARCH_NAMES = (*RESNET_ARCHS, "mobilenetv2")
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The model with the architecture, bit width, downsample kind and classes of ``config``."""
+    if config.arch in RESNET_ARCHS:
+        return RESNET_ARCHS[config.arch](config.n_bit, config.quantize_downsample, config.num_classes)
+    if config.arch == "mobilenetv2":
+        return MobileNetV2(config.n_bit, config.num_classes)
+    raise ValueError(f"unknown architecture {config.arch!r}; known: {', '.join(ARCH_NAMES)}")
