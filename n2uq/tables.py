@@ -1,0 +1,261 @@
+"""The paper's result tables (SPEC §7) as data, and filling them with numbers measured here.
+
+``paper_results.csv`` (beside this file) holds every published row: network, method, bits,
+whether the downsampling convolutions are quantized, top-1 as published, and, for each released
+N2UQ checkpoint, its download address and the file name this project expects under ``models/``.
+
+A *measurement* is one evaluated checkpoint (or one training run of this project). A table puts
+each measurement in the cell of its network × method × bits and shows published, measured and
+the difference.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from n2uq.checkpoint import ModelConfig
+
+__all__ = [
+    "PaperRow",
+    "Measurement",
+    "TableRow",
+    "load_paper_results",
+    "cell_of",
+    "build_table",
+    "render_markdown",
+    "render_csv",
+    "ResultCache",
+    "file_sha256",
+    "BITS",
+]
+
+PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")
+BITS = (2, 3, 4)
+NETWORK_OF_ARCH = {
+    "resnet18": "ResNet-18",
+    "resnet34": "ResNet-34",
+    "resnet50": "ResNet-50",
+    "mobilenetv2": "MobileNet-V2",
+}
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    """One published number (one cell of the paper's table)."""
+
+    network: str
+    method: str
+    bits: int
+    quantize_downsample: Optional[bool]
+    top1: float
+    checkpoint_file: str = ""
+    checkpoint_url: str = ""
+
+
+@dataclass
+class Measurement:
+    """A top-1 measured here, for one configuration."""
+
+    config: ModelConfig
+    top1: float
+    top5: Optional[float] = None
+    count: Optional[int] = None
+    source: str = ""  # a checkpoint path or a run directory
+    kind: str = "checkpoint"  # "checkpoint" | "trained here"
+
+    def to_json(self) -> Dict:
+        d = asdict(self)
+        d["config"] = self.config.as_dict()
+        return d
+
+    @classmethod
+    def from_json(cls, d: Dict) -> Measurement:
+        d = dict(d)
+        d["config"] = ModelConfig(**d["config"])
+        return cls(**d)
+
+
+@dataclass
+class TableRow:
+    """One row of the rendered table: network × method, cells for W2/A2, W3/A3, W4/A4."""
+
+    network: str
+    method: str
+    published: Dict[int, Optional[float]] = field(default_factory=dict)
+    measured: Dict[int, List[Measurement]] = field(default_factory=dict)
+    released: Dict[int, PaperRow] = field(default_factory=dict)
+
+    @property
+    def is_n2uq(self) -> bool:
+        return self.method.startswith("N2UQ")
+
+
+def load_paper_results(path: Path = PAPER_RESULTS) -> List[PaperRow]:
+    """Every row of SPEC §7, in the paper's order."""
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            qd = r["quantize_downsample"].strip()
+            rows.append(
+                PaperRow(
+                    network=r["network"],
+                    method=r["method"],
+                    bits=int(r["bits"]),
+                    quantize_downsample=None if qd == "" else qd == "1",
+                    top1=float(r["top1"]),
+                    checkpoint_file=r["checkpoint_file"],
+                    checkpoint_url=r["checkpoint_url"],
+                )
+            )
+    return rows
+
+
+def cell_of(config: ModelConfig) -> Tuple[str, str, int]:
+    """``(network, method, bits)`` of the table cell a configuration belongs to.
+
+    "N2UQ" quantizes every convolution but the first (quantized downsample); "N2UQ *" keeps the
+    downsampling 1×1 convolutions in full precision. MobileNetV2 has only the "N2UQ *" row.
+    """
+    network = NETWORK_OF_ARCH.get(config.arch, config.arch)
+    if config.arch == "mobilenetv2":
+        return network, "N2UQ *", config.n_bit
+    return network, "N2UQ" if config.quantize_downsample else "N2UQ *", config.n_bit
+
+
+def build_table(paper: Iterable[PaperRow], measurements: Iterable[Measurement]) -> List[TableRow]:
+    """Rows in the paper's order; measurements of configurations the paper lacks get rows at the end."""
+    rows: Dict[Tuple[str, str], TableRow] = {}
+    for p in paper:
+        row = rows.setdefault((p.network, p.method), TableRow(p.network, p.method))
+        row.published[p.bits] = p.top1
+        if p.checkpoint_url:
+            row.released[p.bits] = p
+    for m in measurements:
+        network, method, bits = cell_of(m.config)
+        if m.kind != "checkpoint":
+            method = f"{method} (trained here)"
+        row = rows.setdefault((network, method), TableRow(network, method))
+        row.measured.setdefault(bits, []).append(m)
+    return list(rows.values())
+
+
+def _best(ms: List[Measurement]) -> Measurement:
+    return max(ms, key=lambda m: m.top1)
+
+
+def _cell_text(row: TableRow, bits: int) -> str:
+    published = row.published.get(bits)
+    measured = row.measured.get(bits)
+    if not row.is_n2uq and "(trained here)" not in row.method:
+        return "—" if published is None else f"{published:.1f}"
+    if measured:
+        best = _best(measured)
+        if published is None:
+            return f"{best.top1:.2f}"
+        return f"{published:.1f} / {best.top1:.2f} ({best.top1 - published:+.2f})"
+    if published is None:
+        return "—"
+    if bits in row.released:
+        return f"{published:.1f} / no checkpoint"
+    return f"{published:.1f}"
+
+
+def render_markdown(table: List[TableRow], title: str = "ImageNet top-1 (%)") -> str:
+    """The paper's layout; N2UQ cells read ``published / measured (difference)``."""
+    lines = [
+        f"### {title}",
+        "",
+        "Cells of N2UQ rows: `published / measured here (difference)`; `no checkpoint` where no file",
+        "under the models folder has that configuration. Other rows are the published baselines.",
+        "",
+        "| Network | Method | W2/A2 | W3/A3 | W4/A4 |",
+        "|---|---|---|---|---|",
+    ]
+    for row in table:
+        bits_present = set(row.published) | set(row.measured)
+        if row.network == "MobileNet-V2" and bits_present <= {4}:
+            cells = ["—", "—", _cell_text(row, 4)]
+        else:
+            cells = [_cell_text(row, b) for b in BITS]
+        lines.append(f"| {row.network} | {row.method.replace('*', chr(92) + '*')} | " + " | ".join(cells) + " |")
+    files = [(row, b, m) for row in table for b in sorted(row.measured) for m in row.measured[b]]
+    if files:
+        lines += ["", "Measured:", "", "| cell | top-1 | top-5 | images | source |", "|---|---|---|---|---|"]
+        for row, b, m in files:
+            top5 = "" if m.top5 is None else f"{m.top5:.2f}"
+            count = "" if m.count is None else str(m.count)
+            lines.append(f"| {row.network} {row.method} W{b}/A{b} | {m.top1:.2f} | {top5} | {count} | "
+                         f"`{m.source}` |")
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(table: List[TableRow]) -> str:
+    """One line per cell: network, method, bits, published, measured, difference, source."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["network", "method", "bits", "published_top1", "measured_top1", "difference", "measured_top5",
+                "images", "source"])
+    for row in table:
+        for b in BITS:
+            published = row.published.get(b)
+            measured = row.measured.get(b)
+            if published is None and not measured:
+                continue
+            best = _best(measured) if measured else None
+            w.writerow([
+                row.network, row.method, b,
+                "" if published is None else f"{published:.1f}",
+                "" if best is None else f"{best.top1:.4f}",
+                "" if best is None or published is None else f"{best.top1 - published:+.4f}",
+                "" if best is None or best.top5 is None else f"{best.top5:.4f}",
+                "" if best is None or best.count is None else best.count,
+                "" if best is None else best.source,
+            ])
+    return buf.getvalue()
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ResultCache:
+    """Evaluation results keyed by ``(checkpoint sha256, evaluation-data fingerprint)``, in one JSON file.
+
+    Written atomically, so an interrupted run never leaves a half-written cache.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.entries: Dict[str, Dict] = {}
+        if self.path.exists():
+            try:
+                self.entries = json.loads(self.path.read_text())
+            except (json.JSONDecodeError, OSError):
+                self.entries = {}  # a damaged cache only costs re-evaluation
+
+    @staticmethod
+    def key(sha256: str, data_fingerprint: str) -> str:
+        return f"{sha256}:{data_fingerprint}"
+
+    def get(self, sha256: str, data_fingerprint: str) -> Optional[Measurement]:
+        entry = self.entries.get(self.key(sha256, data_fingerprint))
+        return None if entry is None else Measurement.from_json(entry)
+
+    def put(self, sha256: str, data_fingerprint: str, measurement: Measurement) -> None:
+        self.entries[self.key(sha256, data_fingerprint)] = measurement.to_json()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
