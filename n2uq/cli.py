@@ -1,0 +1,163 @@
+"""The shared training command line (the reference's flag names) and error handling for scripts.
+
+Every script ends with ``run_main(main)``: a bad input becomes one line ``error: ...`` on stderr
+and exit code 2 (usage) or 1 (runtime failure); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, List, Optional, Sequence
+
+from n2uq.checkpoint import CheckpointError
+from n2uq.data import DataError, check_data_dir
+from n2uq.distributed import env_world_size
+from n2uq.pretrained import PretrainedError
+from n2uq.teacher import TeacherError
+
+__all__ = ["UsageError", "OneLineParser", "parse_bool", "build_train_parser", "validate_train_args",
+           "run_main"]
+
+
+class UsageError(ValueError):
+    """A command-line value is invalid or inconsistent (exit code 2)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """``ArgumentParser`` whose errors are one line (what, and ``see --help``) with exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def parse_bool(value: str) -> bool:
+    """``0/1/True/False`` (any case) → bool, as the reference's ``--quantize_downsample``."""
+    v = str(value).strip().lower()
+    if v in ("1", "true"):
+        return True
+    if v in ("0", "false"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 0, 1, True or False, got {value!r}")
+
+
+def _bits(value: str) -> int:
+    try:
+        bits = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer number of bits in 1..8, got {value!r}") from None
+    if not 1 <= bits <= 8:
+        raise argparse.ArgumentTypeError(f"bits must be in 1..8, got {bits}")
+    return bits
+
+
+def build_train_parser(archs: Sequence[str], default_arch: str, default_bits: int,
+                       with_downsample: bool = True, prog: Optional[str] = None) -> OneLineParser:
+    """The training flags; ``archs`` are the ``--student`` choices of the calling script."""
+    p = OneLineParser(prog=prog, description="N2UQ quantization-aware training (SPEC §6 recipe).",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("reference flags")
+    g.add_argument("--data", default="./data/imagenet", metavar="DIR", help="ImageFolder root with train/ and val/")
+    g.add_argument("--batch_size", type=int, default=256, help="global batch size (all processes together)")
+    g.add_argument("--epochs", type=int, default=128)
+    g.add_argument("--learning_rate", type=float, default=1.25e-3, help="base lr (the alpha group uses lr/10)")
+    g.add_argument("--momentum", type=float, default=0.9, help="Adam beta1")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="weight decay of the 4-D weights group")
+    g.add_argument("--save", default="./models", help="checkpoints go to SAVE/<run name>/")
+    g.add_argument("--label_smooth", type=float, default=0.1, help="label smoothing when there is no teacher")
+    g.add_argument("--teacher", default="resnet101", help="torchvision model name, or none")
+    g.add_argument("--student", default=default_arch, choices=list(archs))
+    g.add_argument("--n_bit", type=_bits, default=default_bits, help="weight and activation bits, 1..8")
+    if with_downsample:
+        g.add_argument("--quantize_downsample", type=parse_bool, default=False,
+                       help="quantize the 1x1 shortcut convs (0/1/True/False)")
+    g.add_argument("-j", "--workers", type=int, default=None,
+                   help="data loading workers per process (default: cores per process, at most 8)")
+
+    g = p.add_argument_group("engine")
+    g.add_argument("--teacher_weights", default="imagenet", help="imagenet | FILE | none (none: no KD)")
+    g.add_argument("--pretrained", default="auto",
+                   help="full-precision init: auto (SPEC §6 choice) | torchvision | authors | none | FILE")
+    g.add_argument("--models_dir", default="models", help="where the authors' init files are kept")
+    g.add_argument("--alpha_group", choices=("reference", "all_ltq"), default="reference",
+                   help="reference name rules, or every LTQ 'a' in the lr/10 group")
+    g.add_argument("--image_size", type=int, default=224, help="train crop and val crop size")
+    g.add_argument("--val_resize", type=int, default=256, help="validation resize before the center crop")
+    g.add_argument("--min_crop_scale", type=float, default=0.08, help="RandomResizedCrop lower scale")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    g.add_argument("--channels_last", action="store_true")
+    g.add_argument("--compile", action="store_true", help="torch.compile the student")
+    g.add_argument("--resume", default="auto", help="auto (the run's checkpoint if it exists) | none | FILE")
+    g.add_argument("--epochs_per_run", type=int, default=0,
+                   help="stop this invocation after N epochs (0: run to --epochs); resume continues")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: cores / processes)")
+    g.add_argument("--log_every", type=int, default=50, help="TensorBoard train scalars every N steps")
+    g.add_argument("--no_progress", action="store_true", help="no tqdm progress bars")
+    g.add_argument("--check_only", action="store_true", help="validate flags and data layout, then exit")
+    g.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    return p
+
+
+def validate_train_args(args: argparse.Namespace, world_size: Optional[int] = None) -> None:
+    """Cross-flag checks argparse cannot do; raises :class:`UsageError` / :class:`DataError`."""
+    world_size = env_world_size() if world_size is None else world_size
+    check_data_dir(args.data)
+    positive = {"--batch_size": args.batch_size, "--epochs": args.epochs, "--image_size": args.image_size,
+                "--val_resize": args.val_resize, "--learning_rate": args.learning_rate}
+    for flag, value in positive.items():
+        if not value > 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    if args.batch_size % world_size:
+        raise UsageError(f"--batch_size {args.batch_size} is not divisible by the {world_size} processes; "
+                         f"use a multiple of {world_size}")
+    if args.val_resize < args.image_size:
+        raise UsageError(f"--val_resize {args.val_resize} is smaller than --image_size {args.image_size}")
+    if not 0.0 <= args.label_smooth < 1.0:
+        raise UsageError(f"--label_smooth must be in [0, 1), got {args.label_smooth}")
+    if not 0.0 < args.min_crop_scale <= 1.0:
+        raise UsageError(f"--min_crop_scale must be in (0, 1], got {args.min_crop_scale}")
+    if not 0.0 <= args.momentum < 1.0 or args.weight_decay < 0:
+        raise UsageError("--momentum must be in [0, 1) and --weight_decay >= 0")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if args.epochs_per_run < 0 or args.threads < 0 or args.log_every < 1:
+        raise UsageError("--epochs_per_run and --threads must be >= 0, --log_every >= 1")
+    if args.amp == "fp16" and args.device == "cpu":
+        raise UsageError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+    if args.resume not in ("auto", "none") and not os.path.isfile(args.resume):
+        raise UsageError(f"--resume file not found: {args.resume} (use auto, none or an existing checkpoint)")
+    if args.pretrained not in ("auto", "torchvision", "authors", "none") and not os.path.isfile(args.pretrained):
+        raise UsageError(f"--pretrained file not found: {args.pretrained} "
+                         f"(use auto, torchvision, authors, none or an existing file)")
+
+
+_USAGE_ERRORS = (UsageError, DataError)
+_RUNTIME_ERRORS = (CheckpointError, PretrainedError, TeacherError, OSError, RuntimeError, ValueError)
+
+
+def run_main(main: Callable[[Optional[List[str]]], Optional[int]], argv: Optional[List[str]] = None) -> None:
+    """Call ``main(argv)`` and exit: 0 on success, 2 on usage errors, 1 on runtime errors.
+
+    Errors print ``error: <message>`` (on every rank under torchrun, prefixed with the rank when
+    there are several); with ``--debug`` in ``argv`` the exception propagates with its traceback.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = main(argv)
+    except BaseException as exc:
+        if "--debug" in argv or isinstance(exc, SystemExit):
+            raise
+        if isinstance(exc, KeyboardInterrupt):
+            sys.stderr.write("interrupted\n")
+            sys.exit(130)
+        if not isinstance(exc, (*_USAGE_ERRORS, *_RUNTIME_ERRORS)):
+            raise
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank is not None and env_world_size() > 1 else ""
+        sys.stderr.write(f"{prefix}error: {exc}\n")
+        sys.exit(2 if isinstance(exc, _USAGE_ERRORS) else 1)
+    sys.exit(code or 0)

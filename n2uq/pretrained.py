@@ -1,0 +1,211 @@
+"""Full-precision initialisation before quantization-aware training (SPEC §6).
+
+Sources (``--pretrained``):
+
+* ``torchvision`` — torchvision's ImageNet weights (``IMAGENET1K_V1``) of the same ResNet;
+* ``authors`` — the authors' full-precision files, fetched with gdown into ``models/``
+  (:data:`AUTHORS_FILES`);
+* a path to a state-dict file;
+* ``none`` — random init.
+
+Only keys that exist in the model with the same shape are copied. The torchvision layout's
+shortcut ``downsample.0`` (conv) / ``downsample.1`` (BN) becomes ``downsample.1`` / ``downsample.2``
+in the quantized-downsample layout (``downsample.0`` is an LTQ there). Unlike the reference
+(``strict=False``, silent), a report of loaded and left-at-init keys is always produced, and
+loading nothing is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Tuple
+
+from torch import Tensor, nn
+
+from n2uq.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
+
+__all__ = ["PretrainedError", "AUTHORS_FILES", "TORCHVISION_WEIGHTS", "LoadReport", "authors_file",
+           "fetch_authors_file", "torchvision_state_dict", "remap_torchvision_downsample",
+           "load_matching", "load_pretrained"]
+
+
+class PretrainedError(RuntimeError):
+    """The requested initialisation could not be found, fetched or applied."""
+
+
+#: (arch, quantize_downsample) -> (file name in models/, Google Drive id) — SPEC §6.
+AUTHORS_FILES: Dict[Tuple[str, bool], Tuple[str, str]] = {
+    ("resnet18", True): ("real_res18.pth.tar", "1BfWhr1hzaS_5zHpQDREVRiPOCmXEWC7q"),
+    ("resnet34", True): ("real_res34.pth.tar", "1kvrloDtpJjhgyF4bX0z0CvHFeCKOHj_B"),
+    ("resnet50", True): ("real_res50.pth.tar", "1cySVFj5PV0ngJlvLmNRcIufzOLRF_ut0"),
+    ("resnet18", False): ("resnet18-f37072fd.pth", "1DhnwgWsAYOTIrTJLaMkT7FQD7oHXMz41"),
+    ("resnet34", False): ("resnet34-b627a593.pth", "1kbQfXr4YS9XsboYV_-nG4kVHe9MVk5N1"),
+    ("resnet50", False): ("resnet50-0676ba61.pth", "1IVYC2ngycFWAZlUtOPAdahZbzAwgX6VU"),
+    ("mobilenetv2", False): ("real_mbv2.pth.tar", "1Rbf8jQuisuLdKB9Cfth962I2RBCwm-Gu"),
+}
+
+#: arch -> torchvision weights enum name (IMAGENET1K_V1, the files the reference used).
+TORCHVISION_WEIGHTS = {
+    "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
+    "resnet34": "ResNet34_Weights.IMAGENET1K_V1",
+    "resnet50": "ResNet50_Weights.IMAGENET1K_V1",
+}
+
+
+@dataclass
+class LoadReport:
+    """What an initialisation did: keys copied, model keys left at init, file keys not used."""
+
+    source: str
+    loaded: List[str] = field(default_factory=list)
+    left_at_init: List[str] = field(default_factory=list)
+    unused: List[str] = field(default_factory=list)
+    shape_mismatch: List[str] = field(default_factory=list)
+    remapped: int = 0
+
+    def summary(self) -> str:
+        """A few lines: counts, and the left-at-init / unused keys grouped by their last name part."""
+        total = len(self.loaded) + len(self.left_at_init)
+        lines = [f"pretrained init from {self.source}: loaded {len(self.loaded)}/{total} model tensors"
+                 + (f" ({self.remapped} remapped from the torchvision downsample layout)" if self.remapped else "")]
+        lines.append(f"  left at init ({len(self.left_at_init)}): {_group(self.left_at_init)}")
+        if self.shape_mismatch:
+            lines.append(f"  skipped, shape differs ({len(self.shape_mismatch)}): {', '.join(self.shape_mismatch[:6])}"
+                         + (" ..." if len(self.shape_mismatch) > 6 else ""))
+        if self.unused:
+            lines.append(f"  in the file but not in the model ({len(self.unused)}): {_group(self.unused)}")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "loaded": self.loaded, "left_at_init": self.left_at_init,
+                "unused": self.unused, "shape_mismatch": self.shape_mismatch, "remapped": self.remapped}
+
+
+def _group(keys: List[str]) -> str:
+    """``'*.a' x16, '*.bias' x40, ...`` — keys counted by their last dotted component."""
+    if not keys:
+        return "none"
+    counts = Counter(k.rsplit(".", 1)[-1] for k in keys)
+    return ", ".join(f"*.{name} x{n}" for name, n in counts.most_common())
+
+
+def authors_file(arch: str, quantize_downsample: bool, models_dir: str) -> Tuple[str, str]:
+    """``(local path, gdown id)`` of the authors' init file for this configuration."""
+    key = (arch, bool(quantize_downsample) and arch != "mobilenetv2")
+    if key not in AUTHORS_FILES:
+        raise PretrainedError(f"no authors' full-precision file is known for {arch} "
+                              f"(quantize_downsample={quantize_downsample})")
+    name, file_id = AUTHORS_FILES[key]
+    return os.path.join(models_dir, name), file_id
+
+
+def fetch_authors_file(arch: str, quantize_downsample: bool, models_dir: str) -> str:
+    """The local path of the authors' file, downloading it with gdown when it is missing."""
+    path, file_id = authors_file(arch, quantize_downsample, models_dir)
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+        return path
+    url = f"https://drive.google.com/uc?id={file_id}"
+    hint = f"download {url} by hand and save it as {path}"
+    try:
+        import gdown
+
+        os.makedirs(models_dir, exist_ok=True)
+        tmp = path + ".part"
+        out = gdown.download(id=file_id, output=tmp, quiet=True)
+        if not out or not os.path.isfile(tmp) or os.path.getsize(tmp) == 0:
+            raise OSError("gdown returned no file")
+        os.replace(tmp, path)
+    except Exception as exc:  # gdown raises many kinds (network, quota, HTML pages)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PretrainedError(f"could not fetch {os.path.basename(path)} ({reason}); {hint}") from None
+    return path
+
+
+def torchvision_state_dict(arch: str) -> Dict[str, Tensor]:
+    """torchvision's ImageNet weights for ``arch`` (downloaded into the torch hub cache once)."""
+    if arch not in TORCHVISION_WEIGHTS:
+        raise PretrainedError(f"torchvision has no weights in the N2UQ layout of {arch}; use "
+                              f"--pretrained authors, a file path, or none")
+    from torchvision.models import get_weight
+
+    weights = get_weight(TORCHVISION_WEIGHTS[arch])
+    try:
+        return dict(weights.get_state_dict(progress=False))
+    except Exception as exc:
+        file = os.path.basename(weights.url)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PretrainedError(
+            f"cannot get torchvision weights {TORCHVISION_WEIGHTS[arch]} ({reason}); put {file} into "
+            f"$TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/checkpoints/) from {weights.url}, "
+            f"or pass --pretrained PATH / none"
+        ) from None
+
+
+_TV_DOWNSAMPLE = re.compile(r"^(.*\.downsample)\.([01])\.(.+)$")
+
+
+def remap_torchvision_downsample(state_dict: Mapping[str, Tensor],
+                                 model_keys: Mapping[str, Tensor]) -> Tuple[Dict[str, Tensor], int]:
+    """Shift ``downsample.0/1`` to ``downsample.1/2`` when the model has the quantized layout.
+
+    Applied only when the model has ``*.downsample.2.*`` keys and the file has none (i.e. the file
+    is in torchvision's ``conv, BN`` layout). Returns ``(state_dict, number of keys renamed)``.
+    """
+    model_qd = any(".downsample.2." in k for k in model_keys)
+    file_tv = any(".downsample.1." in k for k in state_dict) and not any(".downsample.2." in k for k in state_dict)
+    if not (model_qd and file_tv):
+        return dict(state_dict), 0
+    out, renamed = {}, 0
+    for key, value in state_dict.items():
+        m = _TV_DOWNSAMPLE.match(key)
+        if m:
+            key, renamed = f"{m.group(1)}.{int(m.group(2)) + 1}.{m.group(3)}", renamed + 1
+        out[key] = value
+    return out, renamed
+
+
+def load_matching(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> LoadReport:
+    """Copy every entry whose key and shape match a model entry; report the rest.
+
+    Raises :class:`PretrainedError` when nothing matched (a wrong file must not pass silently).
+    """
+    own = model.state_dict()
+    state_dict, renamed = remap_torchvision_downsample(state_dict, own)
+    report = LoadReport(source=source, remapped=renamed)
+    usable = {}
+    for key, value in state_dict.items():
+        if key not in own:
+            report.unused.append(key)
+        elif tuple(value.shape) != tuple(own[key].shape):
+            report.shape_mismatch.append(f"{key} file {list(value.shape)} vs model {list(own[key].shape)}")
+        else:
+            usable[key] = value
+    report.loaded = [k for k in own if k in usable]
+    report.left_at_init = [k for k in own if k not in usable]
+    if not usable:
+        raise PretrainedError(f"{source}: no key of the file matches the model (e.g. file has "
+                              f"{next(iter(state_dict), 'nothing')!r}, model has {next(iter(own))!r}); "
+                              f"wrong file for this architecture?")
+    model.load_state_dict(usable, strict=False)
+    return report
+
+
+def load_pretrained(model: nn.Module, source: str, arch: str, quantize_downsample: bool,
+                    models_dir: str = "models") -> Optional[LoadReport]:
+    """Initialise ``model`` from ``source`` (torchvision | authors | PATH | none); ``None`` for none."""
+    if source == "none":
+        return None
+    if source == "torchvision":
+        return load_matching(model, torchvision_state_dict(arch), f"torchvision {TORCHVISION_WEIGHTS.get(arch)}")
+    path = fetch_authors_file(arch, quantize_downsample, models_dir) if source == "authors" else source
+    if not os.path.exists(path):
+        raise PretrainedError(f"--pretrained file not found: {path} (use torchvision, authors, none or an "
+                              f"existing file)")
+    try:
+        state_dict = extract_state_dict(read_checkpoint(path), source=path)
+    except CheckpointError as exc:
+        raise PretrainedError(str(exc)) from None
+    return load_matching(model, state_dict, path)

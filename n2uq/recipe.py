@@ -1,0 +1,87 @@
+"""The paper's optimisation recipe (SPEC §6): three Adam parameter groups and the linear LR decay.
+
+Groups, in the reference's order:
+
+* ``alpha`` (lr / 10, no weight decay): parameters whose name contains one of the architecture's
+  alpha patterns — ``quan1.a``, ``quan2.a``, ``scale``, ``start`` for the ResNets (so, as in the
+  reference, ResNet-50's ``quan3.a`` and every ``downsample.0.a`` train at the full lr) and also
+  ``quan3.a`` for MobileNetV2. ``all_ltq_a=True`` puts every :class:`~n2uq.LTQ` ``a`` here.
+* ``other`` (lr, no weight decay): everything else.
+* ``weights`` (lr, the configured weight decay): 4-D parameters without ``bias`` in the name
+  (a 4-D parameter that is also an alpha parameter stays in ``alpha``).
+
+Only parameters with ``requires_grad`` are optimised (``HardQuantizeConv.clip_val``/``zero`` are not).
+Schedule: ``LambdaLR(1 - step / epochs)`` stepped once at the *start* of every epoch, so epoch
+``e`` (0-based) runs at ``lr · (1 - (e + 1) / epochs)``.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from n2uq.quant import LTQ
+
+__all__ = ["RESNET_ALPHA_PATTERNS", "MOBILENETV2_ALPHA_PATTERNS", "GROUP_NAMES", "split_parameters",
+           "build_optimizer", "build_scheduler", "scheduler_step", "lr_at_epoch"]
+
+RESNET_ALPHA_PATTERNS: Tuple[str, ...] = ("quan1.a", "quan2.a", "scale", "start")
+MOBILENETV2_ALPHA_PATTERNS: Tuple[str, ...] = ("quan1.a", "quan2.a", "quan3.a", "scale", "start")
+GROUP_NAMES = ("alpha", "other", "weights")
+ALPHA_LR_FACTOR = 0.1
+
+
+def split_parameters(model: nn.Module, alpha_patterns: Iterable[str],
+                     all_ltq_a: bool = False) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
+    """``{'alpha': [...], 'other': [...], 'weights': [...]}`` of ``(name, parameter)`` (trainable only)."""
+    patterns = tuple(alpha_patterns)
+    ltq_a = set()
+    if all_ltq_a:
+        ltq_a = {id(m.a) for m in model.modules() if isinstance(m, LTQ)}
+    groups: Dict[str, List[Tuple[str, nn.Parameter]]] = {name: [] for name in GROUP_NAMES}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if any(pat in name for pat in patterns) or id(p) in ltq_a:
+            groups["alpha"].append((name, p))
+        elif p.dim() == 4 and "bias" not in name:
+            groups["weights"].append((name, p))
+        else:
+            groups["other"].append((name, p))
+    return groups
+
+
+def build_optimizer(model: nn.Module, lr: float = 1.25e-3, weight_decay: float = 0.0,
+                    betas: Tuple[float, float] = (0.9, 0.999),
+                    alpha_patterns: Sequence[str] = RESNET_ALPHA_PATTERNS,
+                    all_ltq_a: bool = False) -> torch.optim.Adam:
+    """Adam over the three groups; each group dict carries its ``name``."""
+    groups = split_parameters(model, alpha_patterns, all_ltq_a)
+    param_groups = [
+        {"name": "alpha", "params": [p for _, p in groups["alpha"]], "lr": lr * ALPHA_LR_FACTOR,
+         "weight_decay": 0.0},
+        {"name": "other", "params": [p for _, p in groups["other"]], "weight_decay": 0.0},
+        {"name": "weights", "params": [p for _, p in groups["weights"]], "weight_decay": weight_decay},
+    ]
+    return torch.optim.Adam(param_groups, lr=lr, betas=betas, weight_decay=0.0)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR(lambda step: 1 - step / epochs)`` (SPEC §6)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / epochs)
+
+
+def scheduler_step(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Advance the schedule at the start of an epoch (before that epoch's optimizer steps, on purpose)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+        scheduler.step()
+
+
+def lr_at_epoch(base_lr: float, epoch: int, epochs: int) -> float:
+    """The lr epoch ``epoch`` (0-based) trains at: ``base_lr · (1 - (epoch + 1) / epochs)``."""
+    return base_lr * (1.0 - (epoch + 1) / epochs)

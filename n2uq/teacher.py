@@ -1,0 +1,70 @@
+"""The frozen full-precision teacher for knowledge distillation (SPEC §6: torchvision ResNet-101).
+
+``--teacher NAME`` is a torchvision classification model name; ``--teacher_weights`` is
+``imagenet`` (torchvision's default weights, downloaded once into the torch hub cache), a local
+state-dict file, or ``none``. ``none`` (for either flag) means no teacher: the student trains on
+labels with label-smoothed cross-entropy.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from torch import nn
+
+from n2uq.checkpoint import CheckpointError, extract_state_dict, load_state_dict_strict, read_checkpoint
+
+__all__ = ["TeacherError", "uses_teacher", "build_teacher"]
+
+
+class TeacherError(RuntimeError):
+    """The teacher could not be built or its weights could not be found."""
+
+
+def uses_teacher(teacher: str, teacher_weights: str) -> bool:
+    return teacher.lower() != "none" and teacher_weights.lower() != "none"
+
+
+def build_teacher(name: str, weights: str, num_classes: int) -> Optional[nn.Module]:
+    """A frozen teacher in eval mode with ``num_classes`` outputs, or ``None`` when disabled."""
+    if not uses_teacher(name, weights):
+        return None
+    import torchvision.models as tvm
+
+    if name not in tvm.list_models(module=tvm):
+        raise TeacherError(f"unknown --teacher {name!r}: not a torchvision classification model "
+                           f"(e.g. resnet101, resnet50); or --teacher none")
+    if weights == "imagenet":
+        if num_classes != 1000:
+            raise TeacherError(f"--teacher_weights imagenet gives 1000 outputs but the data has {num_classes} "
+                               f"classes; pass --teacher_weights FILE trained on these classes, or --teacher none")
+        enum = tvm.get_model_weights(name)
+        # The reference's ``pretrained=True`` meant IMAGENET1K_V1.
+        default = getattr(enum, "IMAGENET1K_V1", enum.DEFAULT)
+        try:
+            state_dict = default.get_state_dict(progress=False)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TeacherError(
+                f"cannot get the {name} teacher weights ({reason}); put {os.path.basename(default.url)} into "
+                f"$TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/checkpoints/) from {default.url}, "
+                f"or pass --teacher_weights FILE, or --teacher none"
+            ) from None
+        source = f"torchvision {name} {default}"
+    else:
+        if not os.path.isfile(weights):
+            raise TeacherError(f"--teacher_weights file not found: {weights} (use imagenet, a file, or none)")
+        try:
+            state_dict = extract_state_dict(read_checkpoint(weights), source=weights)
+        except CheckpointError as exc:
+            raise TeacherError(str(exc)) from None
+        source = weights
+    model = tvm.get_model(name, weights=None, num_classes=num_classes)
+    try:
+        load_state_dict_strict(model, state_dict, source=f"teacher weights {source}")
+    except CheckpointError as exc:
+        raise TeacherError(" ".join(line.strip() for line in str(exc).splitlines())) from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()

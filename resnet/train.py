@@ -1,0 +1,49 @@
+"""Train an N2UQ ResNet-18/34/50 (SPEC §6 recipe) with the shared engine.
+
+    torchrun --nproc_per_node=8 train.py --data /path/to/imagenet --n_bit 2 --quantize_downsample False
+    python train.py --data DIR ...            # one process, no torchrun
+
+Flags: ``python train.py --help`` (the reference's names; ``--batch_size`` is global).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from n2uq import engine  # noqa: E402
+from n2uq.cli import build_train_parser, run_main, validate_train_args  # noqa: E402
+from n2uq.recipe import RESNET_ALPHA_PATTERNS  # noqa: E402
+from n2uq.train_state import run_name  # noqa: E402
+from resnet.resnet import ARCHS  # noqa: E402
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_train_parser(list(ARCHS), default_arch="resnet18", default_bits=2, prog="resnet/train.py")
+    parser.add_argument("--full_precision", action="store_true",
+                        help="train torchvision's full-precision ResNet instead (a baseline; not N2UQ)")
+    args = parser.parse_args(argv)
+    validate_train_args(args)
+    if args.check_only:
+        return 0
+    if args.full_precision:
+        import torchvision
+
+        build = lambda num_classes: torchvision.models.get_model(args.student, num_classes=num_classes)
+        name = f"{args.student}_fp"
+        config = {"arch": args.student, "full_precision": True}
+    else:
+        build = lambda num_classes: ARCHS[args.student](args.n_bit, args.quantize_downsample, num_classes)
+        name = run_name(args.student, args.n_bit, args.quantize_downsample)
+        config = {"arch": args.student, "n_bit": args.n_bit, "quantize_downsample": args.quantize_downsample}
+    if args.pretrained == "auto":
+        args.pretrained = "authors" if args.quantize_downsample and not args.full_precision else "torchvision"
+    engine.fit(build, args, alpha_patterns=RESNET_ALPHA_PATTERNS, run_name=name, config=config)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
