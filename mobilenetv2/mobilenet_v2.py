@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from n2uq import LTQ, PACT, HardQuantizeConv, LearnableBias
+from n2uq.kernels.fused import quant_stage
 
 __all__ = ["MobileNetV2", "InvertedResidual", "CHANNELS"]
 
@@ -62,9 +63,10 @@ class InvertedResidual(nn.Module):
         self.bn3 = nn.BatchNorm2d(oup)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.bn1(self.conv1(self.quan1(self.bias12(self.prelu1(self.bias11(x))))))
-        out = self.bn2(self.conv2(self.quan2(self.bias22(self.prelu2(self.bias21(out))))))
-        out = self.bn3(self.conv3(self.quan3(self.bias32(self.prelu3(self.bias31(out))))))
+        # Each stage is bn(conv(quan(bias2(prelu(bias1(x)))))), fused by n2uq.kernels.fused.
+        out = self.bn1(quant_stage(x, self.bias11, self.prelu1, self.bias12, self.quan1, self.conv1))
+        out = self.bn2(quant_stage(out, self.bias21, self.prelu2, self.bias22, self.quan2, self.conv2))
+        out = self.bn3(quant_stage(out, self.bias31, self.prelu3, self.bias32, self.quan3, self.conv3))
         return out + x if self.use_residual else out
 
 

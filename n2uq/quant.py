@@ -16,9 +16,13 @@ so those checkpoints load strictly.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from n2uq.kernels import ops_for
 
 __all__ = [
     "LTQ",
@@ -29,6 +33,9 @@ __all__ = [
     "ltq_breakpoints",
     "ltq_level_table",
     "ltq_codes",
+    "LTQState",
+    "ltq_state",
+    "ltq_param_grads",
 ]
 
 
@@ -89,73 +96,136 @@ def ltq_codes(xs: Tensor, thresholds: Tensor) -> Tensor:
     return torch.bucketize(xs, thresholds.to(xs.dtype), right=False)
 
 
+class LTQState(NamedTuple):
+    """What forward and backward derive from LTQ's parameters, computed once per forward.
+
+    ``a_pos``/``slope`` are in the parameters' dtype; the rest is cast to the compute dtype
+    (that of ``x * scale1``), exactly as the elementwise code would promote them.
+    """
+
+    a_pos: Tensor  # [n] max(a, eps)
+    thresholds: Tensor  # [n] forward thresholds t (SPEC §1)
+    breakpoints: Tensor  # [n+1] backward breakpoints d
+    levels: Tensor  # [n+1] uniform levels L
+    table: Tensor  # [n+1] output values L * scale2
+    slope: Tensor  # [n] interval / a_pos
+
+
+def ltq_state(start: Tensor, a: Tensor, scale2: Tensor, eps: Tensor, levels: Tensor,
+              dtype: torch.dtype) -> LTQState:
+    """Thresholds, breakpoints, level table and slopes of an LTQ (SPEC §1), detached."""
+    with torch.no_grad():
+        a_pos = torch.where(a > eps, a, eps)
+        levels_c = levels.to(dtype)
+        return LTQState(
+            a_pos=a_pos,
+            thresholds=ltq_forward_thresholds(start, a_pos).to(dtype),
+            breakpoints=ltq_breakpoints(start, a_pos).to(dtype),
+            levels=levels_c,
+            table=levels_c * scale2.to(dtype),
+            slope=((2.0 / a.numel()) / a_pos).to(dtype),
+        )
+
+
+def ltq_param_grads(sums: Tensor, state: LTQState, a: Tensor, eps: Tensor, scale2: Tensor,
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``start, a, scale1, scale2`` from the per-interval sums of the G-STE backward.
+
+    ``sums`` (float64) = ``[G(n), Q(n), S1, S2, ...]``: for inner interval k (``d[k-1] < xs <= d[k]``)
+    ``G_k = Σ g`` and ``Q_k = Σ g·(xs - d[k-1])`` over its elements, ``S1 = Σ grad_xs·x``,
+    ``S2 = Σ g·L[m]``. With ``slope_k = interval / a⁺[k-1]`` (paper Eq. 9):
+    ``W_k = Σ grad_xs = scale2·slope_k·G_k`` and ``R_k = Σ grad_xs·(xs - d[k-1]) = scale2·slope_k·Q_k``;
+    then
+    ``∂/∂start = -Σ W``, ``∂/∂a⁺[j] = -R_j/a⁺[j] - Σ_{k>j} W_k``, masked to ``a > eps``.
+    """
+    n = a.numel()
+    coef = scale2.detach().double() * state.slope.double()
+    W = coef * sums[:n]
+    R = coef * sums[n : 2 * n]
+    later = W.flip(0).cumsum(0).flip(0)  # later[j] = Σ_{k >= j} W[k]
+    later = torch.cat([later[1:], later.new_zeros(1)])
+    grad_a_pos = -R / state.a_pos.double() - later
+    grad_a = torch.where(a > eps, grad_a_pos.to(a.dtype), torch.zeros_like(a))
+    grad_start = (-W.sum()).to(a.dtype).reshape(1)
+    return grad_start, grad_a, sums[2 * n].to(a.dtype).reshape(1), sums[2 * n + 1].to(a.dtype).reshape(1)
+
+
 class _LTQFunction(torch.autograd.Function):
     """LTQ forward (uniform levels) and G-STE backward (SPEC §1), in closed form.
 
-    Saves only the input ``x`` and the scalar/vector parameters. The backward pass recomputes
-    which interval of the surrogate each element falls in and reduces the per-interval sums
-    that the threshold gradients need, instead of keeping 2n full-size tensors alive.
+    Saves only the input ``x`` (and the parameters). The backward pass recomputes which interval
+    of the surrogate each element falls in and reduces the per-interval sums that the threshold
+    gradients need, instead of keeping 2n full-size tensors alive. On CPU and CUDA a fused kernel
+    (:mod:`n2uq.kernels`) does each pass in one sweep; the PyTorch code below is the fallback.
     """
 
     @staticmethod
     def forward(ctx, x, start, a, scale1, scale2, eps, levels):  # type: ignore[override]
-        # xs = x * scale1 (paper Eq. 5: the learnable input scale α).
-        xs = x * scale1
-        # a⁺ = max(a, eps): interval lengths stay positive.
-        a_pos = torch.where(a > eps, a, eps)
-        thresholds = ltq_forward_thresholds(start, a_pos)
-        codes = ltq_codes(xs, thresholds)
-        # y = L[m] * scale2: one of 2^b equidistant levels (paper Eq. 6 / Fig. 1b).
-        table = levels.to(xs.dtype) * scale2.to(xs.dtype)
+        dtype = torch.result_type(x, scale1)
+        state = ltq_state(start, a, scale2, eps, levels, dtype)
+        ops = ops_for(x, dtype)
         ctx.save_for_backward(x, start, a, scale1, scale2, eps, levels)
-        return table[codes]
+        ctx.state, ctx.ops = state, ops
+        if ops is not None:
+            return ops.ltq_forward(x, None, float(scale1), state.thresholds, state.table, False)[0]
+        # xs = x * scale1 (paper Eq. 5: the learnable input scale α); y = L[m] * scale2.
+        codes = ltq_codes(x * scale1, state.thresholds)
+        return state.table[codes]
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x, start, a, scale1, scale2, eps, levels = ctx.saved_tensors
-        n = a.numel()
-        interval = 2.0 / n
-        xs = x * scale1
-        a_pos = torch.where(a > eps, a, eps)
-        breakpoints = ltq_breakpoints(start, a_pos)
+        state, ops = ctx.state, ctx.ops
+        if ops is not None:
+            gx, sums = ops.ltq_backward(x, grad_out, None, float(scale1), float(scale2), state.thresholds,
+                                        state.levels, state.breakpoints, state.slope)
+            grad_start, grad_a, grad_scale1, grad_scale2 = ltq_param_grads(sums, state, a, eps, scale2)
+            return gx, grad_start, grad_a, grad_scale1, grad_scale2, None, None
+        return _ltq_backward_torch(ctx, grad_out, x, a, scale1, scale2, eps, state)
 
-        # Interval index k: 0 below d[0], k in 1..n for d[k-1] < xs <= d[k], n+1 above d[n].
-        segment = torch.bucketize(xs, breakpoints.to(xs.dtype), right=False)
-        inside = (segment >= 1) & (segment <= n)
-        seg0 = (segment - 1).clamp_(0, n - 1)
 
-        # G-STE surrogate (paper Eq. 9, expectation of stochastic rounding):
-        # g(xs) = interval / a⁺[k-1] * (xs - d[k-1]) + (k-1) * interval on interval k.
-        slope = interval / a_pos
-        grad_g = grad_out * scale2  # y = scale2 * g(xs) for the gradient
-        grad_xs = torch.where(inside, grad_g * slope[seg0], grad_g.new_zeros(()))
+def _ltq_backward_torch(ctx, grad_out, x, a, scale1, scale2, eps, state: LTQState):
+    """G-STE backward in plain PyTorch (the reference fast form; used where no kernel applies)."""
+    n = a.numel()
+    xs = x * scale1
+    a_pos, breakpoints, slope = state.a_pos, state.breakpoints, state.slope
 
-        grad_x = grad_xs * scale1 if ctx.needs_input_grad[0] else None
-        grad_scale1 = (grad_xs * x).sum().reshape(1) if ctx.needs_input_grad[3] else None
+    # Interval index k: 0 below d[0], k in 1..n for d[k-1] < xs <= d[k], n+1 above d[n].
+    segment = torch.bucketize(xs, breakpoints, right=False)
+    inside = (segment >= 1) & (segment <= n)
+    seg0 = (segment - 1).clamp_(0, n - 1)
 
-        grad_start = grad_a = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # Per-interval sums W_k = Σ grad_xs and R_k = Σ grad_xs * (xs - d[k-1]).
-            flat_seg = segment.reshape(-1)
-            offset = (xs - breakpoints[seg0]).reshape(-1)
-            flat_grad = grad_xs.reshape(-1)
-            sum_w = flat_grad.new_zeros(n + 2).index_add_(0, flat_seg, flat_grad)[1 : n + 1]
-            sum_r = flat_grad.new_zeros(n + 2).index_add_(0, flat_seg, flat_grad * offset)[1 : n + 1]
-            # ∂g/∂start = -slope on every inner interval.
-            grad_start = -sum_w.sum().reshape(1)
-            # ∂g/∂a⁺[j]: -slope·(xs-d[j])/a⁺[j] on interval j+1; -slope on every later interval.
-            later = sum_w.flip(0).cumsum(0).flip(0)  # later[j] = Σ_{k >= j} sum_w[k]
-            later = torch.cat([later[1:], later.new_zeros(1)])
-            grad_a_pos = -sum_r / a_pos - later
-            grad_a = torch.where(a > eps, grad_a_pos, torch.zeros_like(grad_a_pos))
+    # G-STE surrogate (paper Eq. 9, expectation of stochastic rounding):
+    # g(xs) = interval / a⁺[k-1] * (xs - d[k-1]) + (k-1) * interval on interval k.
+    grad_g = grad_out * scale2  # y = scale2 * g(xs) for the gradient
+    grad_xs = torch.where(inside, grad_g * slope[seg0], grad_g.new_zeros(()))
 
-        grad_scale2 = None
-        if ctx.needs_input_grad[4]:
-            # ∂y/∂scale2 = L[m], the forward level.
-            codes = ltq_codes(xs, ltq_forward_thresholds(start, a_pos))
-            grad_scale2 = (grad_out * levels.to(xs.dtype)[codes]).sum().reshape(1)
+    grad_x = grad_xs * scale1 if ctx.needs_input_grad[0] else None
+    grad_scale1 = (grad_xs * x).sum().reshape(1) if ctx.needs_input_grad[3] else None
 
-        return grad_x, grad_start, grad_a, grad_scale1, grad_scale2, None, None
+    grad_start = grad_a = None
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        # Per-interval sums W_k = Σ grad_xs and R_k = Σ grad_xs * (xs - d[k-1]).
+        flat_seg = segment.reshape(-1)
+        offset = (xs - breakpoints[seg0]).reshape(-1)
+        flat_grad = grad_xs.reshape(-1)
+        sum_w = flat_grad.new_zeros(n + 2).index_add_(0, flat_seg, flat_grad)[1 : n + 1]
+        sum_r = flat_grad.new_zeros(n + 2).index_add_(0, flat_seg, flat_grad * offset)[1 : n + 1]
+        # ∂g/∂start = -slope on every inner interval.
+        grad_start = -sum_w.sum().reshape(1)
+        # ∂g/∂a⁺[j]: -slope·(xs-d[j])/a⁺[j] on interval j+1; -slope on every later interval.
+        later = sum_w.flip(0).cumsum(0).flip(0)  # later[j] = Σ_{k >= j} sum_w[k]
+        later = torch.cat([later[1:], later.new_zeros(1)])
+        grad_a_pos = -sum_r / a_pos - later
+        grad_a = torch.where(a > eps, grad_a_pos, torch.zeros_like(grad_a_pos))
+
+    grad_scale2 = None
+    if ctx.needs_input_grad[4]:
+        # ∂y/∂scale2 = L[m], the forward level.
+        codes = ltq_codes(xs, state.thresholds)
+        grad_scale2 = (grad_out * state.levels[codes]).sum().reshape(1)
+
+    return grad_x, grad_start, grad_a, grad_scale1, grad_scale2, None, None
 
 
 class LTQ(nn.Module):

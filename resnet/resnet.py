@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from n2uq import LTQ, HardQuantizeConv, LearnableBias
+from n2uq.kernels.fused import quant_stage, rprelu
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "ARCHS"]
 
@@ -30,6 +31,15 @@ def _downsample(inplanes: int, outplanes: int, stride: int, n_bit: int, quantize
         nn.Conv2d(inplanes, outplanes, kernel_size=1, stride=stride, bias=False),
         nn.BatchNorm2d(outplanes),
     )
+
+
+def _shortcut(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
+    """``downsample(x)``; the quantized ``LTQ → conv → BN`` form runs as one fused stage."""
+    if downsample is None:
+        return x
+    if isinstance(downsample, nn.Sequential) and len(downsample) == 3 and isinstance(downsample[0], LTQ):
+        return downsample[2](quant_stage(x, None, None, None, downsample[0], downsample[1]))
+    return downsample(x)
 
 
 class BasicBlock(nn.Module):
@@ -61,11 +71,10 @@ class BasicBlock(nn.Module):
         self.bias32 = LearnableBias(planes)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.bn1(self.conv1(self.quan1(self.bias12(self.prelu1(self.bias11(x))))))
-        out = self.bn2(self.conv2(self.quan2(self.bias22(self.prelu2(self.bias21(out))))))
-        identity = x if self.downsample is None else self.downsample(x)
-        out = out + identity
-        return self.bias32(self.prelu3(self.bias31(out)))
+        # Each stage is bn(conv(quan(bias2(prelu(bias1(x)))))), fused by n2uq.kernels.fused.
+        out = self.bn1(quant_stage(x, self.bias11, self.prelu1, self.bias12, self.quan1, self.conv1))
+        out = self.bn2(quant_stage(out, self.bias21, self.prelu2, self.bias22, self.quan2, self.conv2))
+        return rprelu(out, self.bias31, self.prelu3, self.bias32, residual=_shortcut(self.downsample, x))
 
 
 class Bottleneck(nn.Module):
@@ -105,12 +114,10 @@ class Bottleneck(nn.Module):
         self.bias02 = LearnableBias(outplanes)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.bn1(self.conv1(self.quan1(self.bias12(self.prelu1(self.bias11(x))))))
-        out = self.bn2(self.conv2(self.quan2(self.bias22(self.prelu2(self.bias21(out))))))
-        out = self.bn3(self.conv3(self.quan3(self.bias32(self.prelu3(self.bias31(out))))))
-        identity = x if self.downsample is None else self.downsample(x)
-        out = out + identity
-        return self.bias02(self.prelu0(self.bias01(out)))
+        out = self.bn1(quant_stage(x, self.bias11, self.prelu1, self.bias12, self.quan1, self.conv1))
+        out = self.bn2(quant_stage(out, self.bias21, self.prelu2, self.bias22, self.quan2, self.conv2))
+        out = self.bn3(quant_stage(out, self.bias31, self.prelu3, self.bias32, self.quan3, self.conv3))
+        return rprelu(out, self.bias01, self.prelu0, self.bias02, residual=_shortcut(self.downsample, x))
 
 
 class ResNet(nn.Module):

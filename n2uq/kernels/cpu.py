@@ -1,0 +1,204 @@
+"""Build and call the C kernels of ``cpu_kernels.c`` (CPU fast path of LTQ and the RPReLU chain).
+
+The source is plain C with OpenMP and no PyTorch headers, compiled on first use with the system C
+compiler (``$CC``, default ``cc``) into ``$N2UQ_KERNEL_CACHE`` (default ``~/.cache/n2uq``) and loaded
+with :mod:`ctypes`. It links the same ``libgomp.so.1`` that PyTorch already loaded, so both share one
+thread pool. When no compiler is present :func:`library` returns ``None`` (with one warning) and
+callers use the plain PyTorch path, which computes the same values.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["library", "available", "supports", "ltq_forward", "ltq_backward", "rprelu_forward",
+           "rprelu_backward", "decode", "FLAGS"]
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+#: -ffp-contract=off keeps every multiply and add separately rounded, as PyTorch's kernels do.
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-fPIC", "-shared"]
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_tried = False
+
+_i64, _int, _dbl = ctypes.c_int64, ctypes.c_int, ctypes.c_double
+_vp = ctypes.c_void_p
+
+
+def _cpu_signature() -> str:
+    """Identifies the instruction set the library is built for (``-march=native``)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def _build(cache_dir: Path) -> Path:
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"C compiler {cc!r} not found")
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode() + _cpu_signature().encode())
+    target = cache_dir / f"n2uq_cpu_{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, str(_SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+        os.replace(tmp, target)  # atomic: concurrent builders never see a half-written file
+    except subprocess.CalledProcessError as err:
+        raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{err.stderr}") from err
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    for sfx, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+        getattr(lib, f"ltq_forward_{sfx}").argtypes = [
+            _vp, _vp, _vp, _i64, _i64, _i64, _vp, _vp, _vp, real, _vp, _int, _vp, _int]
+        getattr(lib, f"ltq_backward_{sfx}").argtypes = [
+            _vp, _vp, _vp, _i64, _i64, _i64, _vp, _vp, _vp, real, real, _vp, _vp, _vp, _vp, _int, _vp, _int]
+        getattr(lib, f"rprelu_forward_{sfx}").argtypes = [
+            _vp, _vp, _vp, _vp, _i64, _i64, _i64, _vp, _vp, _vp, _int]
+        getattr(lib, f"rprelu_backward_{sfx}").argtypes = [_vp, _vp, _vp, _i64, _i64, _i64, _vp, _vp, _int]
+        getattr(lib, f"decode_{sfx}").argtypes = [_vp, _vp, _i64, _vp, _int]
+        for name in ("ltq_forward", "ltq_backward", "rprelu_forward", "rprelu_backward", "decode"):
+            getattr(lib, f"{name}_{sfx}").restype = None
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernel library, building it on first call; ``None`` if it cannot be built."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        cache = Path(os.environ.get("N2UQ_KERNEL_CACHE", Path.home() / ".cache" / "n2uq"))
+        try:
+            lib = ctypes.CDLL(str(_build(cache)))
+            _declare(lib)
+            _lib = lib
+        except (OSError, RuntimeError) as err:
+            warnings.warn(f"n2uq: CPU kernels unavailable, using the plain PyTorch path ({err})", stacklevel=2)
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def supports(x: Tensor, dtype: torch.dtype) -> bool:
+    """Whether these kernels handle ``x`` computed in ``dtype`` (CPU, float32/64, same dtype)."""
+    return x.device.type == "cpu" and x.dtype == dtype and dtype in (torch.float32, torch.float64) and available()
+
+
+# ---------------------------------------------------------------------------------------------
+# Thin wrappers: prepared LTQ tensors in, results out. `chain` is (bias1, prelu_weight, bias2) as
+# contiguous [C] vectors of the input dtype, or None for a plain LTQ.
+# ---------------------------------------------------------------------------------------------
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _fn(name: str, dtype: torch.dtype):
+    return getattr(library(), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+
+
+def _planes(x: Tensor, per_channel: bool) -> tuple[int, int, int]:
+    """(planes, plane size, channels) of a contiguous tensor; a plain LTQ is one flat plane."""
+    if not per_channel:
+        return 1, x.numel(), 1
+    channels = x.shape[1]
+    planes = x.shape[0] * channels
+    return planes, x.numel() // max(planes, 1), channels
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def ltq_forward(x: Tensor, chain, scale1: float, thresholds: Tensor, table: Tensor,
+                want_codes: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """``y = table[m]`` with ``m`` the LTQ code of ``scale1·chain(x)``; also the uint8 codes if asked."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    codes = torch.empty(x.shape, dtype=torch.uint8) if want_codes else None
+    planes, hw, channels = _planes(x, chain is not None)
+    b1, w, b2 = chain if chain is not None else (None, None, None)
+    _fn("ltq_forward", x.dtype)(x.data_ptr(), y.data_ptr(), _ptr(codes), planes, hw, channels, _ptr(b1), _ptr(w),
+                                _ptr(b2), scale1, thresholds.data_ptr(), thresholds.numel(),
+                                table.data_ptr(), _threads())
+    return y, codes
+
+
+def ltq_backward(x: Tensor, grad: Tensor, chain, scale1: float, scale2: float, thresholds: Tensor,
+                 levels: Tensor, breakpoints: Tensor, slope: Tensor) -> tuple[Tensor, Tensor]:
+    """Input gradient and the float64 sums ``[G(n), X(n), S1, S2, (grad b1, w, b2 per channel)]``.
+
+    See ``ltq_backward`` in ``cpu_kernels.c`` for their meaning.
+    """
+    x, grad = x.contiguous(), grad.contiguous()
+    gx = torch.empty_like(x)
+    planes, hw, channels = _planes(x, chain is not None)
+    n = thresholds.numel()
+    sums = torch.empty(2 * n + 2 + (3 * channels if chain is not None else 0), dtype=torch.float64)
+    b1, w, b2 = chain if chain is not None else (None, None, None)
+    _fn("ltq_backward", x.dtype)(x.data_ptr(), grad.data_ptr(), gx.data_ptr(), planes, hw, channels, _ptr(b1),
+                                 _ptr(w), _ptr(b2), scale1, scale2, thresholds.data_ptr(), levels.data_ptr(),
+                                 breakpoints.data_ptr(), slope.data_ptr(), n, sums.data_ptr(), _threads())
+    return gx, sums
+
+
+def rprelu_forward(a: Tensor, residual: Optional[Tensor], chain) -> tuple[Tensor, Tensor]:
+    """``z = (a + residual) + b1`` (kept for backward) and ``y = prelu(z, w) + b2``."""
+    a = a.contiguous()
+    residual = residual.contiguous() if residual is not None else None
+    y, z = torch.empty_like(a), torch.empty_like(a)
+    planes, hw, channels = _planes(a, True)
+    b1, w, b2 = chain
+    _fn("rprelu_forward", a.dtype)(a.data_ptr(), _ptr(residual), y.data_ptr(), z.data_ptr(), planes, hw,
+                                   channels, b1.data_ptr(), w.data_ptr(), b2.data_ptr(), _threads())
+    return y, z
+
+
+def rprelu_backward(grad: Tensor, z: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Input gradient and float64 ``[grad b2 (C), grad w (C), grad b1 (C)]``."""
+    grad = grad.contiguous()
+    gx = torch.empty_like(z)
+    planes, hw, channels = _planes(z, True)
+    sums = torch.empty(3 * channels, dtype=torch.float64)
+    _fn("rprelu_backward", z.dtype)(grad.data_ptr(), z.data_ptr(), gx.data_ptr(), planes, hw, channels,
+                                    weight.data_ptr(), sums.data_ptr(), _threads())
+    return gx, sums
+
+
+def decode(codes: Tensor, table: Tensor) -> Tensor:
+    """``table[codes]`` for uint8 codes (the exact LTQ output)."""
+    codes = codes.contiguous()
+    y = torch.empty(codes.shape, dtype=table.dtype)
+    _fn("decode", table.dtype)(codes.data_ptr(), y.data_ptr(), codes.numel(), table.data_ptr(), _threads())
+    return y
