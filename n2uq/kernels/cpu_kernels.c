@@ -44,7 +44,7 @@ static int64_t item_count(int64_t planes, int64_t hw) { return planes * ((hw + C
 #define DEFINE_KERNELS(T, SFX)                                                                        \
                                                                                                       \
     /* y = table[m], m = #{j : xs > thr[j]}, xs = scale1 * (rprelu(x) or x); optional uint8 codes. */ \
-    static void ltq_forward_generic_##SFX(const T *x, T *y, uint8_t *codes, int64_t planes, int64_t hw, int64_t C,   \
+    static __attribute__((unused)) void ltq_forward_generic_##SFX(const T *x, T *y, uint8_t *codes, int64_t planes, int64_t hw, int64_t C,   \
                            const T *b1, const T *w, const T *b2, T s1, const T *thr, int n,            \
                            const T *table, int nthreads) {                                            \
         int64_t items = item_count(planes, hw);                                                       \
@@ -88,7 +88,7 @@ static int64_t item_count(int64_t planes, int64_t hw) { return planes * ((hw + C
      * S1 = sum of                                                                                    \
      * grad_xs * z2, S2 = sum of g * lev[m]; then, with RPReLU, per channel: grad b2[C], w[C], b1[C]. \
      * gx receives the input gradient. */                                                            \
-    static void ltq_backward_generic_##SFX(const T *x, const T *gy, T *gx, int64_t planes, int64_t hw, int64_t C,    \
+    static __attribute__((unused)) void ltq_backward_generic_##SFX(const T *x, const T *gy, T *gx, int64_t planes, int64_t hw, int64_t C,    \
                             const T *b1, const T *w, const T *b2, T s1, T s2, const T *thr,           \
                             const T *lev, const T *d, const T *slope, int n, double *out,             \
                             int nthreads) {                                                           \
@@ -210,7 +210,7 @@ static int64_t item_count(int64_t planes, int64_t hw) { return planes * ((hw + C
                                                                                                       \
     /* Block-output RPReLU (SPEC §4) with the residual add: z = (a + r) + b1 (saved),                 \
      * y = (z > 0 ? z : w*z) + b2. `r` may be NULL (no residual). */                                 \
-    void rprelu_forward_##SFX(const T *a, const T *r, T *y, T *z, int64_t planes, int64_t hw,         \
+    static __attribute__((unused)) void rprelu_forward_generic_##SFX(const T *a, const T *r, T *y, T *z, int64_t planes, int64_t hw,         \
                               int64_t C, const T *b1, const T *w, const T *b2, int nthreads) {        \
         int64_t items = item_count(planes, hw);                                                       \
         _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
@@ -240,7 +240,7 @@ static int64_t item_count(int64_t planes, int64_t hw) { return planes * ((hw + C
                                                                                                       \
     /* Backward of rprelu_forward from the saved z: gx = z > 0 ? gy : w*gy; per channel           \
      * out = [grad b2 (C), grad w (C), grad b1 (C)] in double. */                                     \
-    void rprelu_backward_##SFX(const T *gy, const T *z, T *gx, int64_t planes, int64_t hw, int64_t C, \
+    static __attribute__((unused)) void rprelu_backward_generic_##SFX(const T *gy, const T *z, T *gx, int64_t planes, int64_t hw, int64_t C, \
                                const T *w, double *out, int nthreads) {                               \
         int64_t items = item_count(planes, hw);                                                       \
         double *part = (double *)calloc((size_t)(items * 3), sizeof(double));                         \
@@ -546,4 +546,92 @@ void ltq_backward_f64(const double *x, const double *gy, double *gx, int64_t pla
                       double *out, int nthreads) {
     ltq_backward_generic_f64(x, gy, gx, planes, hw, C, b1, w, b2, s1, s2, thr, lev, d, slope, n, out,
                              nthreads);
+}
+
+/* float32 block-output RPReLU with vector extensions (same operations as the generic code). */
+void rprelu_forward_f32(const float *a, const float *r, float *y, float *z, int64_t planes, int64_t hw,
+                        int64_t C, const float *b1, const float *w, const float *b2, int nthreads) {
+    int64_t items = item_count(planes, hw);
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")
+    for (int64_t it = 0; it < items; ++it) {
+        item_t q = item_of(it, hw);
+        int64_t c = q.plane % C;
+        float bb1 = b1[c], ww = w[c], bb2 = b2[c];
+        const float *ap = a + q.begin, *rp = r ? r + q.begin : 0;
+        float *yp = y + q.begin, *zp = z + q.begin;
+        int64_t full = q.len / VL * VL;
+        for (int64_t i = 0; i < full; i += VL) {
+            vf v = vload(ap + i);
+            if (rp) v = v + vload(rp + i);
+            v = v + bb1;
+            vstore(zp + i, v);
+            vstore(yp + i, vsel(v > 0.0f, v, ww * v) + bb2);
+        }
+        for (int64_t i = full; i < q.len; ++i) {
+            float v = ap[i];
+            if (rp) v = v + rp[i];
+            v = v + bb1;
+            zp[i] = v;
+            yp[i] = (v > 0.0f ? v : ww * v) + bb2;
+        }
+    }
+}
+
+void rprelu_backward_f32(const float *gy, const float *z, float *gx, int64_t planes, int64_t hw, int64_t C,
+                         const float *w, double *out, int nthreads) {
+    int64_t items = item_count(planes, hw);
+    double *part = (double *)calloc((size_t)(items * 3), sizeof(double));
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")
+    for (int64_t it = 0; it < items; ++it) {
+        item_t q = item_of(it, hw);
+        float ww = w[q.plane % C];
+        const float *gp = gy + q.begin, *zp = z + q.begin;
+        float *gxp = gx + q.begin;
+        const vf zero = {0};
+        vd dB2 = {0}, dW = {0}, dB1 = {0};
+        int64_t full = q.len / VL * VL;
+        for (int64_t o = 0; o < full; o += VBLK * VL) {
+            vf aB2 = zero, aW = zero, aB1 = zero;
+            int64_t end = o + VBLK * VL < full ? o + VBLK * VL : full;
+            for (int64_t i = o; i < end; i += VL) {
+                vf g = vload(gp + i), v = vload(zp + i);
+                vi pos = v > 0.0f;
+                vf g1 = vsel(pos, g, ww * g);
+                vstore(gxp + i, g1);
+                aB2 += g;
+                aW += vsel(pos, zero, v * g);
+                aB1 += g1;
+            }
+            dB2 += __builtin_convertvector(aB2, vd);
+            dW += __builtin_convertvector(aW, vd);
+            dB1 += __builtin_convertvector(aB1, vd);
+        }
+        double s[3] = {0, 0, 0};
+        for (int l = 0; l < VL; ++l) s[0] += dB2[l], s[1] += dW[l], s[2] += dB1[l];
+        for (int64_t i = full; i < q.len; ++i) {
+            float g = gp[i], v = zp[i];
+            float g1 = v > 0.0f ? g : ww * g;
+            gxp[i] = g1;
+            s[0] += g;
+            s[1] += v > 0.0f ? 0.0 : (double)(v * g);
+            s[2] += g1;
+        }
+        memcpy(part + it * 3, s, sizeof s);
+    }
+    memset(out, 0, sizeof(double) * (size_t)(3 * C));
+    for (int64_t it = 0; it < items; ++it) {
+        int64_t c = item_of(it, hw).plane % C;
+        for (int j = 0; j < 3; ++j) out[j * C + c] += part[it * 3 + j];
+    }
+    free(part);
+}
+
+void rprelu_forward_f64(const double *a, const double *r, double *y, double *z, int64_t planes, int64_t hw,
+                        int64_t C, const double *b1, const double *w, const double *b2, int nthreads) {
+    rprelu_forward_generic_f64(a, r, y, z, planes, hw, C, b1, w, b2, nthreads);
+}
+
+void rprelu_backward_f64(const double *gy, const double *z, double *gx, int64_t planes, int64_t hw, int64_t C,
+                         const double *w, double *out, int nthreads) {
+    rprelu_backward_generic_f64(gy, z, gx, planes, hw, C, w, out, nthreads);
 }

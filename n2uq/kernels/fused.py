@@ -132,7 +132,7 @@ class _LTQStage(torch.autograd.Function):
 
 
 def _decode(codes: Tensor, table: Tensor) -> Tensor:
-    ops = ops_for(codes, table.dtype) if codes.is_contiguous() else None
+    ops = ops_for(table, table.dtype) if codes.is_contiguous() and codes.device == table.device else None
     if ops is not None:
         return ops.decode(codes, table)
     return table[codes.long()]

@@ -1,0 +1,375 @@
+"""Speed and memory of the N2UQ quantizer and of a quantized training step, against baselines
+measured in the same run (issue targets: see docs/benchmarks.md).
+
+Modes:
+  quantizer  LTQ forward+backward vs nn.ReLU forward+backward on one tensor (default
+             32×128×28×28) at 2, 3, 4 bits, the reference loop form from tests/reference.py as a
+             third column, and the bytes autograd saves for backward per input byte.
+  step       one training step (forward, loss, backward, Adam) of N2UQ ResNet-18 W2A2 / W4A4 vs
+             torchvision's full-precision ResNet-18, teacher off and on (ResNet-101, KD loss):
+             time ratio and saved activations (CPU) / peak memory (CUDA).
+  gpu        on CUDA: training images/s of FP ResNet-18 and W2A2/W4A4 with a ResNet-101 teacher,
+             fp32 vs bf16 autocast + channels_last, N2UQ kernels on and off, and eval throughput.
+  all        quantizer, then step (and gpu when CUDA is present).
+
+Every timing is the median over rounds in which all compared variants run one after another
+(interleaved), so load on the machine affects them alike. Models use random init (no download).
+
+  python scripts/benchmark.py --mode quantizer
+  python scripts/benchmark.py --mode step --batch-size 16 --rounds 5
+  python scripts/benchmark.py --mode gpu --batch-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+import weakref
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from n2uq import LTQ  # noqa: E402
+from n2uq.kernels import get_backend, use_backend  # noqa: E402
+from resnet.resnet import resnet18  # noqa: E402
+from tests.reference import reference_ltq  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# Measurement helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: Dict[str, Callable[[], None]], rounds: int, warmup: int,
+                device: torch.device) -> Dict[str, List[float]]:
+    """Seconds per call of each function, measured round-robin ``rounds`` times after warm-up."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+class SavedTensors:
+    """Counts what autograd saves for backward (``torch.autograd.graph.saved_tensors_hooks``).
+
+    ``packed``: bytes of every saved tensor, each time one is saved (a tensor saved by two ops counts
+    twice). ``alive``: bytes of the distinct storages still held for backward once the forward has
+    finished (each storage once) — the activation memory a training step keeps.
+    """
+
+    class _Held:
+        __slots__ = ("tensor", "__weakref__")
+
+        def __init__(self, tensor: Tensor):
+            self.tensor = tensor
+
+    def __init__(self) -> None:
+        self.packed = 0
+        self._held: List[weakref.ref] = []
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, tensor: Tensor):
+        self.packed += tensor.numel() * tensor.element_size()
+        held = self._Held(tensor)
+        self._held.append(weakref.ref(held))
+        return held
+
+    @staticmethod
+    def _unpack(held) -> Tensor:
+        return held.tensor
+
+    @property
+    def alive(self) -> int:
+        storages = {}
+        for ref in self._held:
+            held = ref()
+            if held is not None:
+                storage = held.tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
+
+    def __enter__(self) -> SavedTensors:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def _median_ms(values: List[float]) -> float:
+    return statistics.median(values) * 1e3
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantizer
+# ---------------------------------------------------------------------------------------------
+
+
+def _trained_like_ltq(n_bit: int, device: torch.device) -> LTQ:
+    """An LTQ with unequal intervals (one below eps), so every code path is exercised."""
+    q = LTQ(n_bit)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(n_bit)
+        q.start.fill_(-0.1)
+        q.a.copy_(torch.rand(q.n_val, generator=g) * 1.5 * q.interval + 0.25 * q.interval)
+        if q.n_val >= 3:
+            q.a[1] = 5e-4
+        q.scale1.fill_(1.1)
+        q.scale2.fill_(0.9)
+    return q.to(device)
+
+
+def quantizer_mode(args: argparse.Namespace, device: torch.device) -> None:
+    shape = tuple(args.shape)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 0.8 + 0.5).to(device).requires_grad_(True)
+    upstream = torch.randn(shape, generator=g).to(device)
+    in_bytes = x.numel() * x.element_size()
+    relu = nn.ReLU()
+
+    def fwd_bwd(forward: Callable[[Tensor], Tensor], params: List[Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            torch.autograd.grad(forward(x), [x, *params], upstream)
+        return run
+
+    def saved_per_input(forward: Callable[[Tensor], Tensor]) -> float:
+        with SavedTensors() as saved:
+            y = forward(x)
+            alive = saved.alive
+        del y
+        return alive / in_bytes
+
+    print(f"\n== quantizer: tensor {list(shape)} float32 on {device}, {args.rounds} interleaved rounds, "
+          f"kernels={get_backend()}, threads={torch.get_num_threads()}")
+    header = f"{'bits':>4} | {'ReLU ms':>8} | {'LTQ ms':>8} | {'LTQ/ReLU':>8} | {'ref ms':>8} | {'ref/ReLU':>8} |" \
+             f" {'saved/in LTQ':>12} | {'saved/in ref':>12}"
+    print(header)
+    print("-" * len(header))
+    for n_bit in args.bits:
+        q = _trained_like_ltq(n_bit, device)
+        params = [q.start, q.a, q.scale1, q.scale2]
+        ref_params = [p.detach().clone().requires_grad_(True) for p in params]
+
+        def reference(t: Tensor, ref_params=ref_params) -> Tensor:
+            return reference_ltq(t, *ref_params)
+
+        fns = {"relu": fwd_bwd(relu, []), "ltq": fwd_bwd(q, params)}
+        if not args.skip_reference:
+            fns["ref"] = fwd_bwd(reference, ref_params)
+        times = interleaved(fns, args.rounds, args.warmup, device)
+        relu_ms, ltq_ms = _median_ms(times["relu"]), _median_ms(times["ltq"])
+        ref_ms = _median_ms(times["ref"]) if "ref" in times else float("nan")
+        saved_ref = saved_per_input(reference) if not args.skip_reference else float("nan")
+        print(f"{n_bit:>4} | {relu_ms:8.2f} | {ltq_ms:8.2f} | {ltq_ms / relu_ms:7.2f}x | {ref_ms:8.2f} |"
+              f" {ref_ms / relu_ms:7.1f}x | {saved_per_input(q):11.2f}x | {saved_ref:11.2f}x")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training step
+# ---------------------------------------------------------------------------------------------
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """``mean_batch(-Σ_c softmax(teacher)_c · log_softmax(student)_c)`` (SPEC §6)."""
+    return -(F.softmax(teacher_logits, dim=1) * F.log_softmax(student_logits, dim=1)).sum(1).mean()
+
+
+def make_step(model: nn.Module, teacher: Optional[nn.Module], images: Tensor, labels: Tensor,
+              amp_dtype: Optional[torch.dtype] = None) -> Callable[[], None]:
+    """One training step: forward (and teacher forward), loss, backward, Adam step."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    device_type = images.device.type
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            logits = model(images)
+            if teacher is None:
+                loss = F.cross_entropy(logits.float(), labels)
+            else:
+                with torch.no_grad():
+                    target = teacher(images)
+                loss = kd_loss(logits.float(), target.float())
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _students(bits: List[int]) -> Dict[str, Callable[[], nn.Module]]:
+    builders: Dict[str, Callable[[], nn.Module]] = {"fp": lambda: torchvision.models.resnet18()}
+    for b in bits:
+        builders[f"w{b}a{b}"] = lambda b=b: resnet18(b, False, 1000)
+    return builders
+
+
+def saved_activation_bytes(model: nn.Module, images: Tensor) -> tuple[int, int]:
+    """(alive, packed) bytes saved for backward by one training forward of ``model``."""
+    with SavedTensors() as saved:
+        out = model(images)
+        alive, packed = saved.alive, saved.packed
+    del out
+    return alive, packed
+
+
+def step_mode(args: argparse.Namespace, device: torch.device) -> None:
+    torch.manual_seed(0)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    labels = torch.randint(0, 1000, (args.batch_size,), device=device)
+    models = {name: build().to(device).train() for name, build in _students(args.step_bits).items()}
+    print(f"\n== training step: ResNet-18, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
+          f"{device}, Adam, {args.rounds} interleaved rounds, kernels={get_backend()}, "
+          f"threads={torch.get_num_threads()}")
+
+    print("saved activations (one training forward; alive = distinct storages kept for backward):")
+    base_alive, base_packed = saved_activation_bytes(models["fp"], images)
+    for name, model in models.items():
+        alive, packed = saved_activation_bytes(model, images)
+        print(f"  {name:>6}: alive {alive / 2**20:8.1f} MiB ({alive / base_alive:.2f}x FP)   "
+              f"packed {packed / 2**20:8.1f} MiB ({packed / base_packed:.2f}x FP)")
+
+    teachers = {"off": None}
+    if args.teacher in ("on", "both"):
+        teachers["on"] = torchvision.models.resnet101().to(device).eval()
+    if args.teacher == "on":
+        teachers.pop("off")
+    for label, teacher in teachers.items():
+        fns = {name: make_step(model, teacher, images, labels) for name, model in models.items()}
+        times = interleaved(fns, args.rounds, args.warmup, device)
+        base = _median_ms(times["fp"])
+        cells = "   ".join(f"{name} {_median_ms(t):8.1f} ms ({_median_ms(t) / base:.2f}x)"
+                           for name, t in times.items())
+        print(f"teacher {label:>3}: {cells}")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU throughput
+# ---------------------------------------------------------------------------------------------
+
+
+def gpu_mode(args: argparse.Namespace, device: torch.device) -> None:
+    if device.type != "cuda":
+        print("\n== gpu: skipped (no CUDA device)")
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    bs = args.batch_size
+    print(f"\n== gpu: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, batch {bs}, "
+          f"{args.rounds} interleaved rounds, ResNet-101 teacher (random init)")
+    teacher = torchvision.models.resnet101().to(device).eval()
+    labels = torch.randint(0, 1000, (bs,), device=device)
+    settings = [("fp32", None, False), ("bf16+channels_last", torch.bfloat16, True)]
+    for label, amp, channels_last in settings:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        images = torch.randn(bs, 3, args.image_size, args.image_size, device=device).to(memory_format=fmt)
+        t = teacher.to(memory_format=fmt)
+        fns, memory = {}, {}
+        for name, build in _students(args.step_bits).items():
+            model = build().to(device, memory_format=fmt).train()
+            fns[name] = make_step(model, t, images, labels, amp)
+            if name != "fp":
+                inner = fns[name]
+
+                def torch_only(inner=inner) -> None:
+                    with use_backend("torch"):
+                        inner()
+                fns[f"{name}[torch]"] = torch_only
+        for name, fn in fns.items():  # peak memory, one step each
+            fn()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            fn()
+            torch.cuda.synchronize()
+            memory[name] = torch.cuda.max_memory_allocated(device)
+        times = interleaved(fns, args.rounds, args.warmup, device)
+        base = bs / statistics.median(times["fp"])
+        print(f"train + teacher, {label}:")
+        for name, ts in times.items():
+            ips = bs / statistics.median(ts)
+            print(f"  {name:>14}: {ips:8.1f} img/s ({ips / base:.2f}x FP)   peak {memory[name] / 2**30:6.2f} GiB")
+        evals = {}
+        for name, build in _students(args.step_bits).items():
+            model = build().to(device, memory_format=fmt).eval()
+
+            def infer(model=model, images=images, amp=amp) -> None:
+                with torch.no_grad(), torch.autocast("cuda", dtype=amp or torch.bfloat16, enabled=amp is not None):
+                    model(images)
+            evals[name] = infer
+        times = interleaved(evals, args.rounds, args.warmup, device)
+        base = bs / statistics.median(times["fp"])
+        print(f"eval, {label}: " + "   ".join(
+            f"{name} {bs / statistics.median(ts):8.1f} img/s ({bs / statistics.median(ts) / base:.2f}x)"
+            for name, ts in times.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["quantizer", "step", "gpu", "all"], default="all")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu for quantizer/step, "
+                                                       "cuda for gpu)")
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], help="quantizer bit widths")
+    parser.add_argument("--step-bits", type=int, nargs="+", default=[2, 4], help="W/A bits of the students")
+    parser.add_argument("--shape", type=int, nargs="+", default=[32, 128, 28, 28], help="quantizer tensor")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 16 (CPU step), 256 (gpu)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--teacher", choices=["off", "on", "both"], default="both")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 30 quantizer, 5 step)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--skip-reference", action="store_true", help="no reference loop column (faster)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
+          f"cuda {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    modes = ["quantizer", "step", "gpu"] if args.mode == "all" else [args.mode]
+    for mode in modes:
+        default_device = "cuda" if mode == "gpu" else "cpu"
+        device = torch.device(args.device or default_device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            if mode == "gpu" and args.mode == "all":
+                print("\n== gpu: skipped (no CUDA device)")
+                continue
+            raise SystemExit(f"benchmark: --device {device} requested but CUDA is not available; use --device cpu")
+        mode_args = argparse.Namespace(**vars(args))
+        if mode_args.rounds is None:
+            mode_args.rounds = 30 if mode == "quantizer" else 5
+        if mode_args.batch_size is None:
+            mode_args.batch_size = 256 if mode == "gpu" else 16
+        {"quantizer": quantizer_mode, "step": step_mode, "gpu": gpu_mode}[mode](mode_args, device)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
