@@ -17,6 +17,8 @@ loading nothing is an error.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 from collections import Counter
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 from n2uq.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
 
 __all__ = ["PretrainedError", "AUTHORS_FILES", "TORCHVISION_WEIGHTS", "LoadReport", "authors_file",
-           "fetch_authors_file", "torchvision_state_dict", "remap_torchvision_downsample",
+           "fetch_authors_file", "fetch_torchvision_weights", "torchvision_state_dict", "remap_torchvision_downsample",
            "load_matching", "load_pretrained"]
 
 
@@ -124,6 +126,24 @@ def fetch_authors_file(arch: str, quantize_downsample: bool, models_dir: str) ->
     return path
 
 
+def fetch_torchvision_weights(weights, alternatives: str) -> Dict[str, Tensor]:
+    """The state dict of a torchvision ``WeightsEnum`` entry, from the torch hub cache or downloaded.
+
+    On failure raises :class:`PretrainedError` naming the file, where to put it and ``alternatives``
+    (the flags that avoid the download).
+    """
+    file = os.path.basename(weights.url)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # torch.hub's "Downloading: ..." line
+            return dict(weights.get_state_dict(progress=False))
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PretrainedError(
+            f"cannot get torchvision weights {weights} ({reason}); put {file} into $TORCH_HOME/hub/checkpoints/ "
+            f"(default ~/.cache/torch/hub/checkpoints/) from {weights.url}, or pass {alternatives}"
+        ) from None
+
+
 def torchvision_state_dict(arch: str) -> Dict[str, Tensor]:
     """torchvision's ImageNet weights for ``arch`` (downloaded into the torch hub cache once)."""
     if arch not in TORCHVISION_WEIGHTS:
@@ -131,17 +151,7 @@ def torchvision_state_dict(arch: str) -> Dict[str, Tensor]:
                               f"--pretrained authors, a file path, or none")
     from torchvision.models import get_weight
 
-    weights = get_weight(TORCHVISION_WEIGHTS[arch])
-    try:
-        return dict(weights.get_state_dict(progress=False))
-    except Exception as exc:
-        file = os.path.basename(weights.url)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PretrainedError(
-            f"cannot get torchvision weights {TORCHVISION_WEIGHTS[arch]} ({reason}); put {file} into "
-            f"$TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/checkpoints/) from {weights.url}, "
-            f"or pass --pretrained PATH / none"
-        ) from None
+    return fetch_torchvision_weights(get_weight(TORCHVISION_WEIGHTS[arch]), "--pretrained PATH or none")
 
 
 _TV_DOWNSAMPLE = re.compile(r"^(.*\.downsample)\.([01])\.(.+)$")

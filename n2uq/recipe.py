@@ -59,7 +59,11 @@ def build_optimizer(model: nn.Module, lr: float = 1.25e-3, weight_decay: float =
                     betas: Tuple[float, float] = (0.9, 0.999),
                     alpha_patterns: Sequence[str] = RESNET_ALPHA_PATTERNS,
                     all_ltq_a: bool = False) -> torch.optim.Adam:
-    """Adam over the three groups; each group dict carries its ``name``."""
+    """Adam over the three groups; each group dict carries its ``name``.
+
+    ``foreach=True`` on every device: PyTorch's CPU default (one kernel per tensor) is about ten
+    times slower on ResNet-18 and gives the same update up to float rounding.
+    """
     groups = split_parameters(model, alpha_patterns, all_ltq_a)
     param_groups = [
         {"name": "alpha", "params": [p for _, p in groups["alpha"]], "lr": lr * ALPHA_LR_FACTOR,
@@ -67,7 +71,7 @@ def build_optimizer(model: nn.Module, lr: float = 1.25e-3, weight_decay: float =
         {"name": "other", "params": [p for _, p in groups["other"]], "weight_decay": 0.0},
         {"name": "weights", "params": [p for _, p in groups["weights"]], "weight_decay": weight_decay},
     ]
-    return torch.optim.Adam(param_groups, lr=lr, betas=betas, weight_decay=0.0)
+    return torch.optim.Adam(param_groups, lr=lr, betas=betas, weight_decay=0.0, foreach=True)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -14,6 +14,7 @@ from typing import Optional
 from torch import nn
 
 from n2uq.checkpoint import CheckpointError, extract_state_dict, load_state_dict_strict, read_checkpoint
+from n2uq.pretrained import PretrainedError, fetch_torchvision_weights
 
 __all__ = ["TeacherError", "uses_teacher", "build_teacher"]
 
@@ -43,14 +44,9 @@ def build_teacher(name: str, weights: str, num_classes: int) -> Optional[nn.Modu
         # The reference's ``pretrained=True`` meant IMAGENET1K_V1.
         default = getattr(enum, "IMAGENET1K_V1", enum.DEFAULT)
         try:
-            state_dict = default.get_state_dict(progress=False)
-        except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TeacherError(
-                f"cannot get the {name} teacher weights ({reason}); put {os.path.basename(default.url)} into "
-                f"$TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/checkpoints/) from {default.url}, "
-                f"or pass --teacher_weights FILE, or --teacher none"
-            ) from None
+            state_dict = fetch_torchvision_weights(default, "--teacher_weights FILE, or --teacher none")
+        except PretrainedError as exc:
+            raise TeacherError(f"teacher {name}: {exc}") from None
         source = f"torchvision {name} {default}"
     else:
         if not os.path.isfile(weights):

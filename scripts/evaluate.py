@@ -1,0 +1,102 @@
+"""Evaluate an N2UQ checkpoint: top-1 / top-5 on an ImageFolder validation split.
+
+    python scripts/evaluate.py --checkpoint models/resnet18_2bit_quantize_downsample_False/model_best.pth.tar \\
+        --data /path/to/imagenet
+    torchrun --nproc_per_node=8 scripts/evaluate.py --checkpoint CKPT --data DIR     # sharded, same numbers
+
+The architecture, bit width, downsample kind and class count are read from the checkpoint's
+state dict (``n2uq.checkpoint.infer_config``); the weights are loaded strictly. Image size,
+resize and AMP default to what the training run used (stored in the checkpoint), else 224/256/none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from n2uq import data as D  # noqa: E402
+from n2uq.checkpoint import describe, load_model_state, load_state_dict_strict  # noqa: E402
+from n2uq.cli import OneLineParser, UsageError, run_main  # noqa: E402
+from n2uq.distributed import cleanup, init_distributed  # noqa: E402
+from n2uq.engine import configure_threads, default_workers, evaluate  # noqa: E402
+from scripts.model_zoo import build_model  # noqa: E402
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="evaluate.py", description="Top-1/top-5 of an N2UQ checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file (ours, or a released N2UQ one)")
+    p.add_argument("--data", required=True, help="ImageFolder root holding the split folder (val/)")
+    p.add_argument("--split", default="val", help="sub-folder of --data to evaluate")
+    p.add_argument("--batch_size", type=int, default=256, help="global batch size")
+    p.add_argument("-j", "--workers", type=int, default=None, help="loader workers per process")
+    p.add_argument("--image_size", type=int, default=None, help="center crop (default: the training run's, or 224)")
+    p.add_argument("--val_resize", type=int, default=None, help="resize before the crop (default: training's, or 256)")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None, help="default: the training run's")
+    p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: cores / processes)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line instead")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not os.path.isfile(args.checkpoint):
+        raise UsageError(f"checkpoint not found: {args.checkpoint} (pass an existing .pth.tar file)")
+    split_dir = os.path.join(args.data, args.split)
+    if not os.path.isdir(split_dir):
+        raise D.DataError(f"no {args.split}/ folder in {args.data} (expected {split_dir}/<class>/<images>)")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
+    state_dict, config, meta = load_model_state(args.checkpoint)
+    trained = meta.get("args") if isinstance(meta.get("args"), dict) else {}
+    image_size = args.image_size or int(trained.get("image_size", 224))
+    val_resize = args.val_resize or int(trained.get("val_resize", max(256, image_size)))
+    amp = args.amp or str(trained.get("amp", "none"))
+
+    dataset = D.image_folder(args.data, args.split, D.val_transform(image_size, val_resize))
+    if len(dataset.classes) != config.num_classes:
+        raise D.DataError(f"{split_dir} has {len(dataset.classes)} classes but the checkpoint predicts "
+                          f"{config.num_classes}")
+    if meta.get("classes") and list(meta["classes"]) != dataset.classes:
+        raise D.DataError(f"{split_dir}: class folders differ from the ones the checkpoint was trained on")
+
+    env = init_distributed(args.device)
+    try:
+        if args.batch_size % env.world_size:
+            raise UsageError(f"--batch_size {args.batch_size} is not divisible by the {env.world_size} processes")
+        configure_threads(args.threads, env)
+        model = build_model(config)
+        load_state_dict_strict(model, state_dict, source=args.checkpoint)
+        model.to(env.device)
+        if args.channels_last:
+            import torch
+
+            model.to(memory_format=torch.channels_last)
+        workers = default_workers(env) if args.workers is None else args.workers
+        loader = D.build_val_loader(dataset, args.batch_size // env.world_size, env.rank, env.world_size,
+                                    workers, pin_memory=env.device.type == "cuda")
+        result = evaluate(model, loader, env.device, amp, args.channels_last)
+    finally:
+        cleanup()
+    if env.is_main:
+        if args.json:
+            print(json.dumps({"checkpoint": args.checkpoint, "config": config.tag, **result,
+                              "logged_top1": meta.get("val_top1")}))
+        else:
+            logged = meta.get("val_top1")
+            note = f" (training logged {logged:.2f}%)" if isinstance(logged, float) else ""
+            print(f"{config.tag} [{describe(config)}] {args.checkpoint}\n"
+                  f"{split_dir}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+                  f"on {result['count']} images{note}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,32 @@
+# Shared by resnet/run.sh and mobilenetv2/run.sh (sourced, not run): choose the number of
+# processes, check the flags once, launch train.py (torchrun when several processes), tee the log.
+# Needs: PYTHON, die(). Reads: NPROC, TORCHRUN_ARGS.
+
+launch_training() {
+    local script="$1" log="$2"; shift 2
+    local nproc nnodes=1 status
+    if [ -n "${NPROC:-}" ]; then
+        [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "NPROC must be a positive integer, got '$NPROC'"
+        nproc="$NPROC"
+    else
+        nproc="$("$PYTHON" -c 'import torch; print(max(1, torch.cuda.device_count()))')"
+    fi
+    if [[ "${TORCHRUN_ARGS:-}" =~ --nnodes[=\ ]+([0-9]+) ]]; then nnodes="${BASH_REMATCH[1]}"; fi
+    # Flags and data layout are checked before any process starts: one clear line on a bad input.
+    WORLD_SIZE=$((nproc * nnodes)) "$PYTHON" "$script" "$@" --check_only || exit $?
+    mkdir -p "$(dirname "$log")"
+    echo "log: $log"
+    local cmd
+    if [ "$nproc" -gt 1 ] || [ -n "${TORCHRUN_ARGS:-}" ]; then
+        # shellcheck disable=SC2086  # TORCHRUN_ARGS is a list of flags
+        cmd=("$PYTHON" -m torch.distributed.run ${TORCHRUN_ARGS:---standalone} --nproc_per_node "$nproc" "$script" "$@")
+    else
+        cmd=("$PYTHON" "$script" "$@")
+    fi
+    echo "$(date '+%F %T') ${cmd[*]}" >> "$log"
+    set +e
+    "${cmd[@]}" 2>&1 | tee -a "$log"
+    status=${PIPESTATUS[0]}
+    set -e
+    return "$status"
+}

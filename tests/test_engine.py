@@ -1,0 +1,79 @@
+"""The engine end to end, in process: exact resume, the lr of every group at every epoch, logs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from n2uq.checkpoint import read_checkpoint
+from n2uq.metrics import read_metrics
+from n2uq.recipe import lr_at_epoch
+from resnet import train as resnet_train
+
+RUN = "resnet18_2bit_quantize_downsample_False"
+BASE_LR = 2e-3
+
+
+def _train(data, save, *extra):
+    argv = ["--data", str(data), "--save", str(save), "--epochs", "2", "--batch_size", "6",
+            "--image_size", "16", "--val_resize", "16", "--teacher", "none", "--pretrained", "none",
+            "--learning_rate", str(BASE_LR), "-j", "0", "--no_progress", "--seed", "3", *extra]
+    assert resnet_train.main(argv) == 0
+    return save / RUN
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_imagefolder, tmp_path_factory):
+    return _train(tiny_imagefolder, tmp_path_factory.mktemp("full"))
+
+
+def test_resumed_run_equals_uninterrupted(tiny_imagefolder, tmp_path, uninterrupted):
+    """Stop after epoch 1, resume (with a loader worker this time): final state bit-identical."""
+    run = _train(tiny_imagefolder, tmp_path, "--epochs_per_run", "1")
+    first = read_checkpoint(run / "checkpoint.pth.tar")
+    assert (first["epoch"], first["next_epoch"]) == (0, 1)
+    _train(tiny_imagefolder, tmp_path, "-j", "1")
+
+    a = read_checkpoint(uninterrupted / "checkpoint.pth.tar")
+    b = read_checkpoint(run / "checkpoint.pth.tar")
+    assert a["epoch"] == b["epoch"] == 1
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for pid, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][pid][name]))
+    assert a["scheduler"] == b["scheduler"]
+    assert a["best_top1_acc"] == b["best_top1_acc"]
+    starts = read_metrics(str(run / "metrics.jsonl"), "start")
+    assert [s["next_epoch"] for s in starts] == [0, 1]
+
+
+def test_lr_of_every_group_at_every_epoch(uninterrupted):
+    """SPEC §6: epoch e runs at lr·(1 - (e+1)/epochs); the alpha group at a tenth of that."""
+    epochs = read_metrics(str(uninterrupted / "metrics.jsonl"), "epoch")
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    for rec in epochs:
+        expected = lr_at_epoch(BASE_LR, rec["epoch"], 2)
+        assert expected == BASE_LR * (0.5 if rec["epoch"] == 0 else 0.0)
+        assert rec["lr"]["other"] == pytest.approx(expected, abs=1e-12)
+        assert rec["lr"]["weights"] == pytest.approx(expected, abs=1e-12)
+        assert rec["lr"]["alpha"] == pytest.approx(expected / 10, abs=1e-12)
+
+
+def test_checkpoint_layout_and_logs(uninterrupted):
+    ckpt = read_checkpoint(uninterrupted / "checkpoint.pth.tar")
+    for key in ("epoch", "state_dict", "best_top1_acc", "optimizer", "scheduler", "scaler", "rng", "args"):
+        assert key in ckpt
+    assert all(k.startswith("module.") for k in ckpt["state_dict"])
+    assert ckpt["config"] == {"arch": "resnet18", "n_bit": 2, "quantize_downsample": False, "num_classes": 3}
+    assert (uninterrupted / "model_best.pth.tar").is_file()
+    assert not [p for p in uninterrupted.iterdir() if p.name.endswith(".tmp")]
+    records = read_metrics(str(uninterrupted / "metrics.jsonl"), "epoch")
+    assert all(r["val"]["count"] == 7 for r in records)
+    assert records[-1]["val"]["top1"] == pytest.approx(ckpt["val_top1"])
+    assert ckpt["best_top1_acc"] == pytest.approx(max(r["val"]["top1"] for r in records))
+    assert list((uninterrupted / "tb").iterdir()), "no TensorBoard event file"
+    json.dumps(ckpt["args"])  # plain values only
