@@ -1,0 +1,161 @@
+"""scripts/reproduce_tables.py on checkpoints saved in the reference's format, with a tiny val tree."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from n2uq.checkpoint import ModelConfig
+from n2uq.tables import build_table, cell_of, load_paper_results, render_markdown
+from scripts import evaluate, reproduce_tables
+from scripts.model_zoo import build_model
+from tests.conftest import REPO_ROOT, make_image_folder
+from tests.test_models import _randomise
+
+CLASSES = 4
+# File name -> configuration; the names deliberately say nothing about the contents.
+CONFIGS = {
+    "a.pth.tar": ModelConfig("resnet18", 2, False, CLASSES),
+    "nested/b.pth": ModelConfig("resnet18", 4, True, CLASSES),
+    "c.bin": ModelConfig("mobilenetv2", 4, False, CLASSES),
+}
+
+
+def _save_reference_format(model, path):
+    torch.save({"epoch": 127, "state_dict": {"module." + k: v for k, v in model.state_dict().items()},
+                "best_top1_acc": torch.tensor(50.0), "optimizer": {"state": {}, "param_groups": []}}, path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tables")
+    data = make_image_folder(root / "data", classes=CLASSES, train_per_class=1, val_per_class=[3, 2, 2, 2], size=32)
+    models = root / "models"
+    for i, (name, cfg) in enumerate(CONFIGS.items()):
+        torch.manual_seed(i)
+        model = build_model(cfg)
+        _randomise(model, i)
+        (models / name).parent.mkdir(parents=True, exist_ok=True)
+        _save_reference_format(model, models / name)
+    (models / "README.md").write_text("not a checkpoint")
+    return root, data, models
+
+
+def _run(args, env=None):
+    return subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "reproduce_tables.py"), *args],
+                          capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600)
+
+
+def _evaluate_json(path, data, capsys):
+    """What ``scripts/evaluate.py --json`` prints for ``path``."""
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(path), "--data", str(data), "--image_size", "32", "--val_resize", "32",
+                          "--json", "--workers", "0", "--batch_size", "4"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_cells_match_evaluate_and_cache_prevents_reevaluation(setup, monkeypatch, capsys):
+    root, data, models = setup
+    out = root / "out"
+    argv = ["--models", str(models), "--data", str(data), "--out", str(out), "--image_size", "32",
+            "--val_resize", "32", "--workers", "0", "--batch_size", "4"]
+    assert reproduce_tables.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| ResNet-18 | N2UQ \\* |" in printed
+
+    rows = {(r["network"], r["method"], int(r["bits"])): r for r in csv.DictReader(open(out / "tables.csv"))}
+    for name, cfg in CONFIGS.items():
+        row = rows[cell_of(cfg)]
+        expected = _evaluate_json(models / name, data, capsys)
+        assert expected["config"] == cfg.tag
+        assert float(row["measured_top1"]) == pytest.approx(expected["top1"], abs=5e-5)  # CSV keeps 4 decimals
+        assert row["source"].endswith(name)
+        assert float(row["difference"]) == pytest.approx(expected["top1"] - float(row["published_top1"]), abs=1e-3)
+        assert int(row["images"]) == 9
+    # Baseline rows carry the published numbers only; cells without checkpoints say so.
+    lsq = rows[("ResNet-18", "LSQ", 2)]
+    assert lsq["published_top1"] == "67.6" and lsq["measured_top1"] == ""
+    md = (out / "tables.md").read_text()
+    assert "69.4 / no checkpoint" in md and "| ResNet-50 | PACT | 64.4 | 68.1 | 69.2 |" in md
+
+    # Second run: everything comes from the cache.
+    calls = []
+    monkeypatch.setattr(reproduce_tables, "evaluate_checkpoint", lambda *a, **k: calls.append(a))
+    assert reproduce_tables.main(argv) == 0
+    assert calls == [] and "(cached)" in capsys.readouterr().out
+    # A new file is evaluated, the others still come from the cache.
+    model = build_model(ModelConfig("resnet34", 3, True, CLASSES))
+    extra = models / "d.pth.tar"
+    _save_reference_format(model, extra)
+    try:
+        monkeypatch.undo()
+        assert reproduce_tables.main(argv) == 0
+        text = capsys.readouterr().out
+        assert text.count("(cached)") == 3 and "d.pth.tar: resnet34_w3a3_qd1" in text
+    finally:
+        extra.unlink()
+
+
+def test_corrupt_and_unrecognised_files_are_named(setup, subprocess_env, tmp_path):
+    _, data, models = setup
+    bad_models = tmp_path / "models"
+    bad_models.mkdir()
+    good = bad_models / "good.pth.tar"
+    good.write_bytes((models / "a.pth.tar").read_bytes())
+    (bad_models / "corrupt.pth.tar").write_bytes((models / "a.pth.tar").read_bytes()[:5000])
+    torch.save({"state_dict": {"module.fc.weight": torch.zeros(3, 3), "module.blocks.0.w": torch.zeros(1)}},
+               bad_models / "strange.pth")
+    result = _run(["--models", str(bad_models), "--data", str(data), "--out", str(tmp_path / "out"),
+                   "--image_size", "32", "--val_resize", "32", "--workers", "0", "--batch_size", "4"],
+                  env=subprocess_env)
+    assert result.returncode == 1
+    err = result.stderr
+    assert "corrupt.pth.tar" in err and "not a readable PyTorch checkpoint" in err
+    assert "strange.pth" in err and "unrecognised" in err
+    assert "Traceback" not in err
+    # The good file was still evaluated and its cell filled.
+    assert "good.pth.tar" in (tmp_path / "out" / "tables.md").read_text()
+
+
+def test_bad_arguments(tmp_path, subprocess_env):
+    result = _run(["--models", str(tmp_path / "nope"), "--data", str(tmp_path)], env=subprocess_env)
+    assert result.returncode == 2 and "--models folder not found" in result.stderr
+    (tmp_path / "m").mkdir()
+    result = _run(["--models", str(tmp_path / "m"), "--data", str(tmp_path)], env=subprocess_env)
+    assert result.returncode == 2 and "no val/ folder" in result.stderr
+
+
+def test_runs_fill_trained_here_cells(tmp_path):
+    run_dir = tmp_path / "runs" / "resnet18_2bit_quantize_downsample_False"
+    run_dir.mkdir(parents=True)
+    model = build_model(ModelConfig("resnet18", 2, False, 10))
+    torch.save({"state_dict": model.state_dict()}, run_dir / "checkpoint.pth.tar")
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for epoch, top1 in enumerate([40.0, 70.5, 65.0]):
+            f.write(json.dumps({"event": "epoch", "epoch": epoch, "val": {"top1": top1, "top5": 90.0,
+                                                                             "count": 2000}}) + "\n")
+    found, errors = reproduce_tables.run_measurements(str(tmp_path / "runs"))
+    assert errors == [] and len(found) == 1 and found[0].top1 == 70.5 and found[0].kind == "trained here"
+    md = render_markdown(build_table(load_paper_results(), found))
+    assert "| ResNet-18 | N2UQ \\* (trained here) | 70.50 | — | — |" in md
+
+
+def test_paper_results_file_covers_spec_table():
+    rows = load_paper_results()
+    assert len(rows) == 37
+    n2uq = [r for r in rows if r.method.startswith("N2UQ")]
+    assert len(n2uq) == 19 and all(r.checkpoint_url.startswith("https://") for r in n2uq)
+    assert len({r.checkpoint_file for r in n2uq}) == 19
+    cells = {(r.network, r.method, r.bits): r.top1 for r in rows}
+    assert cells[("ResNet-18", "N2UQ", 2)] == 69.4 and cells[("ResNet-50", "N2UQ *", 2)] == 76.4
+    assert cells[("MobileNet-V2", "N2UQ *", 4)] == 72.1 and cells[("ResNet-18", "DoReFa-Net", 3)] == 67.5
+    for r in n2uq:  # the expected file name is the configuration's tag
+        if r.network != "MobileNet-V2":
+            cfg = ModelConfig({"ResNet-18": "resnet18", "ResNet-34": "resnet34", "ResNet-50": "resnet50"}[r.network],
+                              r.bits, bool(r.quantize_downsample), 1000)
+            assert r.checkpoint_file == cfg.tag + ".pth.tar" and cell_of(cfg) == (r.network, r.method, r.bits)
