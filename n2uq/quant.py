@@ -167,7 +167,7 @@ class _LTQFunction(torch.autograd.Function):
         ctx.save_for_backward(x, start, a, scale1, scale2, eps, levels)
         ctx.state, ctx.ops = state, ops
         if ops is not None:
-            return ops.ltq_forward(x, None, float(scale1), state.thresholds, state.table, False)[0]
+            return ops.ltq_forward(x, None, scale1, state.thresholds, state.table, False)[0]
         # xs = x * scale1 (paper Eq. 5: the learnable input scale α); y = L[m] * scale2.
         codes = ltq_codes(x * scale1, state.thresholds)
         return state.table[codes]
@@ -177,7 +177,7 @@ class _LTQFunction(torch.autograd.Function):
         x, start, a, scale1, scale2, eps, levels = ctx.saved_tensors
         state, ops = ctx.state, ctx.ops
         if ops is not None:
-            gx, sums = ops.ltq_backward(x, grad_out, None, float(scale1), float(scale2), state.thresholds,
+            gx, sums = ops.ltq_backward(x, grad_out, None, scale1, scale2, state.thresholds,
                                         state.levels, state.breakpoints, state.slope)
             grad_start, grad_a, grad_scale1, grad_scale2 = ltq_param_grads(sums, state, a, eps, scale2)
             return gx, grad_start, grad_a, grad_scale1, grad_scale2, None, None

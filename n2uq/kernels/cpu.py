@@ -141,7 +141,7 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def ltq_forward(x: Tensor, chain, scale1: float, thresholds: Tensor, table: Tensor,
+def ltq_forward(x: Tensor, chain, scale1: Tensor, thresholds: Tensor, table: Tensor,
                 want_codes: bool) -> tuple[Tensor, Optional[Tensor]]:
     """``y = table[m]`` with ``m`` the LTQ code of ``scale1·chain(x)``; also the uint8 codes if asked."""
     x = x.contiguous()
@@ -150,12 +150,12 @@ def ltq_forward(x: Tensor, chain, scale1: float, thresholds: Tensor, table: Tens
     planes, hw, channels = _planes(x, chain is not None)
     b1, w, b2 = chain if chain is not None else (None, None, None)
     _fn("ltq_forward", x.dtype)(x.data_ptr(), y.data_ptr(), _ptr(codes), planes, hw, channels, _ptr(b1), _ptr(w),
-                                _ptr(b2), scale1, thresholds.data_ptr(), thresholds.numel(),
+                                _ptr(b2), float(scale1), thresholds.data_ptr(), thresholds.numel(),
                                 table.data_ptr(), _threads())
     return y, codes
 
 
-def ltq_backward(x: Tensor, grad: Tensor, chain, scale1: float, scale2: float, thresholds: Tensor,
+def ltq_backward(x: Tensor, grad: Tensor, chain, scale1: Tensor, scale2: Tensor, thresholds: Tensor,
                  levels: Tensor, breakpoints: Tensor, slope: Tensor) -> tuple[Tensor, Tensor]:
     """Input gradient and the float64 sums ``[G(n), X(n), S1, S2, (grad b1, w, b2 per channel)]``.
 
@@ -168,7 +168,8 @@ def ltq_backward(x: Tensor, grad: Tensor, chain, scale1: float, scale2: float, t
     sums = torch.empty(2 * n + 2 + (3 * channels if chain is not None else 0), dtype=torch.float64)
     b1, w, b2 = chain if chain is not None else (None, None, None)
     _fn("ltq_backward", x.dtype)(x.data_ptr(), grad.data_ptr(), gx.data_ptr(), planes, hw, channels, _ptr(b1),
-                                 _ptr(w), _ptr(b2), scale1, scale2, thresholds.data_ptr(), levels.data_ptr(),
+                                 _ptr(w), _ptr(b2), float(scale1), float(scale2), thresholds.data_ptr(),
+                                 levels.data_ptr(),
                                  breakpoints.data_ptr(), slope.data_ptr(), n, sums.data_ptr(), _threads())
     return gx, sums
 

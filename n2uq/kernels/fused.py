@@ -84,7 +84,7 @@ class _LTQStage(torch.autograd.Function):
         if ops is not None and b1 is not None:
             chain = tuple(_vector(p, x.shape[1], dtype) for p in (b1, w, b2))
         if ops is not None:
-            y, codes = ops.ltq_forward(x, chain, float(scale1), state.thresholds, state.table, want_codes)
+            y, codes = ops.ltq_forward(x, chain, scale1, state.thresholds, state.table, want_codes)
         else:
             xs = _chain_torch(x, b1, w, b2) * scale1
             codes = ltq_codes(xs, state.thresholds)
@@ -102,7 +102,7 @@ class _LTQStage(torch.autograd.Function):
         if ctx.ops is None:
             return _LTQStage._backward_torch(ctx, grad)
         state = ctx.state
-        gx, sums = ctx.ops.ltq_backward(x, grad, ctx.chain, float(scale1), float(scale2), state.thresholds,
+        gx, sums = ctx.ops.ltq_backward(x, grad, ctx.chain, scale1, scale2, state.thresholds,
                                         state.levels, state.breakpoints, state.slope)
         grad_start, grad_a, grad_s1, grad_s2 = ltq_param_grads(sums, state, a, eps, scale2)
         g_b1 = g_w = g_b2 = None
@@ -205,12 +205,12 @@ class _RPReLU(torch.autograd.Function):
     """``y = prelu((x + residual) + b1, w) + b2``; saves ``z = (x + residual) + b1`` only."""
 
     @staticmethod
-    def forward(ctx, x, residual, b1, w, b2, ops):  # type: ignore[override]
-        chain = tuple(_vector(p, x.shape[1], x.dtype) for p in (b1, w, b2))
+    def forward(ctx, x, residual, b1, w, b2, ops, dtype):  # type: ignore[override]
+        chain = tuple(_vector(p, x.shape[1], dtype) for p in (b1, w, b2))
         y, z = ops.rprelu_forward(x, residual, chain)
         ctx.save_for_backward(z, b1, w, b2)
         ctx.ops, ctx.weight = ops, chain[1]
-        ctx.has_residual = residual is not None
+        ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
         return y
 
     @staticmethod
@@ -218,7 +218,9 @@ class _RPReLU(torch.autograd.Function):
         z, b1, w, b2 = ctx.saved_tensors
         gx, sums = ctx.ops.rprelu_backward(grad, z, ctx.weight)
         g_b2, g_w, g_b1 = (_grad_like(s, p) for s, p in zip(sums.reshape(3, -1), (b2, w, b1)))
-        return gx, (gx if ctx.has_residual else None), g_b1, g_w, g_b2, None
+        x_dtype, r_dtype = ctx.dtypes
+        g_r = None if r_dtype is None else gx.to(r_dtype)
+        return gx.to(x_dtype), g_r, g_b1, g_w, g_b2, None, None
 
 
 def rprelu(x: Tensor, bias1: LearnableBias, prelu: nn.PReLU, bias2: LearnableBias,
@@ -226,9 +228,14 @@ def rprelu(x: Tensor, bias1: LearnableBias, prelu: nn.PReLU, bias2: LearnableBia
     """``bias2(prelu(bias1(x + residual)))`` — the block-output RPReLU (SPEC §4, §5), fused."""
     ops = None
     if (_plain(bias1, LearnableBias) and _plain(prelu, nn.PReLU) and _plain(bias2, LearnableBias)
-            and x.dim() == 4 and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))
-            and all(p.dtype == x.dtype for p in (bias1.bias, prelu.weight, bias2.bias))):
-        ops = ops_for(x, x.dtype)
+            and x.dim() == 4 and (residual is None or (residual.shape == x.shape
+                                                       and residual.stride() == x.stride()))):
+        dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+        for p in (bias1.bias, prelu.weight, bias2.bias):
+            dtype = torch.promote_types(dtype, p.dtype)
+        ops = ops_for(x, dtype)
+        if ops is not None and residual is not None and not ops.supports(residual, dtype):
+            ops = None
     if ops is None:
         return bias2(prelu(bias1(x if residual is None else x + residual)))
-    return _RPReLU.apply(x, residual, bias1.bias, prelu.weight, bias2.bias, ops)
+    return _RPReLU.apply(x, residual, bias1.bias, prelu.weight, bias2.bias, ops, dtype)

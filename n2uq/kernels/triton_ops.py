@@ -1,0 +1,267 @@
+"""Triton kernels for CUDA: the same operations as ``cpu_kernels.c`` (SPEC §1, §4).
+
+Importable without Triton or a GPU (``supports`` is then always False). A tensor is seen as
+``[N, C, S]`` (``S = H·W``) in NCHW or channels_last layout; each program handles a tile of
+``BLOCK_C`` channels × ``BLOCK_S`` positions of one image. Per-channel and per-interval partial
+sums go to one row per program and are reduced by ``torch.sum`` in float64 over a fixed-shape
+buffer — deterministic, no atomics. Values are computed in float32 from float32, bfloat16 or
+float16 inputs, exactly as PyTorch promotes them (the parameters are float32).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:  # pragma: no cover - depends on the machine
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
+__all__ = ["HAS_TRITON", "supports", "ltq_forward", "ltq_backward", "rprelu_forward", "rprelu_backward",
+           "decode"]
+
+_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _layout(x: Tensor) -> Optional[bool]:
+    """False: contiguous NCHW (or any contiguous tensor); True: channels_last; None: neither."""
+    if x.is_contiguous():
+        return False
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return True
+    return None
+
+
+def supports(x: Tensor, dtype: torch.dtype) -> bool:
+    return (HAS_TRITON and x.is_cuda and dtype == torch.float32 and x.dtype in _INPUT_DTYPES
+            and _layout(x) is not None and x.numel() > 0)
+
+
+def _geometry(x: Tensor, per_channel: bool):
+    """(N, C, S, channels_last, BLOCK_C, BLOCK_S) for the tiled kernels."""
+    if not per_channel or x.dim() < 2:
+        return 1, 1, x.numel(), False, 1, 1024
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // max(n * c, 1)
+    channels_last = bool(_layout(x))
+    block_c = min(triton.next_power_of_2(c), 32 if channels_last else 4)
+    block_s = max(1024 // block_c, 16)
+    block_s = min(block_s, max(triton.next_power_of_2(s), 16))
+    return n, c, s, channels_last, block_c, block_s
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _tile(pid_n, pid_s, pid_c, C, S, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
+              BLOCK_S: tl.constexpr):
+        c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+        mask = (c[:, None] < C) & (s[None, :] < S)
+        if CHANNELS_LAST:
+            offs = pid_n * S * C + s[None, :] * C + c[:, None]
+        else:
+            offs = pid_n * C * S + c[:, None] * S + s[None, :]
+        return c, offs, mask
+
+    @triton.jit
+    def _chain(x, c, cmask, b1_ptr, w_ptr, b2_ptr, CHAIN: tl.constexpr):
+        """(z1, z2): z1 = x + b1, z2 = prelu(z1, w) + b2 (or x, x without the chain)."""
+        if CHAIN:
+            b1 = tl.load(b1_ptr + c, mask=cmask, other=0.0)[:, None]
+            w = tl.load(w_ptr + c, mask=cmask, other=0.0)[:, None]
+            b2 = tl.load(b2_ptr + c, mask=cmask, other=0.0)[:, None]
+            z1 = x + b1
+            z2 = tl.where(z1 > 0, z1, w * z1) + b2
+        else:
+            z1 = x
+            z2 = x
+        return z1, z2
+
+    @triton.jit
+    def _ltq_fwd_kernel(x_ptr, y_ptr, codes_ptr, b1_ptr, w_ptr, b2_ptr, s1_ptr, thr_ptr, table_ptr, C, S,
+                        N_THR: tl.constexpr, CHAIN: tl.constexpr, WRITE_CODES: tl.constexpr,
+                        CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        c, offs, mask = _tile(tl.program_id(1), tl.program_id(0), tl.program_id(2), C, S, CHANNELS_LAST,
+                              BLOCK_C, BLOCK_S)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        _, z2 = _chain(x, c, c < C, b1_ptr, w_ptr, b2_ptr, CHAIN)
+        xs = z2 * tl.load(s1_ptr)
+        y = tl.zeros_like(xs) + tl.load(table_ptr)
+        m = tl.zeros(xs.shape, dtype=tl.int32)
+        for j in tl.static_range(N_THR):
+            gt = xs > tl.load(thr_ptr + j)
+            y = tl.where(gt, tl.load(table_ptr + j + 1), y)
+            m += gt.to(tl.int32)
+        tl.store(y_ptr + offs, y, mask=mask)
+        if WRITE_CODES:
+            tl.store(codes_ptr + offs, m.to(tl.uint8), mask=mask)
+
+    @triton.jit
+    def _ltq_bwd_kernel(x_ptr, g_ptr, gx_ptr, b1_ptr, w_ptr, b2_ptr, s1_ptr, s2_ptr, thr_ptr, lev_ptr, d_ptr,
+                        slope_ptr, part_ptr, chpart_ptr, C, S, n_sblocks,
+                        N_THR: tl.constexpr, CHAIN: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        pid_n, pid_s, pid_c = tl.program_id(1), tl.program_id(0), tl.program_id(2)
+        c, offs, mask = _tile(pid_n, pid_s, pid_c, C, S, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+        cmask = c < C
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z1, z2 = _chain(x, c, cmask, b1_ptr, w_ptr, b2_ptr, CHAIN)
+        s1 = tl.load(s1_ptr)
+        xs = z2 * s1
+        k = tl.zeros(xs.shape, dtype=tl.int32)
+        sl = tl.zeros_like(xs)
+        dl = tl.zeros_like(xs)
+        lm = tl.zeros_like(xs) + tl.load(lev_ptr)
+        for j in tl.static_range(N_THR):
+            gt = xs > tl.load(d_ptr + j)
+            k += gt.to(tl.int32)
+            sl = tl.where(gt, tl.load(slope_ptr + j), sl)
+            dl = tl.where(gt, tl.load(d_ptr + j), dl)
+            lm = tl.where(xs > tl.load(thr_ptr + j), tl.load(lev_ptr + j + 1), lm)
+        inside = (k >= 1) & ~(xs > tl.load(d_ptr + N_THR))
+        gxs = tl.where(inside, (g * tl.load(s2_ptr)) * sl, 0.0)
+        g2 = gxs * s1
+        row = (pid_n * n_sblocks + pid_s) * tl.num_programs(2) + pid_c
+        base = part_ptr + row * (2 * N_THR + 2)
+        go = g * (xs - dl)
+        for j in tl.static_range(N_THR):
+            in_j = inside & (k == j + 1)
+            tl.store(base + j, tl.sum(tl.sum(tl.where(in_j, g, 0.0), axis=1), axis=0))
+            tl.store(base + N_THR + j, tl.sum(tl.sum(tl.where(in_j, go, 0.0), axis=1), axis=0))
+        tl.store(base + 2 * N_THR, tl.sum(tl.sum(gxs * z2, axis=1), axis=0))
+        tl.store(base + 2 * N_THR + 1, tl.sum(tl.sum(g * lm, axis=1), axis=0))
+        if CHAIN:
+            w = tl.load(w_ptr + c, mask=cmask, other=0.0)[:, None]
+            pos = z1 > 0
+            g1 = tl.where(pos, g2, w * g2)
+            tl.store(gx_ptr + offs, g1.to(gx_ptr.dtype.element_ty), mask=mask)
+            crow = chpart_ptr + (pid_n * n_sblocks + pid_s) * 3 * C
+            tl.store(crow + c, tl.sum(g2, axis=1), mask=cmask)
+            tl.store(crow + C + c, tl.sum(tl.where(pos, 0.0, z1 * g2), axis=1), mask=cmask)
+            tl.store(crow + 2 * C + c, tl.sum(g1, axis=1), mask=cmask)
+        else:
+            tl.store(gx_ptr + offs, g2.to(gx_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rprelu_fwd_kernel(a_ptr, r_ptr, y_ptr, z_ptr, b1_ptr, w_ptr, b2_ptr, C, S, HAS_RES: tl.constexpr,
+                           CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        c, offs, mask = _tile(tl.program_id(1), tl.program_id(0), tl.program_id(2), C, S, CHANNELS_LAST,
+                              BLOCK_C, BLOCK_S)
+        cmask = c < C
+        v = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            v = v + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = v + tl.load(b1_ptr + c, mask=cmask, other=0.0)[:, None]
+        w = tl.load(w_ptr + c, mask=cmask, other=0.0)[:, None]
+        y = tl.where(v > 0, v, w * v) + tl.load(b2_ptr + c, mask=cmask, other=0.0)[:, None]
+        tl.store(z_ptr + offs, v, mask=mask)
+        tl.store(y_ptr + offs, y, mask=mask)
+
+    @triton.jit
+    def _rprelu_bwd_kernel(g_ptr, z_ptr, gx_ptr, w_ptr, chpart_ptr, C, S, n_sblocks,
+                           CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        pid_s, pid_n = tl.program_id(0), tl.program_id(1)
+        c, offs, mask = _tile(pid_n, pid_s, tl.program_id(2), C, S, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+        cmask = c < C
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(z_ptr + offs, mask=mask, other=0.0)
+        w = tl.load(w_ptr + c, mask=cmask, other=0.0)[:, None]
+        pos = v > 0
+        g1 = tl.where(pos, g, w * g)
+        tl.store(gx_ptr + offs, g1, mask=mask)
+        crow = chpart_ptr + (pid_n * n_sblocks + pid_s) * 3 * C
+        tl.store(crow + c, tl.sum(g, axis=1), mask=cmask)
+        tl.store(crow + C + c, tl.sum(tl.where(pos, 0.0, v * g), axis=1), mask=cmask)
+        tl.store(crow + 2 * C + c, tl.sum(g1, axis=1), mask=cmask)
+
+    @triton.jit
+    def _decode_kernel(codes_ptr, y_ptr, table_ptr, numel, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        codes = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
+        tl.store(y_ptr + offs, tl.load(table_ptr + codes, mask=mask, other=0.0), mask=mask)
+
+
+def _like(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` in the memory layout of ``x`` (the kernels index both with the same offsets)."""
+    return t.contiguous(memory_format=torch.channels_last) if _layout(x) else t.contiguous()
+
+
+def _grid(n: int, c: int, s: int, block_c: int, block_s: int):
+    """(position blocks, images, channel blocks): the long axis first (CUDA allows 2^31-1 there)."""
+    return (triton.cdiv(s, block_s), n, triton.cdiv(c, block_c))
+
+
+def _scalar(t: Tensor) -> Tensor:
+    return t.detach().reshape(1).float()
+
+
+def ltq_forward(x: Tensor, chain, scale1: Tensor, thresholds: Tensor, table: Tensor,
+                want_codes: bool) -> tuple[Tensor, Optional[Tensor]]:
+    n, c, s, cl, bc, bs = _geometry(x, chain is not None)
+    y = torch.empty_like(x, dtype=torch.float32)
+    codes = torch.empty_like(x, dtype=torch.uint8) if want_codes else None
+    b1, w, b2 = chain if chain is not None else (y, y, y)  # unused pointers without the chain
+    _ltq_fwd_kernel[_grid(n, c, s, bc, bs)](
+        x, y, codes if codes is not None else y, b1, w, b2, _scalar(scale1), thresholds, table, c, s,
+        N_THR=thresholds.numel(), CHAIN=chain is not None, WRITE_CODES=want_codes, CHANNELS_LAST=cl,
+        BLOCK_C=bc, BLOCK_S=bs)
+    return y, codes
+
+
+def ltq_backward(x: Tensor, grad: Tensor, chain, scale1: Tensor, scale2: Tensor, thresholds: Tensor,
+                 levels: Tensor, breakpoints: Tensor, slope: Tensor) -> tuple[Tensor, Tensor]:
+    n, c, s, cl, bc, bs = _geometry(x, chain is not None)
+    grad = _like(grad, x)
+    gx = torch.empty_like(x)
+    grid = _grid(n, c, s, bc, bs)
+    n_thr = thresholds.numel()
+    part = torch.empty(grid[0] * grid[1] * grid[2], 2 * n_thr + 2, device=x.device, dtype=torch.float32)
+    chpart = torch.empty(grid[0] * grid[1], 3 * c if chain is not None else 1, device=x.device,
+                         dtype=torch.float32)
+    b1, w, b2 = chain if chain is not None else (part, part, part)
+    _ltq_bwd_kernel[grid](
+        x, grad, gx, b1, w, b2, _scalar(scale1), _scalar(scale2), thresholds, levels, breakpoints, slope,
+        part, chpart, c, s, grid[0], N_THR=n_thr, CHAIN=chain is not None, CHANNELS_LAST=cl, BLOCK_C=bc,
+        BLOCK_S=bs)
+    sums = part.double().sum(0)
+    if chain is not None:
+        sums = torch.cat([sums, chpart.double().sum(0)])
+    return gx, sums
+
+
+def rprelu_forward(a: Tensor, residual: Optional[Tensor], chain) -> tuple[Tensor, Tensor]:
+    n, c, s, cl, bc, bs = _geometry(a, True)
+    y = torch.empty_like(a, dtype=torch.float32)
+    z = torch.empty_like(a, dtype=torch.float32)
+    b1, w, b2 = chain
+    _rprelu_fwd_kernel[_grid(n, c, s, bc, bs)](
+        a, residual if residual is not None else a, y, z, b1, w, b2, c, s, HAS_RES=residual is not None,
+        CHANNELS_LAST=cl, BLOCK_C=bc, BLOCK_S=bs)
+    return y, z
+
+
+def rprelu_backward(grad: Tensor, z: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    n, c, s, cl, bc, bs = _geometry(z, True)
+    grad = _like(grad, z)
+    gx = torch.empty_like(z)
+    grid = _grid(n, c, s, bc, bs)
+    chpart = torch.empty(grid[0] * grid[1], 3 * c, device=z.device, dtype=torch.float32)
+    _rprelu_bwd_kernel[grid](grad, z, gx, weight, chpart, c, s, grid[0], CHANNELS_LAST=cl, BLOCK_C=bc,
+                             BLOCK_S=bs)
+    return gx, chpart.double().sum(0)
+
+
+def decode(codes: Tensor, table: Tensor) -> Tensor:
+    y = torch.empty_like(codes, dtype=table.dtype)
+    numel = codes.numel()
+    _decode_kernel[(triton.cdiv(numel, 1024),)](codes, y, table, numel, BLOCK=1024)
+    return y

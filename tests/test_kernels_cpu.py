@@ -1,0 +1,70 @@
+"""The C kernels (n2uq.kernels.cpu) against the plain PyTorch path, and backend selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from n2uq import LTQ
+from n2uq.kernels import cpu, get_backend, ops_for, set_backend, use_backend
+from n2uq.quant import ltq_breakpoints, ltq_forward_thresholds
+
+needs_kernels = pytest.mark.skipif(not cpu.available(), reason="no C compiler: plain PyTorch path only")
+
+
+def _ltq(n_bit: int, seed: int) -> LTQ:
+    g = torch.Generator().manual_seed(seed)
+    q = LTQ(n_bit)
+    with torch.no_grad():
+        q.start.fill_(-0.2)
+        q.a.copy_(torch.rand(q.n_val, generator=g) * 2 * q.interval + 1e-4)
+        q.scale1.fill_(1.07)
+        q.scale2.fill_(0.93)
+    return q
+
+
+def _fwd_bwd(q: LTQ, x: torch.Tensor, upstream: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    y = q(x)
+    return y, torch.autograd.grad(y, [x, q.start, q.a, q.scale1, q.scale2], upstream)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n_bit", [1, 2, 3, 4, 5, 8])
+def test_kernel_matches_torch_path_on_large_odd_tensors(n_bit):
+    """Several work items, vector bodies and scalar tails, values exactly on thresholds."""
+    q = _ltq(n_bit, n_bit)
+    x = torch.randn(3, 7, 61, 67) * 1.2
+    a_pos = torch.where(q.a > q.eps, q.a, q.eps).detach()
+    edges = torch.cat([ltq_forward_thresholds(q.start.detach(), a_pos), ltq_breakpoints(q.start.detach(), a_pos)])
+    x.view(-1)[: edges.numel()] = edges / q.scale1.detach()
+    upstream = torch.randn(x.shape)
+    y, grads = _fwd_bwd(q, x, upstream)
+    with use_backend("torch"):
+        y_ref, grads_ref = _fwd_bwd(q, x, upstream)
+    assert torch.equal(y, y_ref)
+    for name, g, g_ref in zip(["x", "start", "a", "scale1", "scale2"], grads, grads_ref):
+        assert (g - g_ref).abs().max() <= 1e-5 * g_ref.abs().max().clamp_min(1e-12), name
+
+
+@needs_kernels
+def test_nan_input_takes_the_lowest_level_like_the_reference():
+    q = _ltq(2, 0)
+    y = q(torch.tensor([float("nan"), 5.0]))
+    assert y[0] == 0 and y[1] == q.levels[-1] * q.scale2.detach()
+
+
+def test_backend_selection():
+    assert get_backend() in ("auto", "torch")
+    x = torch.randn(4)
+    with use_backend("torch"):
+        assert ops_for(x, torch.float32) is None
+    assert ops_for(x.bfloat16(), torch.float32) is None  # mixed dtypes: plain PyTorch on CPU
+    with pytest.raises(ValueError, match="backend"):
+        set_backend("fast")
+
+
+def test_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.raises(RuntimeError, match="compiler"):
+        cpu._build(tmp_path)

@@ -1,0 +1,146 @@
+"""Triton kernels (n2uq.kernels.triton_ops) on CUDA against the unfused modules.
+
+Marked ``gpu``: skipped without CUDA or Triton (run them with ``scripts/gpu_check.sh``). One slow
+test runs the same kernels in Triton's interpreter on CPU when Triton is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from n2uq.kernels import triton_ops, use_backend
+from n2uq.kernels.fused import stage_output
+from resnet.resnet import resnet18
+from tests.test_fused import Stage, _assert_grads_close, _model_grads, _randomise, _run, _unfuse
+
+needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and triton_ops.HAS_TRITON),
+                                reason="needs CUDA and Triton")
+pytestmark = [pytest.mark.gpu]
+
+
+@needs_cuda
+@pytest.mark.parametrize("n_bit", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_stage_on_cuda_matches_modules(n_bit, channels_last):
+    stage = _randomise(Stage(6, 5, n_bit), n_bit).cuda()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(3, 6, 9, 7) * 1.5).cuda().to(memory_format=fmt)
+    upstream = torch.randn(3, 5, 9, 7).cuda().to(memory_format=fmt)
+    y, grads = _run(stage, x, stage, upstream)
+    y_ref, grads_ref = _run(stage.unfused, x, stage, upstream)
+    assert torch.equal(y, y_ref)
+    _assert_grads_close(grads, grads_ref)
+
+
+@needs_cuda
+def test_stage_output_same_on_cuda_and_cpu():
+    stage = _randomise(Stage(8, 8, 2), 3)
+    x = torch.randn(2, 8, 16, 16)
+    y_cpu, c_cpu, _ = stage_output(x, stage.bias1, stage.prelu, stage.bias2, stage.quan, want_codes=True)
+    stage.cuda()
+    y_gpu, c_gpu, _ = stage_output(x.cuda(), stage.bias1, stage.prelu, stage.bias2, stage.quan, want_codes=True)
+    assert torch.equal(y_cpu, y_gpu.cpu()) and torch.equal(c_cpu, c_gpu.cpu())
+
+
+@needs_cuda
+def test_bf16_autocast_forward_matches_modules():
+    stage = _randomise(Stage(8, 8, 2), 4).cuda()
+    x = torch.randn(4, 8, 12, 12, device="cuda").to(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, y_ref = stage(x.bfloat16()), stage.unfused(x.bfloat16())
+    assert torch.equal(y, y_ref)
+
+
+@needs_cuda
+@pytest.mark.parametrize("train", [True, False])
+def test_whole_resnet_on_cuda_fused_equals_unfused(train):
+    torch.backends.cudnn.deterministic = True
+    model = _randomise(resnet18(2, False, 10), 7).cuda().train(train)
+    reference = _unfuse(model).train(train)
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+    if not train:  # train-mode gradients are compared in float64 on CPU (test_fused)
+        upstream = torch.randn(4, 10, device="cuda")
+        _, grads = _model_grads(model, x, upstream)
+        _, grads_ref = _model_grads(reference, x, upstream)
+        _assert_grads_close(grads, grads_ref, rel=1e-4)
+
+
+@needs_cuda
+def test_cuda_backward_is_deterministic():
+    stage = _randomise(Stage(8, 8, 3), 9).cuda()
+    x, up = torch.randn(4, 8, 40, 40, device="cuda"), torch.randn(4, 8, 40, 40, device="cuda")
+
+    def ltq_part(x_):
+        return stage_output(x_, stage.bias1, stage.prelu, stage.bias2, stage.quan)[0]
+
+    chain_and_ltq = torch.nn.ModuleList([stage.bias1, stage.prelu, stage.bias2, stage.quan])
+    first, second = _run(ltq_part, x, chain_and_ltq, up)[1], _run(ltq_part, x, chain_and_ltq, up)[1]
+    for (name, a), (_, b) in zip(first, second):
+        assert torch.equal(a, b), name
+
+
+@needs_cuda
+def test_torch_backend_on_cuda_matches_kernels():
+    stage = _randomise(Stage(6, 6, 4), 5).cuda()
+    x, up = torch.randn(2, 6, 10, 10, device="cuda"), torch.randn(2, 6, 10, 10, device="cuda")
+    y, grads = _run(stage, x, stage, up)
+    with use_backend("torch"):
+        y_t, grads_t = _run(stage, x, stage, up)
+    assert torch.equal(y, y_t)
+    _assert_grads_close(grads, grads_t)
+
+
+_INTERPRETER_CHECK = r"""
+import torch
+from n2uq import LTQ
+from n2uq.kernels import cpu, triton_ops as T
+from n2uq.quant import ltq_state
+torch.manual_seed(0)
+for n_bit in (1, 2, 3, 4):
+    for channels_last in (False, True):
+        q = LTQ(n_bit)
+        with torch.no_grad():
+            q.a.copy_(torch.rand(q.n_val) * 2 * q.interval + 1e-4); q.start.fill_(-0.1)
+            q.scale1.fill_(1.1); q.scale2.fill_(0.9)
+        st = ltq_state(q.start, q.a, q.scale2, q.eps, q.levels, torch.float32)
+        x, g, r = torch.randn(2, 6, 5, 7), torch.randn(2, 6, 5, 7), torch.randn(2, 6, 5, 7)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        xt, rt = x.to(memory_format=fmt), r.to(memory_format=fmt)
+        chain = tuple(torch.randn(6) * 0.3 for _ in range(3))
+        s1, s2 = q.scale1.detach(), q.scale2.detach()
+        for ch in (None, chain):
+            y1, c1 = cpu.ltq_forward(x, ch, s1, st.thresholds, st.table, True)
+            y2, c2 = T.ltq_forward(xt, ch, s1, st.thresholds, st.table, True)
+            assert torch.equal(y1, y2) and torch.equal(c1, c2)
+            assert torch.equal(T.decode(c2, st.table), y2)
+            args = (s1, s2, st.thresholds, st.levels, st.breakpoints, st.slope)
+            gx1, sums1 = cpu.ltq_backward(x, g, ch, *args)
+            gx2, sums2 = T.ltq_backward(xt, g, ch, *args)
+            assert torch.allclose(gx1, gx2, atol=1e-6) and torch.allclose(sums1, sums2, rtol=1e-5, atol=1e-5)
+        y1, z1 = cpu.rprelu_forward(x, r, chain)
+        y2, z2 = T.rprelu_forward(xt, rt, chain)
+        assert torch.equal(y1, y2) and torch.equal(z1, z2)
+        g1, sums1 = cpu.rprelu_backward(g, z1, chain[1])
+        g2, sums2 = T.rprelu_backward(g, z2, chain[1])
+        assert torch.equal(g1, g2) and torch.allclose(sums1, sums2, atol=1e-5)
+print("interpreter ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not triton_ops.HAS_TRITON, reason="Triton not installed")
+def test_triton_kernels_in_interpreter_match_cpu_kernels():
+    """Runs without a GPU: Triton's interpreter executes the kernels on CPU tensors."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "interpreter ok" in result.stdout, result.stderr[-3000:]
