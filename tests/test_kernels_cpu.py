@@ -43,8 +43,11 @@ def test_kernel_matches_torch_path_on_large_odd_tensors(n_bit):
     with use_backend("torch"):
         y_ref, grads_ref = _fwd_bwd(q, x, upstream)
     assert torch.equal(y, y_ref)
-    for name, g, g_ref in zip(["x", "start", "a", "scale1", "scale2"], grads, grads_ref):
-        assert (g - g_ref).abs().max() <= 1e-5 * g_ref.abs().max().clamp_min(1e-12), name
+    assert torch.equal(grads[0], grads_ref[0])  # the same float operations per element
+    # Parameter gradients are sums over 1.2M elements: the torch path adds them in float32
+    # (index_add_, sum), the kernel in double, so they differ by float32 summation error.
+    for name, g, g_ref in zip(["start", "a", "scale1", "scale2"], grads[1:], grads_ref[1:]):
+        assert (g - g_ref).abs().max() <= 2e-4 * g_ref.abs().max().clamp_min(1e-12), name
 
 
 @needs_kernels

@@ -1,7 +1,8 @@
 """Build and call the C kernels of ``cpu_kernels.c`` (CPU fast path of LTQ and the RPReLU chain).
 
 The source is plain C with OpenMP and no PyTorch headers, compiled on first use with the system C
-compiler (``$CC``, default ``cc``) into ``$N2UQ_KERNEL_CACHE`` (default ``~/.cache/n2uq``) and loaded
+compiler (``$CC``, default ``cc``; ``-march`` from ``$N2UQ_CPU_ARCH``, default ``native``) into
+``$N2UQ_KERNEL_CACHE`` (default ``~/.cache/n2uq``) and loaded
 with :mod:`ctypes`. It links the same ``libgomp.so.1`` that PyTorch already loaded, so both share one
 thread pool. When no compiler is present :func:`library` returns ``None`` (with one warning) and
 callers use the plain PyTorch path, which computes the same values.
@@ -29,7 +30,9 @@ __all__ = ["library", "available", "supports", "ltq_forward", "ltq_backward", "r
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 #: -ffp-contract=off keeps every multiply and add separately rounded, as PyTorch's kernels do.
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-fPIC", "-shared"]
+#: ``N2UQ_CPU_ARCH`` replaces ``-march=native`` (e.g. ``x86-64-v3`` for a cache shared by machines).
+FLAGS = ["-O3", f"-march={os.environ.get('N2UQ_CPU_ARCH', 'native')}", "-ffp-contract=off", "-fno-fast-math",
+         "-Wno-psabi", "-fopenmp", "-fPIC", "-shared"]
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
