@@ -145,7 +145,7 @@ def train_one_epoch(model: nn.Module, teacher: Optional[nn.Module], loader, opti
             seen = sums[3].item() * env.world_size
             bar.set_postfix(loss=f"{sums[0].item() / sums[3].item():.3f}",
                             top1=f"{100 * sums[1].item() / sums[3].item():.1f}",
-                            img_s=f"{seen / (time.time() - t0):.0f}")
+                            img_s=f"{seen / (time.time() - t0):.0f}", refresh=False)
         if logger is not None and (step + 1) % args.log_every == 0:
             global_step = epoch * (steps + start_step) + step + 1
             logger.scalars({"train/loss_step": loss.item()}, global_step)
@@ -325,5 +325,8 @@ def _fit(env: DistEnv, build_model, args: Namespace, alpha_patterns, run_name: s
                         "val/loss": last_val["loss"], "val/top1": last_val["top1"], "val/top5": last_val["top5"],
                         "train/img_per_s": img_s, **{f"lr/{k}": v for k, v in lrs.items()}}, epoch + 1)
     logger.close()
+    if progress.next_epoch >= args.epochs:
+        _say(env, f"finished {args.epochs} epochs: best val top-1 {progress.best_top1:.2f} "
+                  f"({os.path.join(run_dir, BEST_NAME)})")
     return {"run_dir": run_dir, "best_top1": progress.best_top1, "last_val": last_val,
             "next_epoch": progress.next_epoch}

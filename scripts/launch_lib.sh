@@ -11,6 +11,11 @@ launch_training() {
     else
         nproc="$("$PYTHON" -c 'import torch; print(max(1, torch.cuda.device_count()))')"
     fi
+    if [ "$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))')" = 0 ]; then
+        # CPU training: idle OpenMP threads sleep instead of spinning, which keeps a shared or
+        # oversubscribed machine from wasting most of its cycles (a step ran 10x slower otherwise).
+        export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+    fi
     if [[ "${TORCHRUN_ARGS:-}" =~ --nnodes[=\ ]+([0-9]+) ]]; then nnodes="${BASH_REMATCH[1]}"; fi
     # Flags and data layout are checked before any process starts: one clear line on a bad input.
     WORLD_SIZE=$((nproc * nnodes)) "$PYTHON" "$script" "$@" --check_only || exit $?
