@@ -301,6 +301,21 @@ def weight_scale(weight: Tensor, n_bit: int) -> Tensor:
     return gamma * mean
 
 
+class _WeightSTE(torch.autograd.Function):
+    """``(Wq - Ws).detach() + Ws`` with ``Ws = W / s`` in one kernel pass (same values as the
+    expression in :meth:`HardQuantizeConv._quantize`); backward ``grad / s``, as autograd of ``W / s``."""
+
+    @staticmethod
+    def forward(ctx, weight, s, half, steps, ops):  # type: ignore[override]
+        ctx.save_for_backward(s)
+        return ops.weight_ste(weight.detach(), s, half, steps)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (s,) = ctx.saved_tensors
+        return grad / s, None, None, None, None
+
+
 class HardQuantizeConv(nn.Module):
     """Convolution with uniformly quantized, L1-scaled weights (SPEC §2, paper Sec. 3.4).
 
@@ -349,6 +364,11 @@ class HardQuantizeConv(nn.Module):
 
     def quantized_weight(self) -> Tensor:
         """The conv weight actually used in forward: value Wq, gradient ``1/s`` (SPEC §2)."""
+        ops = ops_for(self.weight, torch.float32)
+        if ops is not None and hasattr(ops, "weight_ste") and self.clip_val.dtype == torch.float32:
+            s = weight_scale(self.weight, self.num_bits)
+            steps = (2**self.num_bits - 1) / self.clip_val
+            return _WeightSTE.apply(self.weight, s, self.clip_val / 2, steps, ops)
         w_scaled, w_quant, _ = self._quantize()
         return (w_quant.detach() - w_scaled.detach()) + w_scaled
 

@@ -13,7 +13,9 @@ Modes:
   all        quantizer, then step (and gpu when CUDA is present).
 
 Every timing is the median over rounds in which all compared variants run one after another
-(interleaved), so load on the machine affects them alike. Models use random init (no download).
+(interleaved), so load on the machine affects them alike; the ratio of the fastest rounds is
+printed beside it (on a shared machine it is the steadier of the two). Models use random init
+(no download).
 
   python scripts/benchmark.py --mode quantizer
   python scripts/benchmark.py --mode step --batch-size 16 --rounds 5
@@ -124,6 +126,10 @@ def _median_ms(values: List[float]) -> float:
     return statistics.median(values) * 1e3
 
 
+def _min_ms(values: List[float]) -> float:
+    return min(values) * 1e3
+
+
 # ---------------------------------------------------------------------------------------------
 # Quantizer
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +174,8 @@ def quantizer_mode(args: argparse.Namespace, device: torch.device) -> None:
 
     print(f"\n== quantizer: tensor {list(shape)} float32 on {device}, {args.rounds} interleaved rounds, "
           f"kernels={get_backend()}, threads={torch.get_num_threads()}")
-    header = f"{'bits':>4} | {'ReLU ms':>8} | {'LTQ ms':>8} | {'LTQ/ReLU':>8} | {'ref ms':>8} | {'ref/ReLU':>8} |" \
+    print("times: median over rounds (ratio of medians) and, in brackets, the ratio of the fastest rounds")
+    header = f"{'bits':>4} | {'ReLU ms':>8} | {'LTQ ms':>8} | {'LTQ/ReLU':>15} | {'ref ms':>8} | {'ref/ReLU':>8} |" \
              f" {'saved/in LTQ':>12} | {'saved/in ref':>12}"
     print(header)
     print("-" * len(header))
@@ -187,7 +194,8 @@ def quantizer_mode(args: argparse.Namespace, device: torch.device) -> None:
         relu_ms, ltq_ms = _median_ms(times["relu"]), _median_ms(times["ltq"])
         ref_ms = _median_ms(times["ref"]) if "ref" in times else float("nan")
         saved_ref = saved_per_input(reference) if not args.skip_reference else float("nan")
-        print(f"{n_bit:>4} | {relu_ms:8.2f} | {ltq_ms:8.2f} | {ltq_ms / relu_ms:7.2f}x | {ref_ms:8.2f} |"
+        best = _min_ms(times["ltq"]) / _min_ms(times["relu"])
+        print(f"{n_bit:>4} | {relu_ms:8.2f} | {ltq_ms:8.2f} | {ltq_ms / relu_ms:5.2f}x [{best:5.2f}x] | {ref_ms:8.2f} |"
               f" {ref_ms / relu_ms:7.1f}x | {saved_per_input(q):11.2f}x | {saved_ref:11.2f}x")
 
 
@@ -263,9 +271,9 @@ def step_mode(args: argparse.Namespace, device: torch.device) -> None:
     for label, teacher in teachers.items():
         fns = {name: make_step(model, teacher, images, labels) for name, model in models.items()}
         times = interleaved(fns, args.rounds, args.warmup, device)
-        base = _median_ms(times["fp"])
-        cells = "   ".join(f"{name} {_median_ms(t):8.1f} ms ({_median_ms(t) / base:.2f}x)"
-                           for name, t in times.items())
+        base, base_min = _median_ms(times["fp"]), _min_ms(times["fp"])
+        cells = "   ".join(f"{name} {_median_ms(t):8.1f} ms ({_median_ms(t) / base:.2f}x) "
+                           f"[min {_min_ms(t):7.1f} ms, {_min_ms(t) / base_min:.2f}x]" for name, t in times.items())
         print(f"teacher {label:>3}: {cells}")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from n2uq import LTQ
+from n2uq import LTQ, HardQuantizeConv
 from n2uq.kernels import cpu, get_backend, ops_for, set_backend, use_backend
 from n2uq.quant import ltq_breakpoints, ltq_forward_thresholds
 
@@ -71,3 +71,19 @@ def test_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     with pytest.raises(RuntimeError, match="compiler"):
         cpu._build(tmp_path)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n_bit", [1, 2, 3, 4, 8])
+def test_weight_kernel_matches_torch_expression(n_bit):
+    conv = HardQuantizeConv(24, 16, n_bit, kernel_size=3)
+    with torch.no_grad():
+        conv.weight.normal_(0, 0.05)
+        conv.weight[0, 0, 0, 0] = 10.0  # clipped
+    upstream = torch.randn(conv.weight.shape)
+    w = conv.quantized_weight()
+    (g,) = torch.autograd.grad(w, conv.weight, upstream)
+    with use_backend("torch"):
+        w_ref = conv.quantized_weight()
+        (g_ref,) = torch.autograd.grad(w_ref, conv.weight, upstream)
+    assert torch.equal(w, w_ref) and torch.equal(g, g_ref)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["library", "available", "supports", "ltq_forward", "ltq_backward", "rprelu_forward",
-           "rprelu_backward", "decode", "FLAGS"]
+           "rprelu_backward", "decode", "weight_ste", "FLAGS"]
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 #: -ffp-contract=off keeps every multiply and add separately rounded, as PyTorch's kernels do.
@@ -87,6 +87,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"decode_{sfx}").argtypes = [_vp, _vp, _i64, _vp, _int]
         for name in ("ltq_forward", "ltq_backward", "rprelu_forward", "rprelu_backward", "decode"):
             getattr(lib, f"{name}_{sfx}").restype = None
+    lib.weight_ste_f32.argtypes = [_vp, _vp, _vp, _i64, _i64, ctypes.c_float, ctypes.c_float, _int]
+    lib.weight_ste_f32.restype = None
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -206,3 +208,12 @@ def decode(codes: Tensor, table: Tensor) -> Tensor:
     y = torch.empty(codes.shape, dtype=table.dtype)
     _fn("decode", table.dtype)(codes.data_ptr(), y.data_ptr(), codes.numel(), table.data_ptr(), _threads())
     return y
+
+
+def weight_ste(weight: Tensor, scale: Tensor, half: Tensor, steps: Tensor) -> Tensor:
+    """Value of ``(Wq - Ws) + Ws`` for HardQuantizeConv (SPEC §2), float32, one pass."""
+    weight, scale = weight.contiguous(), scale.contiguous()
+    out = torch.empty_like(weight)
+    library().weight_ste_f32(weight.data_ptr(), scale.data_ptr(), out.data_ptr(), weight.shape[0],
+                             weight[0].numel(), float(half), float(steps), _threads())
+    return out

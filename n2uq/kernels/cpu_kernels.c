@@ -28,6 +28,8 @@
 #define MAYBE_UNUSED __attribute__((unused))
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+/* No more threads than work items: a small tensor runs on one thread, without a barrier. */
+static int threads_for(int nthreads, int64_t items) { return (int)min64(nthreads, items > 0 ? items : 1); }
 static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 /* ---------------------------------------------------------------------------------------------
@@ -93,7 +95,7 @@ static void reduce_channels(const double *chsum, int64_t planes, int64_t hw, int
         const T *x, T *y, uint8_t *codes, int64_t planes, int64_t hw, int64_t C, const T *b1,          \
         const T *w, const T *b2, T s1, const T *thr, int n, const T *table, int nthreads) {            \
         int64_t items = item_count(planes, hw);                                                       \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
+        _Pragma("omp parallel for schedule(static) num_threads(threads_for(nthreads, items))")                            \
         for (int64_t it = 0; it < items; ++it) {                                                      \
             item_t r = item_of(it, planes, hw, C);                                                    \
             for (int64_t k = 0; k < r.nspans; ++k) {                                                  \
@@ -127,7 +129,7 @@ static void reduce_channels(const double *chsum, int64_t planes, int64_t hw, int
         int L = 2 * n + 2;                                                                            \
         double *part = (double *)calloc((size_t)(items * L), sizeof(double));                         \
         double *chsum = (double *)calloc((size_t)(span_count(planes, hw) * 3), sizeof(double));       \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
+        _Pragma("omp parallel for schedule(static) num_threads(threads_for(nthreads, items))")                            \
         for (int64_t it = 0; it < items; ++it) {                                                      \
             item_t r = item_of(it, planes, hw, C);                                                    \
             double *acc = part + it * L;                                                              \
@@ -181,7 +183,7 @@ static void reduce_channels(const double *chsum, int64_t planes, int64_t hw, int
         const T *a, const T *r, T *y, T *z, int64_t planes, int64_t hw, int64_t C, const T *b1,        \
         const T *w, const T *b2, int nthreads) {                                                      \
         int64_t items = item_count(planes, hw);                                                       \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
+        _Pragma("omp parallel for schedule(static) num_threads(threads_for(nthreads, items))")                            \
         for (int64_t it = 0; it < items; ++it) {                                                      \
             item_t q = item_of(it, planes, hw, C);                                                    \
             for (int64_t k = 0; k < q.nspans; ++k) {                                                  \
@@ -203,7 +205,7 @@ static void reduce_channels(const double *chsum, int64_t planes, int64_t hw, int
                                                            const T *w, double *out, int nthreads) {   \
         int64_t items = item_count(planes, hw);                                                       \
         double *chsum = (double *)calloc((size_t)(span_count(planes, hw) * 3), sizeof(double));       \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
+        _Pragma("omp parallel for schedule(static) num_threads(threads_for(nthreads, items))")                            \
         for (int64_t it = 0; it < items; ++it) {                                                      \
             item_t q = item_of(it, planes, hw, C);                                                    \
             for (int64_t k = 0; k < q.nspans; ++k) {                                                  \
@@ -226,7 +228,8 @@ static void reduce_channels(const double *chsum, int64_t planes, int64_t hw, int
                                                                                                       \
     /* y = table[codes]: the exact LTQ output rebuilt from its uint8 codes. */                        \
     void decode_##SFX(const uint8_t *codes, T *y, int64_t numel, const T *table, int nthreads) {      \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
+        int64_t items = cdiv(numel, CHUNK);                                                           \
+        _Pragma("omp parallel for schedule(static) num_threads(threads_for(nthreads, items))")                            \
         for (int64_t b = 0; b < numel; b += CHUNK) {                                                  \
             int64_t e = min64(numel, b + CHUNK);                                                      \
             for (int64_t i = b; i < e; ++i) y[i] = table[codes[i]];                                   \
@@ -467,7 +470,7 @@ void ltq_forward_f32(const float *x, float *y, uint8_t *codes, int64_t planes, i
     }
     int chain = b1 != 0;
     int64_t items = item_count(planes, hw);
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")
+    _Pragma("omp parallel for schedule(static) num_threads(threads_for(nthreads, items))")
     for (int64_t it = 0; it < items; ++it) {
         item_t r = item_of(it, planes, hw, C);
 #define FWD(N, CHAIN) ltq_forward_vec(x, y, codes, r, C, b1, w, b2, s1, thr, N, table, CHAIN)
@@ -490,7 +493,7 @@ void ltq_backward_f32(const float *x, const float *gy, float *gx, int64_t planes
     int L = 2 * n + 2;
     double *part = (double *)calloc((size_t)(items * L), sizeof(double));
     double *chsum = (double *)calloc((size_t)(span_count(planes, hw) * 3), sizeof(double));
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")
+    _Pragma("omp parallel for schedule(static) num_threads(threads_for(nthreads, items))")
     for (int64_t it = 0; it < items; ++it) {
         item_t r = item_of(it, planes, hw, C);
 #define BWD(N, CHAIN) \
@@ -526,7 +529,7 @@ void ltq_backward_f32(const float *x, const float *gy, float *gx, int64_t planes
 void rprelu_forward_f32(const float *a, const float *r, float *y, float *z, int64_t planes, int64_t hw,
                         int64_t C, const float *b1, const float *w, const float *b2, int nthreads) {
     int64_t items = item_count(planes, hw);
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")
+    _Pragma("omp parallel for schedule(static) num_threads(threads_for(nthreads, items))")
     for (int64_t it = 0; it < items; ++it) {
         item_t q = item_of(it, planes, hw, C);
         int64_t full = q.len / VL * VL;
@@ -556,7 +559,7 @@ void rprelu_backward_f32(const float *gy, const float *z, float *gx, int64_t pla
                          const float *w, double *out, int nthreads) {
     int64_t items = item_count(planes, hw);
     double *chsum = (double *)calloc((size_t)(span_count(planes, hw) * 3), sizeof(double));
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")
+    _Pragma("omp parallel for schedule(static) num_threads(threads_for(nthreads, items))")
     for (int64_t it = 0; it < items; ++it) {
         item_t q = item_of(it, planes, hw, C);
         const vf zero = {0};
@@ -622,4 +625,27 @@ void rprelu_forward_f64(const double *a, const double *r, double *y, double *z, 
 void rprelu_backward_f64(const double *gy, const double *z, double *gx, int64_t planes, int64_t hw, int64_t C,
                          const double *w, double *out, int nthreads) {
     rprelu_backward_generic_f64(gy, z, gx, planes, hw, C, w, out, nthreads);
+}
+
+/* HardQuantizeConv's weight (SPEC §2) in one pass, per output channel o of `per` elements:
+ * ws = w / s[o]; wc = clamp(ws, -half, half) (as two selects); q = s[o] * (round((wc + half) * steps)
+ * / steps - half); out = (q - ws) + ws. The operations of the PyTorch expression, in its order;
+ * round is round-half-to-even (nearbyint in the default rounding mode, like torch.round). */
+#include <math.h>
+void weight_ste_f32(const float *w, const float *s, float *out, int64_t out_ch, int64_t per, float half,
+                    float steps, int nthreads) {
+    int64_t items = out_ch;
+    _Pragma("omp parallel for schedule(static) num_threads(threads_for(nthreads, items))")
+    for (int64_t o = 0; o < out_ch; ++o) {
+        const float sc = s[o], lo = -half;
+        const float *wp = w + o * per;
+        float *op = out + o * per;
+        for (int64_t i = 0; i < per; ++i) {
+            float ws = wp[i] / sc;
+            float wc = ws < half ? ws : half;
+            wc = wc > lo ? wc : lo;
+            float q = sc * (nearbyintf((wc + half) * steps) / steps - half);
+            op[i] = (q - ws) + ws;
+        }
+    }
 }
