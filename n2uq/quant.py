@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -113,8 +114,15 @@ class LTQState(NamedTuple):
 
 def ltq_state(start: Tensor, a: Tensor, scale2: Tensor, eps: Tensor, levels: Tensor,
               dtype: torch.dtype) -> LTQState:
-    """Thresholds, breakpoints, level table and slopes of an LTQ (SPEC §1), detached."""
+    """Thresholds, breakpoints, level table and slopes of an LTQ (SPEC §1), detached.
+
+    For CPU parameters the sequential accumulations run on NumPy scalars of the parameters' dtype
+    (IEEE float32/float64 adds in the same order as :func:`_sequential_cumsum`, so bit-identical)
+    instead of one tiny PyTorch op per step.
+    """
     with torch.no_grad():
+        if start.device.type == "cpu" and a.dtype in _NUMPY_DTYPES and start.dtype == a.dtype == eps.dtype:
+            return _ltq_state_numpy(start, a, scale2, eps, levels, dtype)
         a_pos = torch.where(a > eps, a, eps)
         levels_c = levels.to(dtype)
         return LTQState(
@@ -127,6 +135,34 @@ def ltq_state(start: Tensor, a: Tensor, scale2: Tensor, eps: Tensor, levels: Ten
         )
 
 
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _ltq_state_numpy(start: Tensor, a: Tensor, scale2: Tensor, eps: Tensor, levels: Tensor,
+                     dtype: torch.dtype) -> LTQState:
+    real = _NUMPY_DTYPES[a.dtype]
+    a_np = a.detach().numpy()
+    eps_v = eps.detach().numpy()[0]
+    a_pos = np.where(a_np > eps_v, a_np, eps_v).astype(real)
+    half = a_pos / real(2)
+    thresholds = [start.detach().numpy()[0] + half[0]]
+    breakpoints = [start.detach().numpy()[0]]
+    for i in range(a_pos.size):
+        if i:
+            thresholds.append(thresholds[-1] + (half[i - 1] + half[i]))
+        breakpoints.append(breakpoints[-1] + a_pos[i])
+    a_pos_t = torch.from_numpy(a_pos)
+    levels_c = levels.to(dtype)
+    return LTQState(
+        a_pos=a_pos_t,
+        thresholds=torch.from_numpy(np.array(thresholds, dtype=real)).to(dtype),
+        breakpoints=torch.from_numpy(np.array(breakpoints, dtype=real)).to(dtype),
+        levels=levels_c,
+        table=levels_c * scale2.detach().to(dtype),
+        slope=((2.0 / a.numel()) / a_pos_t).to(dtype),
+    )
+
+
 def ltq_param_grads(sums: Tensor, state: LTQState, a: Tensor, eps: Tensor, scale2: Tensor,
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``start, a, scale1, scale2`` from the per-interval sums of the G-STE backward.
@@ -135,10 +171,11 @@ def ltq_param_grads(sums: Tensor, state: LTQState, a: Tensor, eps: Tensor, scale
     ``G_k = Σ g`` and ``Q_k = Σ g·(xs - d[k-1])`` over its elements, ``S1 = Σ grad_xs·x``,
     ``S2 = Σ g·L[m]``. With ``slope_k = interval / a⁺[k-1]`` (paper Eq. 9):
     ``W_k = Σ grad_xs = scale2·slope_k·G_k`` and ``R_k = Σ grad_xs·(xs - d[k-1]) = scale2·slope_k·Q_k``;
-    then
-    ``∂/∂start = -Σ W``, ``∂/∂a⁺[j] = -R_j/a⁺[j] - Σ_{k>j} W_k``, masked to ``a > eps``.
+    then ``∂/∂start = -Σ W``, ``∂/∂a⁺[j] = -R_j/a⁺[j] - Σ_{k>j} W_k``, masked to ``a > eps``.
     """
     n = a.numel()
+    if sums.device.type == "cpu":  # small vectors: NumPy is cheaper than a dozen tiny PyTorch ops
+        return _param_grads_numpy(sums.numpy(), state, a, eps, scale2)
     coef = scale2.detach().double() * state.slope.double()
     W = coef * sums[:n]
     R = coef * sums[n : 2 * n]
@@ -148,6 +185,19 @@ def ltq_param_grads(sums: Tensor, state: LTQState, a: Tensor, eps: Tensor, scale
     grad_a = torch.where(a > eps, grad_a_pos.to(a.dtype), torch.zeros_like(a))
     grad_start = (-W.sum()).to(a.dtype).reshape(1)
     return grad_start, grad_a, sums[2 * n].to(a.dtype).reshape(1), sums[2 * n + 1].to(a.dtype).reshape(1)
+
+
+def _param_grads_numpy(sums: np.ndarray, state: LTQState, a: Tensor, eps: Tensor, scale2: Tensor):
+    n = a.numel()
+    coef = float(scale2) * state.slope.double().numpy()
+    W = coef * sums[:n]
+    R = coef * sums[n : 2 * n]
+    later = np.concatenate([np.cumsum(W[::-1])[::-1][1:], [0.0]])
+    grad_a_pos = -R / state.a_pos.double().numpy() - later
+    mask = (a > eps).detach().numpy()
+    as_param = lambda v: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).to(a.dtype).reshape(-1)
+    return (as_param([-W.sum()]), as_param(np.where(mask, grad_a_pos, 0.0)), as_param([sums[2 * n]]),
+            as_param([sums[2 * n + 1]]))
 
 
 class _LTQFunction(torch.autograd.Function):

@@ -7,7 +7,7 @@ import torch
 
 from n2uq import LTQ, HardQuantizeConv
 from n2uq.kernels import cpu, get_backend, ops_for, set_backend, use_backend
-from n2uq.quant import ltq_breakpoints, ltq_forward_thresholds
+from n2uq.quant import ltq_breakpoints, ltq_forward_thresholds, ltq_state
 
 needs_kernels = pytest.mark.skipif(not cpu.available(), reason="no C compiler: plain PyTorch path only")
 
@@ -87,3 +87,16 @@ def test_weight_kernel_matches_torch_expression(n_bit):
         w_ref = conv.quantized_weight()
         (g_ref,) = torch.autograd.grad(w_ref, conv.weight, upstream)
     assert torch.equal(w, w_ref) and torch.equal(g, g_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_bit", [1, 2, 4, 8])
+def test_numpy_state_equals_sequential_torch_accumulation(n_bit, dtype):
+    q = _ltq(n_bit, 3).to(dtype)
+    with torch.no_grad():
+        q.a[0] = -1.0  # below eps
+    state = ltq_state(q.start, q.a, q.scale2, q.eps, q.levels, dtype)
+    a_pos = torch.where(q.a > q.eps, q.a, q.eps).detach()
+    assert torch.equal(state.thresholds, ltq_forward_thresholds(q.start.detach(), a_pos))
+    assert torch.equal(state.breakpoints, ltq_breakpoints(q.start.detach(), a_pos))
+    assert torch.equal(state.a_pos, a_pos)
