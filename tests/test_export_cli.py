@@ -1,0 +1,100 @@
+"""scripts/export.py: end to end on a generated checkpoint, and its errors (exit 2 usage, 1 runtime)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from n2uq.cli import run_main
+from n2uq.export.synthetic import randomize_
+from resnet.resnet import resnet18
+from scripts.export import main
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pth.tar"
+    torch.manual_seed(0)
+    model = resnet18(2, True, 10)
+    randomize_(model, torch.randn(8, 3, 32, 32), seed=11)
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"epoch": 1, "state_dict": state, "best_top1_acc": 10.0,
+                "args": {"image_size": 32, "val_resize": 32}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    gen = torch.Generator().manual_seed(0)
+    for c in range(10):
+        folder = root / "val" / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(2):
+            pixels = (torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def exit_code(argv) -> int:
+    with pytest.raises(SystemExit) as info:
+        run_main(main, [str(a) for a in argv])
+    return info.value.code
+
+
+def test_exports_and_verifies_all_formats(checkpoint, data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = exit_code(["--checkpoint", checkpoint, "--out", out, "--data", data_dir, "--batch_size", 4])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "resnet18_w2a2_qd1" in text and "all exports verified" in text
+    for line in ("integer model vs PyTorch fake-quant: OK", "onnx (onnxruntime) vs integer model: OK",
+                 "qonnx (qonnx executor) vs integer model: OK", "packed file round trip: OK"):
+        assert line in text
+    assert "quantized conv weights (2-bit codes)" in text  # the size table
+    for suffix in (".onnx", ".qonnx.onnx", ".n2uq"):
+        assert (out / f"resnet18_w2a2_qd1{suffix}").is_file()
+
+
+def test_val_top1_compares_onnx_with_pytorch(checkpoint, data_dir, tmp_path, capsys):
+    code = exit_code(["--checkpoint", checkpoint, "--out", tmp_path, "--data", data_dir, "--format", "onnx",
+                      "--val_top1"])
+    text = capsys.readouterr().out
+    assert "val top-1 over 20 images: PyTorch fake-quant" in text and "PyTorch integer model" in text
+    # Passes when equal, or when every differing prediction is a float32 rounding flip of PyTorch.
+    assert (code == 0) == ("-> equal" in text or "0 of them where" in text)
+
+
+def test_random_batch_and_one_format(checkpoint, tmp_path, capsys):
+    assert exit_code(["--checkpoint", checkpoint, "--out", tmp_path, "--format", "packed"]) == 0
+    text = capsys.readouterr().out
+    assert "random normal" in text and "(8, 3, 32, 32)" in text  # size from the checkpoint's args
+    assert not (tmp_path / "resnet18_w2a2_qd1.onnx").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--format", "onnx,tflite"], "--format"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--val_top1"], "--val_top1 needs --data"),
+    (["--data", "/nonexistent/dir"], "no val/ folder"),
+])
+def test_usage_errors_exit_2(checkpoint, tmp_path, capsys, argv, message):
+    assert exit_code(["--checkpoint", checkpoint, "--out", tmp_path, *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_checkpoint_exits_2(tmp_path, capsys):
+    assert exit_code(["--checkpoint", tmp_path / "nope.pth", "--out", tmp_path]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_exits_1(tmp_path, capsys):
+    bad = tmp_path / "bad.pth.tar"
+    bad.write_bytes(b"\x00" * 100)
+    assert exit_code(["--checkpoint", bad, "--out", tmp_path]) == 1
+    err = capsys.readouterr().err
+    assert "bad.pth.tar" in err and len(err.strip().splitlines()) == 1
