@@ -95,7 +95,7 @@ static void reduce_channels(const double *chsum, int64_t planes, int64_t hw, int
         const T *x, T *y, uint8_t *codes, int64_t planes, int64_t hw, int64_t C, const T *b1,          \
         const T *w, const T *b2, T s1, const T *thr, int n, const T *table, int nthreads) {            \
         int64_t items = item_count(planes, hw);                                                       \
-        _Pragma("omp parallel for schedule(static) num_threads(threads_for(nthreads, items))")                            \
+        _Pragma("omp parallel for schedule(static) num_threads(threads_for(nthreads, items))") \
         for (int64_t it = 0; it < items; ++it) {                                                      \
             item_t r = item_of(it, planes, hw, C);                                                    \
             for (int64_t k = 0; k < r.nspans; ++k) {                                                  \
@@ -129,7 +129,7 @@ static void reduce_channels(const double *chsum, int64_t planes, int64_t hw, int
         int L = 2 * n + 2;                                                                            \
         double *part = (double *)calloc((size_t)(items * L), sizeof(double));                         \
         double *chsum = (double *)calloc((size_t)(span_count(planes, hw) * 3), sizeof(double));       \
-        _Pragma("omp parallel for schedule(static) num_threads(threads_for(nthreads, items))")                            \
+        _Pragma("omp parallel for schedule(static) num_threads(threads_for(nthreads, items))") \
         for (int64_t it = 0; it < items; ++it) {                                                      \
             item_t r = item_of(it, planes, hw, C);                                                    \
             double *acc = part + it * L;                                                              \
@@ -183,7 +183,7 @@ static void reduce_channels(const double *chsum, int64_t planes, int64_t hw, int
         const T *a, const T *r, T *y, T *z, int64_t planes, int64_t hw, int64_t C, const T *b1,        \
         const T *w, const T *b2, int nthreads) {                                                      \
         int64_t items = item_count(planes, hw);                                                       \
-        _Pragma("omp parallel for schedule(static) num_threads(threads_for(nthreads, items))")                            \
+        _Pragma("omp parallel for schedule(static) num_threads(threads_for(nthreads, items))") \
         for (int64_t it = 0; it < items; ++it) {                                                      \
             item_t q = item_of(it, planes, hw, C);                                                    \
             for (int64_t k = 0; k < q.nspans; ++k) {                                                  \
@@ -205,7 +205,7 @@ static void reduce_channels(const double *chsum, int64_t planes, int64_t hw, int
                                                            const T *w, double *out, int nthreads) {   \
         int64_t items = item_count(planes, hw);                                                       \
         double *chsum = (double *)calloc((size_t)(span_count(planes, hw) * 3), sizeof(double));       \
-        _Pragma("omp parallel for schedule(static) num_threads(threads_for(nthreads, items))")                            \
+        _Pragma("omp parallel for schedule(static) num_threads(threads_for(nthreads, items))") \
         for (int64_t it = 0; it < items; ++it) {                                                      \
             item_t q = item_of(it, planes, hw, C);                                                    \
             for (int64_t k = 0; k < q.nspans; ++k) {                                                  \
@@ -229,7 +229,7 @@ static void reduce_channels(const double *chsum, int64_t planes, int64_t hw, int
     /* y = table[codes]: the exact LTQ output rebuilt from its uint8 codes. */                        \
     void decode_##SFX(const uint8_t *codes, T *y, int64_t numel, const T *table, int nthreads) {      \
         int64_t items = cdiv(numel, CHUNK);                                                           \
-        _Pragma("omp parallel for schedule(static) num_threads(threads_for(nthreads, items))")                            \
+        _Pragma("omp parallel for schedule(static) num_threads(threads_for(nthreads, items))") \
         for (int64_t b = 0; b < numel; b += CHUNK) {                                                  \
             int64_t e = min64(numel, b + CHUNK);                                                      \
             for (int64_t i = b; i < e; ++i) y[i] = table[codes[i]];                                   \

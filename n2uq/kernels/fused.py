@@ -132,7 +132,8 @@ class _LTQStage(torch.autograd.Function):
 
 
 def _decode(codes: Tensor, table: Tensor) -> Tensor:
-    ops = ops_for(table, table.dtype) if codes.is_contiguous() and codes.device == table.device else None
+    dense = codes.is_contiguous() or (codes.dim() == 4 and codes.is_contiguous(memory_format=torch.channels_last))
+    ops = ops_for(table, table.dtype) if dense and codes.device == table.device else None
     if ops is not None:
         return ops.decode(codes, table)
     return table[codes.long()]
