@@ -21,6 +21,11 @@ from resnet.resnet import resnet18, resnet50
 BACKENDS = ["auto", "torch"]
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 def _randomise(module: nn.Module, seed: int) -> nn.Module:
     """Trained-looking parameters: biases, PReLU slopes, LTQ intervals (some below eps), scales."""
     g = torch.Generator().manual_seed(seed)
@@ -91,9 +96,9 @@ def test_stage_matches_modules(backend, n_bit):
     stage = _randomise(Stage(6, 5, n_bit), n_bit)
     x = torch.randn(3, 6, 9, 7) * 1.5  # 63 elements per plane: vector body and scalar tail
     upstream = torch.randn(3, 5, 9, 7)
-    with use_backend(backend):
+    with use_backend(backend):  # the modules' own LTQ uses the same backend
         y, grads = _run(stage, x, stage, upstream)
-    y_ref, grads_ref = _run(stage.unfused, x, stage, upstream)
+        y_ref, grads_ref = _run(stage.unfused, x, stage, upstream)
     assert torch.equal(y, y_ref)
     _assert_grads_close(grads, grads_ref)
 
@@ -105,7 +110,7 @@ def test_stage_float64_depthwise_strided_shared_prelu(backend):
     upstream = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     with use_backend(backend):
         y, grads = _run(stage, x, stage, upstream)
-    y_ref, grads_ref = _run(stage.unfused, x, stage, upstream)
+        y_ref, grads_ref = _run(stage.unfused, x, stage, upstream)
     assert torch.equal(y, y_ref)
     _assert_grads_close(grads, grads_ref, rel=1e-10)
 
@@ -144,7 +149,7 @@ def test_rprelu_with_residual_matches_modules(backend):
 
     with use_backend(backend):
         y, grads = run(lambda a_, r_: rprelu(a_, b1, pr, b2, residual=r_))
-    y_ref, grads_ref = run(lambda a_, r_: b2(pr(b1(a_ + r_))))
+        y_ref, grads_ref = run(lambda a_, r_: b2(pr(b1(a_ + r_))))
     assert torch.equal(y, y_ref)
     names = ["a", "residual", "bias1", "prelu", "bias2"]
     _assert_grads_close(zip(names, grads), zip(names, grads_ref))

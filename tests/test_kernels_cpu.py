@@ -12,6 +12,11 @@ from n2uq.quant import ltq_breakpoints, ltq_forward_thresholds, ltq_state
 needs_kernels = pytest.mark.skipif(not cpu.available(), reason="no C compiler: plain PyTorch path only")
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 def _ltq(n_bit: int, seed: int) -> LTQ:
     g = torch.Generator().manual_seed(seed)
     q = LTQ(n_bit)
