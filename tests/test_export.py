@@ -8,6 +8,8 @@ mismatches must all lie within float rounding of a threshold and be < 1e-4 of th
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -195,3 +197,20 @@ def test_wide_accumulators_use_float64_and_stay_exact():
 def test_unknown_model_is_refused():
     with pytest.raises(GraphError, match="neither an N2UQ ResNet"):
         convert(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)))
+
+
+@pytest.mark.gpu
+def test_integer_model_on_cuda_matches_cpu():
+    """The integer model on a GPU (cuDNN may pick Winograd/FFT convolutions) gives the CPU's codes."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _, int_model, x = build("resnet18_w4a4_qd1", "trained")
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # float layers in true float32, like the CPU
+    try:
+        record: dict = {}
+        logits = copy.deepcopy(int_model).cuda().run(x.cuda(), record=record)
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+    codes = {k: r.codes.cpu().long() for k, r in record.items()}
+    assert_agrees(check_against_runtime(int_model, x, logits.cpu(), codes), "CUDA vs CPU integer model")

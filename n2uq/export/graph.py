@@ -49,10 +49,6 @@ class Node:
     inputs: Tuple[str, ...]
     module: Any = None  # nn.Module, or a tuple of modules for "rprelu"
 
-    @property
-    def output(self) -> str:
-        return self.name
-
 
 @dataclass
 class Graph:
