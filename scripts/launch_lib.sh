@@ -4,14 +4,15 @@
 
 launch_training() {
     local script="$1" log="$2"; shift 2
-    local nproc nnodes=1 status
+    local nproc nnodes=1 status ngpu
+    ngpu="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')"
     if [ -n "${NPROC:-}" ]; then
         [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "NPROC must be a positive integer, got '$NPROC'"
         nproc="$NPROC"
     else
-        nproc="$("$PYTHON" -c 'import torch; print(max(1, torch.cuda.device_count()))')"
+        nproc=$((ngpu > 0 ? ngpu : 1))
     fi
-    if [ "$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))')" = 0 ]; then
+    if [ "$ngpu" = 0 ]; then
         # CPU training: idle OpenMP threads sleep instead of spinning, which keeps a shared or
         # oversubscribed machine from wasting most of its cycles (a step ran 10x slower otherwise).
         export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"

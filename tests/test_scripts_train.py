@@ -77,7 +77,6 @@ def test_evaluate_reproduces_logged_top1_single_and_two_process(trained, tiny_im
     assert double["top1"] == pytest.approx(single["top1"]) and double["top5"] == pytest.approx(single["top5"])
 
 
-@pytest.mark.slow
 def test_two_process_training_counts_every_val_image(tiny_imagefolder, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
