@@ -93,6 +93,10 @@ def build_train_parser(archs: Sequence[str], default_arch: str, default_bits: in
     g.add_argument("--resume", default="auto", help="auto (the run's checkpoint if it exists) | none | FILE")
     g.add_argument("--epochs_per_run", type=int, default=0,
                    help="stop this invocation after N epochs (0: run to --epochs); resume continues")
+    g.add_argument("--steps_per_run", type=int, default=0,
+                   help="stop this invocation after N optimizer steps (0: no limit), with a checkpoint")
+    g.add_argument("--save_every_steps", type=int, default=0,
+                   help="also write a mid-epoch checkpoint every N steps (0: only at epoch ends)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: cores / processes)")
     g.add_argument("--log_every", type=int, default=50, help="TensorBoard train scalars every N steps")
@@ -124,8 +128,9 @@ def validate_train_args(args: argparse.Namespace, world_size: Optional[int] = No
         raise UsageError("--momentum must be in [0, 1) and --weight_decay >= 0")
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
-    if args.epochs_per_run < 0 or args.threads < 0 or args.log_every < 1:
-        raise UsageError("--epochs_per_run and --threads must be >= 0, --log_every >= 1")
+    if min(args.epochs_per_run, args.steps_per_run, args.save_every_steps, args.threads) < 0 or args.log_every < 1:
+        raise UsageError("--epochs_per_run, --steps_per_run, --save_every_steps and --threads must be >= 0, "
+                         "--log_every >= 1")
     if args.amp == "fp16" and args.device == "cpu":
         raise UsageError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
     if args.resume not in ("auto", "none") and not os.path.isfile(args.resume):

@@ -28,6 +28,7 @@ from n2uq.losses import kd_loss, label_smooth_ce
 from n2uq.metrics import MetricsLogger, topk_correct
 from n2uq.pretrained import load_pretrained
 from n2uq.recipe import RESNET_ALPHA_PATTERNS, build_optimizer, build_scheduler, scheduler_step
+from n2uq.run_control import RunControl
 from n2uq.teacher import build_teacher
 from n2uq.train_state import (
     BEST_NAME,
@@ -104,11 +105,13 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", 
 
 def train_one_epoch(model: nn.Module, teacher: Optional[nn.Module], loader, optimizer, scaler,
                     env: DistEnv, args: Namespace, epoch: int, logger: Optional[MetricsLogger] = None,
-                    start_step: int = 0) -> Dict[str, float]:
+                    start_step: int = 0, after_step: Optional[Callable[[int], bool]] = None) -> Dict[str, Any]:
     """One pass over this rank's shard; returns loss and top-1/top-5 (percent) over all ranks.
 
     The loss is :func:`~n2uq.losses.kd_loss` against ``teacher`` when there is one, else
     label-smoothed cross-entropy. ``start_step`` numbers the first batch (resume inside an epoch).
+    ``after_step(steps done in this epoch)`` runs after every optimizer step; when it returns True
+    the epoch ends there (``stopped`` in the result).
     """
     device = env.device
     model.train()
@@ -116,6 +119,7 @@ def train_one_epoch(model: nn.Module, teacher: Optional[nn.Module], loader, opti
     steps = len(loader)
     bar = _progress_bar(loader, steps, f"epoch {epoch + 1}/{args.epochs}", env.is_main and not args.no_progress)
     t0 = time.time()
+    stopped = False
     for step, (images, target) in enumerate(bar, start=start_step):
         images, target = _to_device(images, target, device, args.channels_last)
         with autocast(device, args.amp):
@@ -149,11 +153,15 @@ def train_one_epoch(model: nn.Module, teacher: Optional[nn.Module], loader, opti
         if logger is not None and (step + 1) % args.log_every == 0:
             global_step = epoch * (steps + start_step) + step + 1
             logger.scalars({"train/loss_step": loss.item()}, global_step)
+        if after_step is not None and after_step(step + 1):
+            stopped = True
+            break
     elapsed = time.time() - t0
     all_reduce_sum(sums)
     n = max(sums[3].item(), 1.0)
     return {"loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
-            "images": int(sums[3].item()), "img_per_s": sums[3].item() / max(elapsed, 1e-9), "time_s": elapsed}
+            "images": int(sums[3].item()), "img_per_s": sums[3].item() / max(elapsed, 1e-9), "time_s": elapsed,
+            "stopped": stopped}
 
 
 def _sync_buffers(model: nn.Module) -> None:
@@ -288,45 +296,80 @@ def _fit(env: DistEnv, build_model, args: Namespace, alpha_patterns, run_name: s
     logger.log({"event": "start", "run": run_name, "world_size": env.world_size, "resume": resume_path,
                 "next_epoch": progress.next_epoch, "args": _plain_args(args)})
 
-    last_val: Dict[str, float] = {}
-    epochs_run = 0
-    for epoch in range(progress.next_epoch, args.epochs):
-        if args.epochs_per_run and epochs_run >= args.epochs_per_run:
-            break
-        if progress.step_in_epoch == 0:
-            scheduler_step(scheduler)  # at the start of the epoch, as the reference
-        train_loader.sampler.set_epoch(epoch, progress.step_in_epoch, per_rank_batch)
-        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
-        train = train_one_epoch(train_model, teacher, train_loader, optimizer, scaler, env, args, epoch,
-                                logger, start_step=progress.step_in_epoch)
-        _sync_buffers(model)
-        last_val = evaluate(model, val_loader, device, args.amp, args.channels_last,
-                            progress=env.is_main and not args.no_progress)
-        if last_val["count"] != len(val_ds):
-            raise RuntimeError(f"validation counted {last_val['count']} images, expected {len(val_ds)}")
-        is_best = last_val["top1"] > progress.best_top1
-        progress = TrainProgress(epoch + 1, 0, max(progress.best_top1, last_val["top1"]))
+    def save(state: TrainProgress, val: Optional[Dict[str, float]] = None, best: bool = False) -> None:
         if env.is_main:
-            ckpt = build_checkpoint(model, optimizer, scheduler, scaler, progress, args=_plain_args(args),
-                                    config=config, classes=train_ds.classes, val=last_val)
+            ckpt = build_checkpoint(model, optimizer, scheduler, scaler, state, args=_plain_args(args),
+                                    config=config, classes=train_ds.classes, val=val)
             atomic_save(ckpt, os.path.join(run_dir, CHECKPOINT_NAME))
-            if is_best:
+            if best:
                 atomic_save(ckpt, os.path.join(run_dir, BEST_NAME))
         barrier()
-        epochs_run += 1
-        img_s = train["img_per_s"]
-        _say(env, f"epoch {epoch + 1}/{args.epochs} lr {lrs.get('other', 0.0):.3g} | train loss "
-                  f"{train['loss']:.4f} top-1 {train['top1']:.2f} | val top-1 {last_val['top1']:.2f} top-5 "
-                  f"{last_val['top5']:.2f} (best {progress.best_top1:.2f}) | {img_s:.0f} img/s "
-                  f"{train['time_s']:.0f}s")
-        logger.log({"event": "epoch", "epoch": epoch, "lr": lrs, "train": train, "val": last_val,
-                    "best_top1": progress.best_top1, "img_per_s": img_s})
-        logger.scalars({"train/loss": train["loss"], "train/top1": train["top1"], "train/top5": train["top5"],
-                        "val/loss": last_val["loss"], "val/top1": last_val["top1"], "val/top5": last_val["top5"],
-                        "train/img_per_s": img_s, **{f"lr/{k}": v for k, v in lrs.items()}}, epoch + 1)
+
+    last_val: Dict[str, float] = {}
+    with RunControl(args.steps_per_run, args.epochs_per_run, device) as control:
+        for epoch in range(progress.next_epoch, args.epochs):
+            if control.stop_before_epoch():
+                _say(env, f"stopping before epoch {epoch + 1}: {control.reason()}; run again to resume")
+                break
+            progress, last_val, stopped = _run_epoch(
+                env, args, epoch, progress, train_model, model, teacher, train_loader, val_loader, len(val_ds),
+                optimizer, scheduler, scaler, logger, control, save, per_rank_batch)
+            if stopped:
+                _say(env, f"stopped in epoch {epoch + 1} after step {progress.step_in_epoch}: {control.reason()}; "
+                          f"checkpoint saved, run again to resume")
+                break
+            control.epoch_done()
     logger.close()
     if progress.next_epoch >= args.epochs:
         _say(env, f"finished {args.epochs} epochs: best val top-1 {progress.best_top1:.2f} "
                   f"({os.path.join(run_dir, BEST_NAME)})")
     return {"run_dir": run_dir, "best_top1": progress.best_top1, "last_val": last_val,
-            "next_epoch": progress.next_epoch}
+            "next_epoch": progress.next_epoch, "step_in_epoch": progress.step_in_epoch}
+
+
+def _run_epoch(env, args, epoch, progress, train_model, model, teacher, train_loader, val_loader, val_size,
+               optimizer, scheduler, scaler, logger, control, save, per_rank_batch):
+    """Train (from ``progress.step_in_epoch``), validate, checkpoint and log one epoch.
+
+    Returns ``(progress, val, stopped)``; when a stop is requested inside the epoch, a mid-epoch
+    checkpoint is written and validation is skipped. ``--save_every_steps`` writes one too.
+    """
+    device = env.device
+    if progress.step_in_epoch == 0:
+        scheduler_step(scheduler)  # at the start of the epoch, as the reference
+    train_loader.sampler.set_epoch(epoch, progress.step_in_epoch, per_rank_batch)
+    steps_in_epoch = progress.step_in_epoch + len(train_loader)
+    lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+    best_so_far = progress.best_top1
+    last_done = [progress.step_in_epoch]
+
+    def after_step(done: int) -> bool:
+        last_done[0] = done
+        stop = control.step_done() and done < steps_in_epoch  # the last step finishes the epoch first
+        if stop or (args.save_every_steps and done % args.save_every_steps == 0 and done < steps_in_epoch):
+            save(TrainProgress(epoch, done, best_so_far))
+        return stop
+
+    train = train_one_epoch(train_model, teacher, train_loader, optimizer, scaler, env, args, epoch, logger,
+                            start_step=progress.step_in_epoch, after_step=after_step)
+    if train["stopped"]:
+        return TrainProgress(epoch, last_done[0], best_so_far), {}, True
+    _sync_buffers(model)
+    last_val = evaluate(model, val_loader, device, args.amp, args.channels_last,
+                        progress=env.is_main and not args.no_progress)
+    if last_val["count"] != val_size:
+        raise RuntimeError(f"validation counted {last_val['count']} images, expected {val_size}")
+    is_best = last_val["top1"] > progress.best_top1
+    progress = TrainProgress(epoch + 1, 0, max(progress.best_top1, last_val["top1"]))
+    save(progress, last_val, best=is_best)
+    img_s = train["img_per_s"]
+    _say(env, f"epoch {epoch + 1}/{args.epochs} lr {lrs.get('other', 0.0):.3g} | train loss "
+              f"{train['loss']:.4f} top-1 {train['top1']:.2f} | val top-1 {last_val['top1']:.2f} top-5 "
+              f"{last_val['top5']:.2f} (best {progress.best_top1:.2f}) | {img_s:.0f} img/s "
+              f"{train['time_s']:.0f}s")
+    logger.log({"event": "epoch", "epoch": epoch, "lr": lrs, "train": train, "val": last_val,
+                "best_top1": progress.best_top1, "img_per_s": img_s})
+    logger.scalars({"train/loss": train["loss"], "train/top1": train["top1"], "train/top5": train["top5"],
+                    "val/loss": last_val["loss"], "val/top1": last_val["top1"], "val/top5": last_val["top5"],
+                    "train/img_per_s": img_s, **{f"lr/{k}": v for k, v in lrs.items()}}, epoch + 1)
+    return progress, last_val, False

@@ -77,3 +77,47 @@ def test_checkpoint_layout_and_logs(uninterrupted):
     assert ckpt["best_top1_acc"] == pytest.approx(max(r["val"]["top1"] for r in records))
     assert list((uninterrupted / "tb").iterdir()), "no TensorBoard event file"
     json.dumps(ckpt["args"])  # plain values only
+
+
+def _assert_same_weights(run_a, run_b):
+    a = read_checkpoint(run_a / "checkpoint.pth.tar")
+    b = read_checkpoint(run_b / "checkpoint.pth.tar")
+    assert (a["next_epoch"], a["step_in_epoch"]) == (b["next_epoch"], b["step_in_epoch"]) == (2, 0)
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+
+
+def test_mid_epoch_stops_resume_exactly(tiny_imagefolder, tmp_path, uninterrupted):
+    """One optimizer step per invocation (mid-epoch checkpoints): same final weights."""
+    positions = []
+    for _ in range(4):
+        run = _train(tiny_imagefolder, tmp_path, "--steps_per_run", "1")
+        ckpt = read_checkpoint(run / "checkpoint.pth.tar")
+        positions.append((ckpt["next_epoch"], ckpt["step_in_epoch"]))
+    assert positions == [(0, 1), (1, 0), (1, 1), (2, 0)]
+    _assert_same_weights(uninterrupted, run)
+
+
+def test_sigterm_saves_and_the_next_run_resumes(tiny_imagefolder, tmp_path, uninterrupted, monkeypatch):
+    import os
+    import signal
+
+    from n2uq import engine
+
+    calls = []
+    real_loss = engine.label_smooth_ce
+
+    def loss_that_gets_terminated(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, during the first step
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(engine, "label_smooth_ce", loss_that_gets_terminated)
+    run = _train(tiny_imagefolder, tmp_path)
+    ckpt = read_checkpoint(run / "checkpoint.pth.tar")
+    assert (ckpt["next_epoch"], ckpt["step_in_epoch"]) == (0, 1) and len(calls) == 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    monkeypatch.setattr(engine, "label_smooth_ce", real_loss)
+    _train(tiny_imagefolder, tmp_path)
+    _assert_same_weights(uninterrupted, run)
