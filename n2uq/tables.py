@@ -167,6 +167,10 @@ def _cell_text(row: TableRow, bits: int) -> str:
     return f"{published:.1f}"
 
 
+def _md(method: str) -> str:
+    return method.replace("*", "\\*")
+
+
 def render_markdown(table: List[TableRow], title: str = "ImageNet top-1 (%)") -> str:
     """The paper's layout; N2UQ cells read ``published / measured (difference)``."""
     lines = [
@@ -184,14 +188,14 @@ def render_markdown(table: List[TableRow], title: str = "ImageNet top-1 (%)") ->
             cells = ["—", "—", _cell_text(row, 4)]
         else:
             cells = [_cell_text(row, b) for b in BITS]
-        lines.append(f"| {row.network} | {row.method.replace('*', chr(92) + '*')} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row.network} | {_md(row.method)} | " + " | ".join(cells) + " |")
     files = [(row, b, m) for row in table for b in sorted(row.measured) for m in row.measured[b]]
     if files:
         lines += ["", "Measured:", "", "| cell | top-1 | top-5 | images | source |", "|---|---|---|---|---|"]
         for row, b, m in files:
             top5 = "" if m.top5 is None else f"{m.top5:.2f}"
             count = "" if m.count is None else str(m.count)
-            lines.append(f"| {row.network} {row.method} W{b}/A{b} | {m.top1:.2f} | {top5} | {count} | "
+            lines.append(f"| {row.network} {_md(row.method)} W{b}/A{b} | {m.top1:.2f} | {top5} | {count} | "
                          f"`{m.source}` |")
     return "\n".join(lines) + "\n"
 

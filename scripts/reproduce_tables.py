@@ -192,7 +192,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if env.is_main:
         table = build_table(load_paper_results(), measurements)
-        markdown = render_markdown(table)
+        markdown = render_markdown(table, f"Top-1 (%): published on ImageNet, measured here on {val_dir}")
         os.makedirs(args.out, exist_ok=True)
         for name, text in (("tables.md", markdown), ("tables.csv", render_csv(table))):
             tmp = os.path.join(args.out, name + ".tmp")
