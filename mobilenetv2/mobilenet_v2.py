@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from n2uq import LTQ, PACT, HardQuantizeConv, LearnableBias
-from n2uq.kernels.fused import quant_stage
+from n2uq import PACT, HardQuantizeConv
+from n2uq.blocks import add_quant_stage, run_quant_stage
 
 __all__ = ["MobileNetV2", "InvertedResidual", "CHANNELS"]
 
@@ -36,37 +36,20 @@ class StemBlock(nn.Module):
 
 
 class InvertedResidual(nn.Module):
-    """Quantized inverted residual: 1×1 expand, 3×3 depthwise (stride), 1×1 project."""
+    """Quantized inverted residual: 1×1 expand, 3×3 depthwise (stride), 1×1 project.
+
+    Submodules: stages 1-3, each ``bias{i}1, prelu{i}, bias{i}2, quan{i}, conv{i}, bn{i}``.
+    """
 
     def __init__(self, inp: int, oup: int, mid: int, stride: int, n_bit: int):
         super().__init__()
         self.use_residual = inp == oup and stride == 1
-        self.bias11 = LearnableBias(inp)
-        self.prelu1 = nn.PReLU(inp)
-        self.bias12 = LearnableBias(inp)
-        self.quan1 = LTQ(n_bit)
-        self.conv1 = HardQuantizeConv(inp, mid, n_bit, 1, 1, 0)
-        self.bn1 = nn.BatchNorm2d(mid)
-
-        self.bias21 = LearnableBias(mid)
-        self.prelu2 = nn.PReLU(mid)
-        self.bias22 = LearnableBias(mid)
-        self.quan2 = LTQ(n_bit)
-        self.conv2 = HardQuantizeConv(mid, mid, n_bit, 3, stride, 1, groups=mid)
-        self.bn2 = nn.BatchNorm2d(mid)
-
-        self.bias31 = LearnableBias(mid)
-        self.prelu3 = nn.PReLU(mid)
-        self.bias32 = LearnableBias(mid)
-        self.quan3 = LTQ(n_bit)
-        self.conv3 = HardQuantizeConv(mid, oup, n_bit, 1, 1, 0)
-        self.bn3 = nn.BatchNorm2d(oup)
+        add_quant_stage(self, 1, inp, mid, n_bit, 1)
+        add_quant_stage(self, 2, mid, mid, n_bit, 3, stride, groups=mid)
+        add_quant_stage(self, 3, mid, oup, n_bit, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Each stage is bn(conv(quan(bias2(prelu(bias1(x)))))), fused by n2uq.kernels.fused.
-        out = self.bn1(quant_stage(x, self.bias11, self.prelu1, self.bias12, self.quan1, self.conv1))
-        out = self.bn2(quant_stage(out, self.bias21, self.prelu2, self.bias22, self.quan2, self.conv2))
-        out = self.bn3(quant_stage(out, self.bias31, self.prelu3, self.bias32, self.quan3, self.conv3))
+        out = run_quant_stage(self, 3, run_quant_stage(self, 2, run_quant_stage(self, 1, x)))
         return out + x if self.use_residual else out
 
 

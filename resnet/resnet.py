@@ -13,8 +13,9 @@ from typing import List, Optional, Type, Union
 import torch
 from torch import Tensor, nn
 
-from n2uq import LTQ, HardQuantizeConv, LearnableBias
-from n2uq.kernels.fused import quant_stage, rprelu
+from n2uq import LTQ, HardQuantizeConv
+from n2uq.blocks import add_quant_stage, add_rprelu, run_quant_stage, run_rprelu
+from n2uq.kernels.fused import quant_stage
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "ARCHS"]
 
@@ -43,81 +44,48 @@ def _shortcut(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
 
 
 class BasicBlock(nn.Module):
-    """Two quantized 3×3 stages, each ``RPReLU → LTQ → HardQuantizeConv → BN``; residual; RPReLU."""
+    """Two quantized 3×3 stages, each ``RPReLU → LTQ → HardQuantizeConv → BN``; residual; RPReLU.
+
+    Submodules (reference names): ``bias11, prelu1, bias12, quan1, conv1, bn1``,
+    ``bias21, prelu2, bias22, quan2, conv2, bn2``, ``downsample``, ``bias31, prelu3, bias32``.
+    """
 
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, n_bit: int = 2):
         super().__init__()
-        self.bias11 = LearnableBias(inplanes)
-        self.prelu1 = nn.PReLU(inplanes)
-        self.bias12 = LearnableBias(inplanes)
-        self.quan1 = LTQ(n_bit)
-        self.conv1 = HardQuantizeConv(inplanes, planes, n_bit, 3, stride, 1)
-        self.bn1 = nn.BatchNorm2d(planes)
-
-        self.bias21 = LearnableBias(planes)
-        self.prelu2 = nn.PReLU(planes)
-        self.bias22 = LearnableBias(planes)
-        self.quan2 = LTQ(n_bit)
-        self.conv2 = HardQuantizeConv(planes, planes, n_bit, 3, 1, 1)
-        self.bn2 = nn.BatchNorm2d(planes)
-
+        add_quant_stage(self, 1, inplanes, planes, n_bit, 3, stride)
+        add_quant_stage(self, 2, planes, planes, n_bit, 3)
         self.downsample = downsample
-
-        self.bias31 = LearnableBias(planes)
-        self.prelu3 = nn.PReLU(planes)
-        self.bias32 = LearnableBias(planes)
+        add_rprelu(self, 3, planes)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Each stage is bn(conv(quan(bias2(prelu(bias1(x)))))), fused by n2uq.kernels.fused.
-        out = self.bn1(quant_stage(x, self.bias11, self.prelu1, self.bias12, self.quan1, self.conv1))
-        out = self.bn2(quant_stage(out, self.bias21, self.prelu2, self.bias22, self.quan2, self.conv2))
-        return rprelu(out, self.bias31, self.prelu3, self.bias32, residual=_shortcut(self.downsample, x))
+        out = run_quant_stage(self, 2, run_quant_stage(self, 1, x))
+        return run_rprelu(self, 3, out, residual=_shortcut(self.downsample, x))
 
 
 class Bottleneck(nn.Module):
-    """Quantized 1×1 → 3×3 (stride) → 1×1 (×4) stages, each behind RPReLU and LTQ; residual; RPReLU."""
+    """Quantized 1×1 → 3×3 (stride) → 1×1 (×4) stages, each behind RPReLU and LTQ; residual; RPReLU.
+
+    Submodules: stages 1-3 (``bias{i}1, prelu{i}, bias{i}2, quan{i}, conv{i}, bn{i}``),
+    ``downsample``, then the output RPReLU ``bias01, prelu0, bias02``.
+    """
 
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, n_bit: int = 2):
         super().__init__()
-        outplanes = planes * self.expansion
-        self.bias11 = LearnableBias(inplanes)
-        self.prelu1 = nn.PReLU(inplanes)
-        self.bias12 = LearnableBias(inplanes)
-        self.quan1 = LTQ(n_bit)
-        self.conv1 = HardQuantizeConv(inplanes, planes, n_bit, 1, 1, 0)
-        self.bn1 = nn.BatchNorm2d(planes)
-
-        self.bias21 = LearnableBias(planes)
-        self.prelu2 = nn.PReLU(planes)
-        self.bias22 = LearnableBias(planes)
-        self.quan2 = LTQ(n_bit)
-        self.conv2 = HardQuantizeConv(planes, planes, n_bit, 3, stride, 1)
-        self.bn2 = nn.BatchNorm2d(planes)
-
-        self.bias31 = LearnableBias(planes)
-        self.prelu3 = nn.PReLU(planes)
-        self.bias32 = LearnableBias(planes)
-        self.quan3 = LTQ(n_bit)
-        self.conv3 = HardQuantizeConv(planes, outplanes, n_bit, 1, 1, 0)
-        self.bn3 = nn.BatchNorm2d(outplanes)
-
+        add_quant_stage(self, 1, inplanes, planes, n_bit, 1)
+        add_quant_stage(self, 2, planes, planes, n_bit, 3, stride)
+        add_quant_stage(self, 3, planes, planes * self.expansion, n_bit, 1)
         self.downsample = downsample
-
-        self.bias01 = LearnableBias(outplanes)
-        self.prelu0 = nn.PReLU(outplanes)
-        self.bias02 = LearnableBias(outplanes)
+        add_rprelu(self, 0, planes * self.expansion)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.bn1(quant_stage(x, self.bias11, self.prelu1, self.bias12, self.quan1, self.conv1))
-        out = self.bn2(quant_stage(out, self.bias21, self.prelu2, self.bias22, self.quan2, self.conv2))
-        out = self.bn3(quant_stage(out, self.bias31, self.prelu3, self.bias32, self.quan3, self.conv3))
-        return rprelu(out, self.bias01, self.prelu0, self.bias02, residual=_shortcut(self.downsample, x))
+        out = run_quant_stage(self, 3, run_quant_stage(self, 2, run_quant_stage(self, 1, x)))
+        return run_rprelu(self, 0, out, residual=_shortcut(self.downsample, x))
 
 
 class ResNet(nn.Module):

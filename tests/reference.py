@@ -38,7 +38,23 @@ def reference_ltq(x: Tensor, start: Tensor, a: Tensor, scale1: Tensor, scale2: T
             threshold = threshold + (a_pos[i - 1] / 2 + a_pos[i] / 2)
         forward_value = torch.where(xs.detach() > threshold.detach(), level, forward_value)
 
-    # Backward surrogate g: piecewise linear over breakpoints d[k].
+    g = reference_ltq_surrogate(x, start, a, scale1, eps)
+
+    out = forward_value.detach() * scale2 + (g - g.detach()) * scale2.detach()
+    # ∂/∂scale2 must be L[m]: the first term carries it; the second carries ∂/∂(x, start, a, scale1).
+    return out
+
+
+def reference_ltq_surrogate(x: Tensor, start: Tensor, a: Tensor, scale1: Tensor, eps: float = 1e-3) -> Tensor:
+    """The G-STE surrogate ``g(scale1·x)`` of SPEC §1: piecewise linear over the breakpoints ``d[k]``.
+
+    ``g = 0`` for ``xs <= d[0]``; ``interval/a⁺[k-1]·(xs - d[k-1]) + (k-1)·interval`` on
+    ``(d[k-1], d[k]]``; the constant 2 above ``d[n]``. Differentiable in every argument.
+    """
+    n = a.numel()
+    interval = 2.0 / n
+    xs = x * scale1
+    a_pos = torch.where(a > eps, a, torch.full_like(a, eps))
     g = torch.zeros_like(xs)
     d_prev = start
     for k in range(1, n + 1):
@@ -46,11 +62,7 @@ def reference_ltq(x: Tensor, start: Tensor, a: Tensor, scale1: Tensor, scale2: T
         piece = interval / a_pos[k - 1] * (xs - d_prev) + (k - 1) * interval
         g = torch.where((xs > d_prev) & (xs <= d_next), piece, g)
         d_prev = d_next
-    g = torch.where(xs > d_prev, torch.full_like(xs, 2.0), g)
-
-    out = forward_value.detach() * scale2 + (g - g.detach()) * scale2.detach()
-    # ∂/∂scale2 must be L[m]: the first term carries it; the second carries ∂/∂(x, start, a, scale1).
-    return out
+    return torch.where(xs > d_prev, torch.full_like(xs, 2.0), g)
 
 
 def reference_ltq_levels(n: int) -> Tensor:

@@ -10,6 +10,7 @@ from n2uq.quant import ltq_breakpoints, ltq_forward_thresholds, ltq_level_table
 from tests.reference import (
     reference_ltq,
     reference_ltq_levels,
+    reference_ltq_surrogate,
     reference_pact,
     reference_quant_conv,
     reference_weight_quant,
@@ -109,22 +110,6 @@ def test_ltq_no_gradient_outside_breakpoints_and_below_eps(n_bit):
         assert ga[1] == 0 and ga[-1] == 0
 
 
-def _surrogate_g(x, start, a, scale1, eps=1e-3):
-    """G-STE surrogate g(scale1·x) of SPEC §1, computed independently of the fast op."""
-    n = a.numel()
-    interval = 2.0 / n
-    xs = x * scale1
-    a_pos = torch.where(a > eps, a, torch.full_like(a, eps))
-    out = torch.zeros_like(xs)
-    d_prev = start
-    for k in range(1, n + 1):
-        d_next = d_prev + a_pos[k - 1]
-        piece = interval / a_pos[k - 1] * (xs - d_prev) + (k - 1) * interval
-        out = torch.where((xs > d_prev) & (xs <= d_next), piece, out)
-        d_prev = d_next
-    return torch.where(xs > d_prev, torch.full_like(xs, 2.0), out)
-
-
 @pytest.mark.parametrize("n_bit", [1, 2, 3])
 def test_ltq_gradcheck_float64(n_bit):
     """``gradcheck`` of the closed-form backward against finite differences of ``scale2·g``.
@@ -151,7 +136,7 @@ def test_ltq_gradcheck_float64(n_bit):
 
     def fast_with_surrogate_value(x, start, a, s1):
         y = _LTQFunction.apply(x, start, a, s1, s2, q.eps, levels)
-        return y - y.detach() + (_surrogate_g(x, start, a, s1) * s2).detach()
+        return y - y.detach() + (reference_ltq_surrogate(x, start, a, s1) * s2).detach()
 
     assert torch.autograd.gradcheck(fast_with_surrogate_value, (x, start, a, s1), eps=1e-6, atol=1e-6)
 
