@@ -143,23 +143,30 @@ def _ltq_state_numpy(start: Tensor, a: Tensor, scale2: Tensor, eps: Tensor, leve
     real = _NUMPY_DTYPES[a.dtype]
     a_np = a.detach().numpy()
     eps_v = eps.detach().numpy()[0]
-    a_pos = np.where(a_np > eps_v, a_np, eps_v).astype(real)
+    start_v = start.detach().numpy()[0]
+    a_pos = np.where(a_np > eps_v, a_np, eps_v).astype(real, copy=False)
     half = a_pos / real(2)
-    thresholds = [start.detach().numpy()[0] + half[0]]
-    breakpoints = [start.detach().numpy()[0]]
-    for i in range(a_pos.size):
-        if i:
-            thresholds.append(thresholds[-1] + (half[i - 1] + half[i]))
-        breakpoints.append(breakpoints[-1] + a_pos[i])
-    a_pos_t = torch.from_numpy(a_pos)
-    levels_c = levels.to(dtype)
+    # np.cumsum adds one term at a time in the array's dtype: the order of _sequential_cumsum.
+    thresholds = np.empty(a_pos.size, real)
+    thresholds[0] = start_v + half[0]
+    thresholds[1:] = half[:-1] + half[1:]
+    np.cumsum(thresholds, out=thresholds)
+    breakpoints = np.empty(a_pos.size + 1, real)
+    breakpoints[0] = start_v
+    breakpoints[1:] = a_pos
+    np.cumsum(breakpoints, out=breakpoints)
+    slope = (real(1) / a_pos) * real(2.0 / a_pos.size)  # `(2 / n) / a_pos`: torch's reciprocal, then multiply
+    np_dtype = _NUMPY_DTYPES.get(dtype)
+    levels_c = levels if levels.dtype == dtype else levels.to(dtype)
+    as_compute = (lambda v: torch.from_numpy(v.astype(np_dtype, copy=False))) if np_dtype else (
+        lambda v: torch.from_numpy(v).to(dtype))
     return LTQState(
-        a_pos=a_pos_t,
-        thresholds=torch.from_numpy(np.array(thresholds, dtype=real)).to(dtype),
-        breakpoints=torch.from_numpy(np.array(breakpoints, dtype=real)).to(dtype),
+        a_pos=torch.from_numpy(a_pos),
+        thresholds=as_compute(thresholds),
+        breakpoints=as_compute(breakpoints),
         levels=levels_c,
         table=levels_c * scale2.detach().to(dtype),
-        slope=((2.0 / a.numel()) / a_pos_t).to(dtype),
+        slope=as_compute(slope),
     )
 
 
@@ -189,15 +196,19 @@ def ltq_param_grads(sums: Tensor, state: LTQState, a: Tensor, eps: Tensor, scale
 
 def _param_grads_numpy(sums: np.ndarray, state: LTQState, a: Tensor, eps: Tensor, scale2: Tensor):
     n = a.numel()
-    coef = float(scale2) * state.slope.double().numpy()
+    coef = float(scale2.detach()) * state.slope.numpy().astype(np.float64)
     W = coef * sums[:n]
     R = coef * sums[n : 2 * n]
-    later = np.concatenate([np.cumsum(W[::-1])[::-1][1:], [0.0]])
-    grad_a_pos = -R / state.a_pos.double().numpy() - later
-    mask = (a > eps).detach().numpy()
-    as_param = lambda v: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).to(a.dtype).reshape(-1)
-    return (as_param([-W.sum()]), as_param(np.where(mask, grad_a_pos, 0.0)), as_param([sums[2 * n]]),
-            as_param([sums[2 * n + 1]]))
+    later = np.zeros(n)
+    np.cumsum(W[:0:-1], out=later[-2::-1])  # later[j] = sum of W[k] for k > j
+    grad_a_pos = -R / state.a_pos.numpy().astype(np.float64) - later
+    mask = a.detach().numpy() > eps.detach().numpy()
+    out = np.empty(n + 3)
+    out[0] = -W.sum()
+    out[1 : n + 1] = np.where(mask, grad_a_pos, 0.0)
+    out[n + 1 :] = sums[2 * n : 2 * n + 2]
+    grads = torch.from_numpy(out).to(a.dtype).split([1, n, 1, 1])
+    return tuple(g.clone() for g in grads)
 
 
 class _LTQFunction(torch.autograd.Function):

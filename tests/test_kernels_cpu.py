@@ -105,3 +105,29 @@ def test_numpy_state_equals_sequential_torch_accumulation(n_bit, dtype):
     assert torch.equal(state.thresholds, ltq_forward_thresholds(q.start.detach(), a_pos))
     assert torch.equal(state.breakpoints, ltq_breakpoints(q.start.detach(), a_pos))
     assert torch.equal(state.a_pos, a_pos)
+
+
+@needs_kernels
+def test_thresholds_outside_their_intervals_take_the_generic_kernel():
+    """With |start| ~ 1e5, float rounding can move a threshold out of its interval; the vector
+    kernel assumes it does not (the code of an element in interval k is k-1 or k), so such
+    parameters go to the generic kernel, which must still equal the plain PyTorch path."""
+    for seed in range(100):
+        q = LTQ(4)
+        with torch.no_grad():
+            q.start.fill_(1e5)
+            q.a.copy_(torch.rand(15, generator=torch.Generator().manual_seed(seed)) * 0.2 + 0.01)
+        state = ltq_state(q.start, q.a, q.scale2, q.eps, q.levels, torch.float32)
+        t, d = state.thresholds, state.breakpoints
+        if not bool(((d[:-1] <= t) & (t <= d[1:])).all()):
+            break
+    else:
+        pytest.fail("no parameters with a threshold outside its interval found")
+    x = 1e5 + torch.rand(2, 3, 40, 40) * 3.0
+    upstream = torch.randn(x.shape)
+    y, grads = _fwd_bwd(q, x, upstream)
+    with use_backend("torch"):
+        y_ref, grads_ref = _fwd_bwd(q, x, upstream)
+    assert torch.equal(y, y_ref) and torch.equal(grads[0], grads_ref[0])
+    for g, g_ref in zip(grads[1:], grads_ref[1:]):
+        assert (g - g_ref).abs().max() <= 2e-4 * g_ref.abs().max().clamp_min(1e-12)
