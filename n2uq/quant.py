@@ -16,7 +16,7 @@ so those checkpoints load strictly.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ __all__ = [
     "ltq_breakpoints",
     "ltq_level_table",
     "ltq_codes",
+    "ltq_lookup",
+    "memory_order",
     "LTQState",
     "ltq_state",
     "ltq_param_grads",
@@ -88,13 +90,54 @@ def ltq_level_table(n_levels: int, dtype: torch.dtype = torch.float32) -> Tensor
     return torch.cat(levels)
 
 
+def memory_order(t: Tensor) -> Optional[tuple[list[int], list[int]]]:
+    """``(perm, inverse)`` such that ``t.permute(perm)`` is a contiguous view of ``t``.
+
+    ``None`` when ``t`` is contiguous already or not dense in any dimension order (e.g. a strided
+    slice). For a channels_last tensor ``perm`` is ``[0, 2, 3, 1]``: elementwise work done on the
+    permuted view and permuted back by ``inverse`` keeps the input's layout without a copy.
+    """
+    if t.is_contiguous():
+        return None
+    perm = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    if not t.permute(perm).is_contiguous():
+        return None
+    inverse = [0] * t.dim()
+    for i, d in enumerate(perm):
+        inverse[d] = i
+    return perm, inverse
+
+
+def _bucketize(xs: Tensor, boundaries: Tensor) -> Tensor:
+    """``torch.bucketize(xs, boundaries, right=False)`` in the memory layout of ``xs``.
+
+    bucketize wants a contiguous input (else it copies and warns); a channels_last (or any dense
+    permuted) ``xs`` is searched through its contiguous permuted view instead, and the codes come
+    back with the strides of ``xs``. Only a non-dense ``xs`` is copied.
+    """
+    order = memory_order(xs)
+    if order is None:
+        return torch.bucketize(xs.contiguous(), boundaries, right=False)
+    perm, inverse = order
+    return torch.bucketize(xs.permute(perm), boundaries, right=False).permute(inverse)
+
+
+def ltq_lookup(table: Tensor, codes: Tensor) -> Tensor:
+    """``table[codes]`` with the memory layout of ``codes`` (plain indexing returns contiguous)."""
+    order = memory_order(codes)
+    if order is None:
+        return table[codes]
+    perm, inverse = order
+    return table[codes.permute(perm)].permute(inverse)
+
+
 def ltq_codes(xs: Tensor, thresholds: Tensor) -> Tensor:
-    """Integer code ``m = #{i : xs > t[i]}`` (strict), in ``0..n`` (SPEC §1).
+    """Integer code ``m = #{i : xs > t[i]}`` (strict), in ``0..n`` (SPEC §1), in the layout of ``xs``.
 
     ``torch.bucketize(..., right=False)`` returns the number of boundaries strictly below each
     value, which is ``m`` because the thresholds are non-decreasing.
     """
-    return torch.bucketize(xs, thresholds.to(xs.dtype), right=False)
+    return _bucketize(xs, thresholds.to(xs.dtype))
 
 
 class LTQState(NamedTuple):
@@ -231,7 +274,7 @@ class _LTQFunction(torch.autograd.Function):
             return ops.ltq_forward(x, None, scale1, state.thresholds, state.table, False)[0]
         # xs = x * scale1 (paper Eq. 5: the learnable input scale α); y = L[m] * scale2.
         codes = ltq_codes(x * scale1, state.thresholds)
-        return state.table[codes]
+        return ltq_lookup(state.table, codes)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
@@ -246,13 +289,21 @@ class _LTQFunction(torch.autograd.Function):
 
 
 def _ltq_backward_torch(ctx, grad_out, x, a, scale1, scale2, eps, state: LTQState):
-    """G-STE backward in plain PyTorch (the reference fast form; used where no kernel applies)."""
+    """G-STE backward in plain PyTorch (the reference fast form; used where no kernel applies).
+
+    Works on the contiguous permuted view of a channels_last (or otherwise densely permuted) ``x``,
+    so that bucketize and the flattened sums need no copy, and returns ``grad_x`` in ``x``'s layout.
+    """
+    order = memory_order(x)
+    if order is not None:
+        x = x.permute(order[0])
+        grad_out = grad_out.permute(order[0])
     n = a.numel()
     xs = x * scale1
     a_pos, breakpoints, slope = state.a_pos, state.breakpoints, state.slope
 
     # Interval index k: 0 below d[0], k in 1..n for d[k-1] < xs <= d[k], n+1 above d[n].
-    segment = torch.bucketize(xs, breakpoints, right=False)
+    segment = _bucketize(xs, breakpoints)
     inside = (segment >= 1) & (segment <= n)
     seg0 = (segment - 1).clamp_(0, n - 1)
 
@@ -262,6 +313,8 @@ def _ltq_backward_torch(ctx, grad_out, x, a, scale1, scale2, eps, state: LTQStat
     grad_xs = torch.where(inside, grad_g * slope[seg0], grad_g.new_zeros(()))
 
     grad_x = grad_xs * scale1 if ctx.needs_input_grad[0] else None
+    if grad_x is not None and order is not None:
+        grad_x = grad_x.permute(order[1])
     grad_scale1 = (grad_xs * x).sum().reshape(1) if ctx.needs_input_grad[3] else None
 
     grad_start = grad_a = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -131,3 +133,46 @@ def test_thresholds_outside_their_intervals_take_the_generic_kernel():
     assert torch.equal(y, y_ref) and torch.equal(grads[0], grads_ref[0])
     for g, g_ref in zip(grads[1:], grads_ref[1:]):
         assert (g - g_ref).abs().max() <= 2e-4 * g_ref.abs().max().clamp_min(1e-12)
+
+
+@pytest.fixture
+def contiguous_bucketize(monkeypatch):
+    """torch.bucketize that fails on a non-contiguous input (which it would copy, warning once)."""
+    real_bucketize = torch.bucketize
+
+    def checked(values, boundaries, **kwargs):
+        assert values.is_contiguous(), "bucketize got a non-contiguous input (it would copy it)"
+        return real_bucketize(values, boundaries, **kwargs)
+
+    monkeypatch.setattr(torch, "bucketize", checked)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_channels_last_keeps_layout_without_bucketize_copies(backend, contiguous_bucketize):
+    """The plain PyTorch path searches the contiguous permuted view of a channels_last input (no
+    copy inside torch.bucketize), and every path returns the input's layout."""
+    q = _ltq(3, 5)
+    x = torch.randn(2, 8, 5, 7) * 1.2
+    upstream = torch.randn(x.shape)
+    with use_backend("torch"):
+        y_ref, grads_ref = _fwd_bwd(q, x, upstream)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with use_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y, grads = _fwd_bwd(q, x_cl, upstream)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, y_ref) and torch.equal(grads[0], grads_ref[0])
+    for g, g_ref in zip(grads[1:], grads_ref[1:]):
+        assert (g - g_ref).abs().max() <= 1e-5 * g_ref.abs().max().clamp_min(1e-12)
+
+
+def test_channels_last_model_step_on_the_torch_path_is_warning_free(contiguous_bucketize):
+    from resnet.resnet import resnet18
+
+    model = resnet18(2, 0, num_classes=10).to(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with use_backend("torch"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(images).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

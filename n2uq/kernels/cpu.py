@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from n2uq.quant import memory_order
+
 __all__ = ["library", "available", "supports", "ltq_forward", "ltq_backward", "rprelu_forward",
            "rprelu_backward", "decode", "weight_ste", "FLAGS"]
 
@@ -146,12 +148,28 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _dense(x: Tensor, chain) -> Tensor:
+    """``x`` as the kernels read it: a plain LTQ is elementwise, so any dense layout (channels_last
+    included) is used in place; the RPReLU chain indexes channels by NCHW planes, so a tensor in
+    another layout is copied to NCHW first (channels_last on CPU is not a fast path)."""
+    if chain is None and (x.is_contiguous() or memory_order(x) is not None):
+        return x
+    return x.contiguous()
+
+
+def _like(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` with the strides of the dense tensor ``x`` (the kernels walk both in one order)."""
+    return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
+
+
 def ltq_forward(x: Tensor, chain, scale1: Tensor, thresholds: Tensor, table: Tensor,
                 want_codes: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """``y = table[m]`` with ``m`` the LTQ code of ``scale1·chain(x)``; also the uint8 codes if asked."""
-    x = x.contiguous()
+    """``y = table[m]`` with ``m`` the LTQ code of ``scale1·chain(x)``; also the uint8 codes if asked.
+
+    Outputs have the layout of the (dense) input."""
+    x = _dense(x, chain)
     y = torch.empty_like(x)
-    codes = torch.empty(x.shape, dtype=torch.uint8) if want_codes else None
+    codes = torch.empty_like(x, dtype=torch.uint8) if want_codes else None
     planes, hw, channels = _planes(x, chain is not None)
     b1, w, b2 = chain if chain is not None else (None, None, None)
     _fn("ltq_forward", x.dtype)(x.data_ptr(), y.data_ptr(), _ptr(codes), planes, hw, channels, _ptr(b1), _ptr(w),
@@ -166,7 +184,8 @@ def ltq_backward(x: Tensor, grad: Tensor, chain, scale1: Tensor, scale2: Tensor,
 
     See ``ltq_backward`` in ``cpu_kernels.c`` for their meaning.
     """
-    x, grad = x.contiguous(), grad.contiguous()
+    x = _dense(x, chain)
+    grad = _like(grad, x)
     gx = torch.empty_like(x)
     planes, hw, channels = _planes(x, chain is not None)
     n = thresholds.numel()

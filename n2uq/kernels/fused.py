@@ -29,7 +29,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from n2uq.kernels import ops_for
-from n2uq.quant import LTQ, HardQuantizeConv, LearnableBias, _LTQFunction, ltq_codes, ltq_param_grads, ltq_state
+from n2uq.quant import (
+    LTQ,
+    HardQuantizeConv,
+    LearnableBias,
+    _LTQFunction,
+    ltq_codes,
+    ltq_lookup,
+    ltq_param_grads,
+    ltq_state,
+)
 
 __all__ = ["quant_stage", "rprelu", "stage_output"]
 
@@ -88,7 +97,7 @@ class _LTQStage(torch.autograd.Function):
         else:
             xs = _chain_torch(x, b1, w, b2) * scale1
             codes = ltq_codes(xs, state.thresholds)
-            y = state.table[codes]
+            y = ltq_lookup(state.table, codes)
             codes = codes.to(torch.uint8) if want_codes else None
         ctx.save_for_backward(x, b1, w, b2, start, a, scale1, scale2, eps, levels)
         ctx.state, ctx.ops, ctx.chain = state, ops, chain
