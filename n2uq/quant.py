@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from n2uq.kernels import ops_for
+from n2uq.kernels import get_backend
 
 __all__ = [
     "LTQ",
@@ -39,6 +39,8 @@ __all__ = [
     "LTQState",
     "ltq_state",
     "ltq_param_grads",
+    "ltq_grads_torch",
+    "quantized_weight_value",
 ]
 
 
@@ -250,50 +252,34 @@ def _param_grads_numpy(sums: np.ndarray, state: LTQState, a: Tensor, eps: Tensor
     out[0] = -W.sum()
     out[1 : n + 1] = np.where(mask, grad_a_pos, 0.0)
     out[n + 1 :] = sums[2 * n : 2 * n + 2]
-    grads = torch.from_numpy(out).to(a.dtype).split([1, n, 1, 1])
-    return tuple(g.clone() for g in grads)
+    return tuple(torch.from_numpy(out).to(a.dtype).split([1, n, 1, 1]))  # views of one tensor
 
 
-class _LTQFunction(torch.autograd.Function):
-    """LTQ forward (uniform levels) and G-STE backward (SPEC §1), in closed form.
-
-    Saves only the input ``x`` (and the parameters). The backward pass recomputes which interval
-    of the surrogate each element falls in and reduces the per-interval sums that the threshold
-    gradients need, instead of keeping 2n full-size tensors alive. On CPU and CUDA a fused kernel
-    (:mod:`n2uq.kernels`) does each pass in one sweep; the PyTorch code below is the fallback.
-    """
+class _LTQFunction:
+    """``_LTQFunction.apply(x, start, a, scale1, scale2, eps, levels)``: LTQ forward (uniform levels)
+    with its closed-form G-STE backward (SPEC §1) — the operator ``n2uq::ltq_stage`` without the
+    RPReLU chain (:mod:`n2uq.kernels.ops`), which saves only ``x`` and the parameters."""
 
     @staticmethod
-    def forward(ctx, x, start, a, scale1, scale2, eps, levels):  # type: ignore[override]
-        dtype = torch.result_type(x, scale1)
-        state = ltq_state(start, a, scale2, eps, levels, dtype)
-        ops = ops_for(x, dtype)
-        ctx.save_for_backward(x, start, a, scale1, scale2, eps, levels)
-        ctx.state, ctx.ops = state, ops
-        if ops is not None:
-            return ops.ltq_forward(x, None, scale1, state.thresholds, state.table, False)[0]
-        # xs = x * scale1 (paper Eq. 5: the learnable input scale α); y = L[m] * scale2.
-        codes = ltq_codes(x * scale1, state.thresholds)
-        return ltq_lookup(state.table, codes)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        x, start, a, scale1, scale2, eps, levels = ctx.saved_tensors
-        state, ops = ctx.state, ctx.ops
-        if ops is not None:
-            gx, sums = ops.ltq_backward(x, grad_out, None, scale1, scale2, state.thresholds,
-                                        state.levels, state.breakpoints, state.slope)
-            grad_start, grad_a, grad_scale1, grad_scale2 = ltq_param_grads(sums, state, a, eps, scale2)
-            return gx, grad_start, grad_a, grad_scale1, grad_scale2, None, None
-        return _ltq_backward_torch(ctx, grad_out, x, a, scale1, scale2, eps, state)
+    def apply(x: Tensor, start: Tensor, a: Tensor, scale1: Tensor, scale2: Tensor, eps: Tensor,
+              levels: Tensor) -> Tensor:
+        return ltq_stage(x, None, None, None, start, a, scale1, scale2, eps, levels)[0]
 
 
-def _ltq_backward_torch(ctx, grad_out, x, a, scale1, scale2, eps, state: LTQState):
-    """G-STE backward in plain PyTorch (the reference fast form; used where no kernel applies).
+def ltq_grads_torch(grad_out: Tensor, x: Tensor, a: Tensor, scale1: Tensor, scale2: Tensor, eps: Tensor,
+                    state: LTQState) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """G-STE backward of LTQ (SPEC §1) in plain PyTorch: gradients of ``x, start, a, scale1, scale2``.
 
-    Works on the contiguous permuted view of a channels_last (or otherwise densely permuted) ``x``,
-    so that bucketize and the flattened sums need no copy, and returns ``grad_x`` in ``x``'s layout.
+    Closed form instead of the reference's per-threshold graph; used where no kernel applies. The
+    input ``x`` is saved alone: which interval each element falls in is recomputed here. Works on
+    the contiguous permuted view of a channels_last (or otherwise densely permuted) ``x``, so that
+    bucketize and the flattened sums need no copy, and returns ``grad_x`` in ``x``'s layout.
     """
+    with torch.no_grad():
+        return _ltq_grads_torch(grad_out, x, a.detach(), scale1.detach(), scale2.detach(), eps, state)
+
+
+def _ltq_grads_torch(grad_out, x, a, scale1, scale2, eps, state: LTQState):
     order = memory_order(x)
     if order is not None:
         x = x.permute(order[0])
@@ -312,34 +298,29 @@ def _ltq_backward_torch(ctx, grad_out, x, a, scale1, scale2, eps, state: LTQStat
     grad_g = grad_out * scale2  # y = scale2 * g(xs) for the gradient
     grad_xs = torch.where(inside, grad_g * slope[seg0], grad_g.new_zeros(()))
 
-    grad_x = grad_xs * scale1 if ctx.needs_input_grad[0] else None
-    if grad_x is not None and order is not None:
+    grad_x = grad_xs * scale1
+    if order is not None:
         grad_x = grad_x.permute(order[1])
-    grad_scale1 = (grad_xs * x).sum().reshape(1) if ctx.needs_input_grad[3] else None
+    grad_scale1 = (grad_xs * x).sum().reshape(1)
 
-    grad_start = grad_a = None
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        # Per-interval sums W_k = Σ grad_xs and R_k = Σ grad_xs * (xs - d[k-1]).
-        flat_seg = segment.reshape(-1)
-        offset = (xs - breakpoints[seg0]).reshape(-1)
-        flat_grad = grad_xs.reshape(-1)
-        sum_w = flat_grad.new_zeros(n + 2).index_add_(0, flat_seg, flat_grad)[1 : n + 1]
-        sum_r = flat_grad.new_zeros(n + 2).index_add_(0, flat_seg, flat_grad * offset)[1 : n + 1]
-        # ∂g/∂start = -slope on every inner interval.
-        grad_start = -sum_w.sum().reshape(1)
-        # ∂g/∂a⁺[j]: -slope·(xs-d[j])/a⁺[j] on interval j+1; -slope on every later interval.
-        later = sum_w.flip(0).cumsum(0).flip(0)  # later[j] = Σ_{k >= j} sum_w[k]
-        later = torch.cat([later[1:], later.new_zeros(1)])
-        grad_a_pos = -sum_r / a_pos - later
-        grad_a = torch.where(a > eps, grad_a_pos, torch.zeros_like(grad_a_pos))
+    # Per-interval sums W_k = Σ grad_xs and R_k = Σ grad_xs * (xs - d[k-1]).
+    flat_seg = segment.reshape(-1)
+    offset = (xs - breakpoints[seg0]).reshape(-1)
+    flat_grad = grad_xs.reshape(-1)
+    sum_w = flat_grad.new_zeros(n + 2).index_add_(0, flat_seg, flat_grad)[1 : n + 1]
+    sum_r = flat_grad.new_zeros(n + 2).index_add_(0, flat_seg, flat_grad * offset)[1 : n + 1]
+    # ∂g/∂start = -slope on every inner interval.
+    grad_start = -sum_w.sum().reshape(1)
+    # ∂g/∂a⁺[j]: -slope·(xs-d[j])/a⁺[j] on interval j+1; -slope on every later interval.
+    later = sum_w.flip(0).cumsum(0).flip(0)  # later[j] = Σ_{k >= j} sum_w[k]
+    later = torch.cat([later[1:], later.new_zeros(1)])
+    grad_a_pos = -sum_r / a_pos - later
+    grad_a = torch.where(a > eps, grad_a_pos, torch.zeros_like(grad_a_pos))
 
-    grad_scale2 = None
-    if ctx.needs_input_grad[4]:
-        # ∂y/∂scale2 = L[m], the forward level.
-        codes = ltq_codes(xs, state.thresholds)
-        grad_scale2 = (grad_out * state.levels[codes]).sum().reshape(1)
-
-    return grad_x, grad_start, grad_a, grad_scale1, grad_scale2, None, None
+    # ∂y/∂scale2 = L[m], the forward level.
+    codes = ltq_codes(xs, state.thresholds)
+    grad_scale2 = (grad_out * state.levels[codes]).sum().reshape(1)
+    return grad_x, grad_start, grad_a, grad_scale1, grad_scale2
 
 
 class LTQ(nn.Module):
@@ -415,19 +396,14 @@ def weight_scale(weight: Tensor, n_bit: int) -> Tensor:
     return gamma * mean
 
 
-class _WeightSTE(torch.autograd.Function):
-    """``(Wq - Ws).detach() + Ws`` with ``Ws = W / s`` in one kernel pass (same values as the
-    expression in :meth:`HardQuantizeConv._quantize`); backward ``grad / s``, as autograd of ``W / s``."""
-
-    @staticmethod
-    def forward(ctx, weight, s, half, steps, ops):  # type: ignore[override]
-        ctx.save_for_backward(s)
-        return ops.weight_ste(weight.detach(), s, half, steps)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        (s,) = ctx.saved_tensors
-        return grad / s, None, None, None, None
+def quantized_weight_value(weight: Tensor, s: Tensor, half: Tensor, steps: Tensor) -> Tensor:
+    """The value of ``(Wq - Ws) + Ws`` of :meth:`HardQuantizeConv._quantize`, without autograd."""
+    with torch.no_grad():
+        w_scaled = weight / s
+        w_clip = torch.where(w_scaled < half, w_scaled, half)
+        w_clip = torch.where(w_clip > -half, w_clip, -half)
+        w_quant = s * (torch.round((w_clip + half) * steps) / steps - half)
+        return (w_quant - w_scaled) + w_scaled
 
 
 class HardQuantizeConv(nn.Module):
@@ -478,11 +454,11 @@ class HardQuantizeConv(nn.Module):
 
     def quantized_weight(self) -> Tensor:
         """The conv weight actually used in forward: value Wq, gradient ``1/s`` (SPEC §2)."""
-        ops = ops_for(self.weight, torch.float32)
-        if ops is not None and hasattr(ops, "weight_ste") and self.clip_val.dtype == torch.float32:
+        if get_backend() != "torch" and self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
+            # One C pass on CPU (n2uq::weight_ste: the same value, gradient 1/s).
             s = weight_scale(self.weight, self.num_bits)
             steps = (2**self.num_bits - 1) / self.clip_val
-            return _WeightSTE.apply(self.weight, s, self.clip_val / 2, steps, ops)
+            return weight_ste(self.weight, s, self.clip_val / 2, steps)
         w_scaled, w_quant, _ = self._quantize()
         return (w_quant.detach() - w_scaled.detach()) + w_scaled
 
@@ -562,3 +538,7 @@ class LearnableBias(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.bias.expand_as(x)
+
+
+# The operators (registered with torch.library) use the helpers above.
+from n2uq.kernels.ops import ltq_stage, weight_ste  # noqa: E402

@@ -212,7 +212,7 @@ def rprelu_forward(a: Tensor, residual: Optional[Tensor], chain) -> tuple[Tensor
 
 def rprelu_backward(grad: Tensor, z: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """Input gradient and float64 ``[grad b2 (C), grad w (C), grad b1 (C)]``."""
-    grad = grad.contiguous()
+    z, grad = z.contiguous(), grad.contiguous()
     gx = torch.empty_like(z)
     planes, hw, channels = _planes(z, True)
     sums = torch.empty(3 * channels, dtype=torch.float64)
@@ -222,9 +222,9 @@ def rprelu_backward(grad: Tensor, z: Tensor, weight: Tensor) -> tuple[Tensor, Te
 
 
 def decode(codes: Tensor, table: Tensor) -> Tensor:
-    """``table[codes]`` for uint8 codes (the exact LTQ output)."""
-    codes = codes.contiguous()
-    y = torch.empty(codes.shape, dtype=table.dtype)
+    """``table[codes]`` for uint8 codes (the exact LTQ output), in the layout of dense ``codes``."""
+    codes = _dense(codes, None)
+    y = torch.empty_like(codes, dtype=table.dtype)
     _fn("decode", table.dtype)(codes.data_ptr(), y.data_ptr(), codes.numel(), table.data_ptr(), _threads())
     return y
 
