@@ -18,9 +18,7 @@ Outputs have the memory layout of ``torch.empty_like(input)`` (what the fake imp
 promise), whatever path computed them.
 """
 
-from __future__ import annotations
-
-from typing import Optional
+from typing import Optional, Tuple  # real types, not strings: custom_op reads these annotations
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +158,7 @@ class _Stage(torch.autograd.Function):
 @torch.library.custom_op("n2uq::ltq_stage", mutates_args=())
 def _ltq_stage_op(x: Tensor, b1: Optional[Tensor], w: Optional[Tensor], b2: Optional[Tensor], start: Tensor,
                   a: Tensor, scale1: Tensor, scale2: Tensor, eps: Tensor, levels: Tensor,
-                  want_codes: bool) -> tuple[Tensor, Tensor, Tensor]:
+                  want_codes: bool) -> Tuple[Tensor, Tensor, Tensor]:
     setup = _stage_setup(x, b1, w, b2, start, a, scale1, scale2, eps, levels)
     y, codes, table = _stage_forward(x, b1, w, b2, scale1, setup, want_codes)
     return y, (x.new_empty(_EMPTY, dtype=torch.uint8) if codes is None else codes), table
@@ -177,7 +175,7 @@ def _(x, b1, w, b2, start, a, scale1, scale2, eps, levels, want_codes):
 def _ltq_stage_backward_op(grad: Tensor, x: Tensor, b1: Optional[Tensor], w: Optional[Tensor],
                            b2: Optional[Tensor], start: Tensor, a: Tensor, scale1: Tensor, scale2: Tensor,
                            eps: Tensor, levels: Tensor
-                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     setup = _stage_setup(x, b1, w, b2, start, a, scale1, scale2, eps, levels)
     grads = _stage_backward(grad, x, b1, w, b2, start, a, scale1, scale2, eps, setup)
     return tuple(x.new_empty(_EMPTY) if g is None else g for g in grads)
@@ -208,7 +206,7 @@ _ltq_stage_op.register_autograd(_stage_grad, setup_context=_stage_setup_context)
 
 def ltq_stage(x: Tensor, b1: Optional[Tensor], w: Optional[Tensor], b2: Optional[Tensor], start: Tensor,
               a: Tensor, scale1: Tensor, scale2: Tensor, eps: Tensor, levels: Tensor,
-              want_codes: bool = False) -> tuple[Tensor, Optional[Tensor], Tensor]:
+              want_codes: bool = False) -> Tuple[Tensor, Optional[Tensor], Tensor]:
     """``(LTQ(b2 + prelu(x + b1)), uint8 codes or None, level table)``; ``b1 = w = b2 = None``: plain LTQ."""
     if torch.compiler.is_compiling():
         y, codes, table = _ltq_stage_op(x, b1, w, b2, start, a, scale1, scale2, eps, levels, want_codes)
@@ -282,7 +280,7 @@ class _RPReLU(torch.autograd.Function):
 
 
 @torch.library.custom_op("n2uq::rprelu", mutates_args=())
-def _rprelu_op(x: Tensor, residual: Optional[Tensor], b1: Tensor, w: Tensor, b2: Tensor) -> tuple[Tensor, Tensor]:
+def _rprelu_op(x: Tensor, residual: Optional[Tensor], b1: Tensor, w: Tensor, b2: Tensor) -> Tuple[Tensor, Tensor]:
     return _rprelu_forward(x, residual, b1, w, b2)
 
 
@@ -293,7 +291,7 @@ def _(x, residual, b1, w, b2):
 
 
 @torch.library.custom_op("n2uq::rprelu_backward", mutates_args=())
-def _rprelu_backward_op(grad: Tensor, z: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+def _rprelu_backward_op(grad: Tensor, z: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
     return _rprelu_backward(grad, z, w)
 
 
