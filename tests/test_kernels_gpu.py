@@ -58,6 +58,39 @@ def test_bf16_autocast_forward_matches_modules():
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_input_gradients_match_modules(dtype):
+    """bf16/fp16 stage input (as under autocast, channels_last): the Triton kernels compute in float32
+    and round the input gradient once to the input dtype, as autograd of the modules does."""
+    stage = _randomise(Stage(8, 8, 3), 6).cuda()
+    x = (torch.randn(4, 8, 12, 12, device="cuda") * 1.5).to(dtype).to(memory_format=torch.channels_last)
+    upstream = torch.randn(4, 8, 12, 12, device="cuda").to(memory_format=torch.channels_last)
+    y, grads = _run(stage, x, stage, upstream)
+    y_ref, grads_ref = _run(stage.unfused, x, stage, upstream)
+    assert torch.equal(y, y_ref) and grads[0][1].dtype == dtype
+    assert torch.equal(grads[0][1], grads_ref[0][1])
+    _assert_grads_close(grads[1:], grads_ref[1:])
+
+
+@needs_cuda
+def test_large_batch_grid_and_int64_offsets():
+    """A batch above the 65535 limit of CUDA grid axes 1 and 2, and (given the memory) a tensor of
+    more than 2^31 elements: offsets past int32."""
+    stage = _randomise(Stage(4, 4, 2), 8).cuda()
+    x = torch.randn(70000, 4, 3, 3, device="cuda")
+    y, codes, _ = stage_output(x, stage.bias1, stage.prelu, stage.bias2, stage.quan, want_codes=True)
+    with use_backend("torch"):
+        y_ref, codes_ref, _ = stage_output(x, stage.bias1, stage.prelu, stage.bias2, stage.quan, want_codes=True)
+    assert torch.equal(y, y_ref) and torch.equal(codes, codes_ref)
+    if torch.cuda.get_device_properties(0).total_memory > 40 * 2**30:
+        q = stage.quan
+        big = torch.empty(2**31 // 8 * 9, device="cuda", dtype=torch.bfloat16).normal_()  # 2.4e9 elements
+        y_big = q(big)
+        assert torch.equal(y_big[-1000:], q(big[-1000:].clone())) and torch.equal(y_big[:1000], q(big[:1000].clone()))
+        del y_big, big
+
+
+@needs_cuda
 @pytest.mark.parametrize("train", [True, False])
 def test_whole_resnet_on_cuda_fused_equals_unfused(train):
     torch.backends.cudnn.deterministic = True
@@ -125,6 +158,16 @@ for n_bit in (1, 2, 3, 4):
             gx1, sums1 = cpu.ltq_backward(x, g, ch, *args)
             gx2, sums2 = T.ltq_backward(xt, g, ch, *args)
             assert torch.allclose(gx1, gx2, atol=1e-6) and torch.allclose(sums1, sums2, rtol=1e-5, atol=1e-5)
+            # bfloat16 input: promoted to float32 exactly as PyTorch does; the gradient is stored as
+            # bf16 (round to nearest on a GPU; the interpreter truncates, hence one bf16 ulp here).
+            xb = xt.bfloat16()
+            y3, c3 = T.ltq_forward(xb, ch, s1, st.thresholds, st.table, True)
+            y4, c4 = cpu.ltq_forward(xb.float().contiguous(), ch, s1, st.thresholds, st.table, True)
+            assert torch.equal(y3, y4) and torch.equal(c3, c4)
+            gx3, sums3 = T.ltq_backward(xb, g, ch, *args)
+            gx4, sums4 = cpu.ltq_backward(xb.float().contiguous(), g, ch, *args)
+            assert gx3.dtype == torch.bfloat16 and torch.allclose(gx3.float(), gx4, rtol=2**-7, atol=0)
+            assert torch.allclose(sums3, sums4, rtol=1e-5, atol=1e-5)
         y1, z1 = cpu.rprelu_forward(x, r, chain)
         y2, z2 = T.rprelu_forward(xt, rt, chain)
         assert torch.equal(y1, y2) and torch.equal(z1, z2)

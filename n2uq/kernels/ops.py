@@ -89,6 +89,8 @@ def _stage_setup(x, b1, w, b2, start, a, scale1, scale2, eps, levels):
     ops = None
     if (b1 is None or x.dim() >= 2) and all(p.dtype == dtype for p in chain_params):
         ops = ops_for(x, dtype)
+        if ops is not None and a.numel() > getattr(ops, "MAX_THRESHOLDS", a.numel()):
+            ops = None
     chain = None
     if ops is not None and b1 is not None:
         chain = tuple(_vector(p, x.shape[1], dtype) for p in (b1, w, b2))

@@ -6,6 +6,11 @@ Importable without Triton or a GPU (``supports`` is then always False). A tensor
 sums go to one row per program and are reduced by ``torch.sum`` in float64 over a fixed-shape
 buffer — deterministic, no atomics. Values are computed in float32 from float32, bfloat16 or
 float16 inputs, exactly as PyTorch promotes them (the parameters are float32).
+
+Grid: axis 0 runs over (image, position block) pairs and axis 2 over channel blocks, so the batch
+is not bound by CUDA's 65535 limit of axes 1 and 2; element offsets are computed in int64 (no
+overflow past 2^31 elements). LTQ with more than 15 thresholds (5 to 8 bits) is left to the plain
+PyTorch path: the backward unrolls one pair of reductions per interval.
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ try:  # pragma: no cover - depends on the machine
 except ImportError:  # pragma: no cover
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "supports", "ltq_forward", "ltq_backward", "rprelu_forward", "rprelu_backward",
-           "decode"]
+__all__ = ["HAS_TRITON", "MAX_THRESHOLDS", "supports", "ltq_forward", "ltq_backward", "rprelu_forward",
+           "rprelu_backward", "decode"]
+
+#: Thresholds (2^b - 1) of the largest LTQ these kernels take; larger ones use plain PyTorch.
+MAX_THRESHOLDS = 15
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -59,15 +67,19 @@ def _geometry(x: Tensor, per_channel: bool):
 if HAS_TRITON:
 
     @triton.jit
-    def _tile(pid_n, pid_s, pid_c, C, S, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
+    def _tile(pid, n_sblocks, pid_c, C, S, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
               BLOCK_S: tl.constexpr):
+        """Channels, int64 element offsets and mask of program (pid = image * n_sblocks + block, pid_c)."""
+        pid_n = (pid // n_sblocks).to(tl.int64)
+        pid_s = (pid % n_sblocks).to(tl.int64)
         c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
         mask = (c[:, None] < C) & (s[None, :] < S)
+        c64 = c.to(tl.int64)
         if CHANNELS_LAST:
-            offs = pid_n * S * C + s[None, :] * C + c[:, None]
+            offs = pid_n * S * C + s[None, :] * C + c64[:, None]
         else:
-            offs = pid_n * C * S + c[:, None] * S + s[None, :]
+            offs = pid_n * C * S + c64[:, None] * S + s[None, :]
         return c, offs, mask
 
     @triton.jit
@@ -86,10 +98,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _ltq_fwd_kernel(x_ptr, y_ptr, codes_ptr, b1_ptr, w_ptr, b2_ptr, s1_ptr, thr_ptr, table_ptr, C, S,
-                        N_THR: tl.constexpr, CHAIN: tl.constexpr, WRITE_CODES: tl.constexpr,
+                        n_sblocks, N_THR: tl.constexpr, CHAIN: tl.constexpr, WRITE_CODES: tl.constexpr,
                         CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        c, offs, mask = _tile(tl.program_id(1), tl.program_id(0), tl.program_id(2), C, S, CHANNELS_LAST,
-                              BLOCK_C, BLOCK_S)
+        c, offs, mask = _tile(tl.program_id(0), n_sblocks, tl.program_id(2), C, S, CHANNELS_LAST, BLOCK_C,
+                              BLOCK_S)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         _, z2 = _chain(x, c, c < C, b1_ptr, w_ptr, b2_ptr, CHAIN)
         xs = z2 * tl.load(s1_ptr)
@@ -108,8 +120,8 @@ if HAS_TRITON:
                         slope_ptr, part_ptr, chpart_ptr, C, S, n_sblocks,
                         N_THR: tl.constexpr, CHAIN: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        pid_n, pid_s, pid_c = tl.program_id(1), tl.program_id(0), tl.program_id(2)
-        c, offs, mask = _tile(pid_n, pid_s, pid_c, C, S, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+        pid, pid_c = tl.program_id(0), tl.program_id(2)
+        c, offs, mask = _tile(pid, n_sblocks, pid_c, C, S, CHANNELS_LAST, BLOCK_C, BLOCK_S)
         cmask = c < C
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -129,7 +141,7 @@ if HAS_TRITON:
         inside = (k >= 1) & ~(xs > tl.load(d_ptr + N_THR))
         gxs = tl.where(inside, (g * tl.load(s2_ptr)) * sl, 0.0)
         g2 = gxs * s1
-        row = (pid_n * n_sblocks + pid_s) * tl.num_programs(2) + pid_c
+        row = pid.to(tl.int64) * tl.num_programs(2) + pid_c
         base = part_ptr + row * (2 * N_THR + 2)
         go = g * (xs - dl)
         for j in tl.static_range(N_THR):
@@ -143,7 +155,7 @@ if HAS_TRITON:
             pos = z1 > 0
             g1 = tl.where(pos, g2, w * g2)
             tl.store(gx_ptr + offs, g1.to(gx_ptr.dtype.element_ty), mask=mask)
-            crow = chpart_ptr + (pid_n * n_sblocks + pid_s) * 3 * C
+            crow = chpart_ptr + pid.to(tl.int64) * 3 * C
             tl.store(crow + c, tl.sum(g2, axis=1), mask=cmask)
             tl.store(crow + C + c, tl.sum(tl.where(pos, 0.0, z1 * g2), axis=1), mask=cmask)
             tl.store(crow + 2 * C + c, tl.sum(g1, axis=1), mask=cmask)
@@ -151,10 +163,11 @@ if HAS_TRITON:
             tl.store(gx_ptr + offs, g2.to(gx_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rprelu_fwd_kernel(a_ptr, r_ptr, y_ptr, z_ptr, b1_ptr, w_ptr, b2_ptr, C, S, HAS_RES: tl.constexpr,
-                           CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        c, offs, mask = _tile(tl.program_id(1), tl.program_id(0), tl.program_id(2), C, S, CHANNELS_LAST,
-                              BLOCK_C, BLOCK_S)
+    def _rprelu_fwd_kernel(a_ptr, r_ptr, y_ptr, z_ptr, b1_ptr, w_ptr, b2_ptr, C, S, n_sblocks,
+                           HAS_RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
+                           BLOCK_S: tl.constexpr):
+        c, offs, mask = _tile(tl.program_id(0), n_sblocks, tl.program_id(2), C, S, CHANNELS_LAST, BLOCK_C,
+                              BLOCK_S)
         cmask = c < C
         v = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
@@ -168,8 +181,8 @@ if HAS_TRITON:
     @triton.jit
     def _rprelu_bwd_kernel(g_ptr, z_ptr, gx_ptr, w_ptr, chpart_ptr, C, S, n_sblocks,
                            CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        pid_s, pid_n = tl.program_id(0), tl.program_id(1)
-        c, offs, mask = _tile(pid_n, pid_s, tl.program_id(2), C, S, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+        pid = tl.program_id(0)
+        c, offs, mask = _tile(pid, n_sblocks, tl.program_id(2), C, S, CHANNELS_LAST, BLOCK_C, BLOCK_S)
         cmask = c < C
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(z_ptr + offs, mask=mask, other=0.0)
@@ -177,14 +190,14 @@ if HAS_TRITON:
         pos = v > 0
         g1 = tl.where(pos, g, w * g)
         tl.store(gx_ptr + offs, g1, mask=mask)
-        crow = chpart_ptr + (pid_n * n_sblocks + pid_s) * 3 * C
+        crow = chpart_ptr + pid.to(tl.int64) * 3 * C
         tl.store(crow + c, tl.sum(g, axis=1), mask=cmask)
         tl.store(crow + C + c, tl.sum(tl.where(pos, 0.0, v * g), axis=1), mask=cmask)
         tl.store(crow + 2 * C + c, tl.sum(g1, axis=1), mask=cmask)
 
     @triton.jit
     def _decode_kernel(codes_ptr, y_ptr, table_ptr, numel, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         codes = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
         tl.store(y_ptr + offs, tl.load(table_ptr + codes, mask=mask, other=0.0), mask=mask)
@@ -196,8 +209,10 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
 
 
 def _grid(n: int, c: int, s: int, block_c: int, block_s: int):
-    """(position blocks, images, channel blocks): the long axis first (CUDA allows 2^31-1 there)."""
-    return (triton.cdiv(s, block_s), n, triton.cdiv(c, block_c))
+    """(images × position blocks, 1, channel blocks): the long axis first (CUDA allows 2^31-1 there,
+    65535 on the others), and the number of position blocks per image."""
+    n_sblocks = triton.cdiv(s, block_s)
+    return (n * n_sblocks, 1, triton.cdiv(c, block_c)), n_sblocks
 
 
 def _scalar(t: Tensor) -> Tensor:
@@ -210,8 +225,9 @@ def ltq_forward(x: Tensor, chain, scale1: Tensor, thresholds: Tensor, table: Ten
     y = torch.empty_like(x, dtype=torch.float32)
     codes = torch.empty_like(x, dtype=torch.uint8) if want_codes else None
     b1, w, b2 = chain if chain is not None else (y, y, y)  # unused pointers without the chain
-    _ltq_fwd_kernel[_grid(n, c, s, bc, bs)](
-        x, y, codes if codes is not None else y, b1, w, b2, _scalar(scale1), thresholds, table, c, s,
+    grid, n_sblocks = _grid(n, c, s, bc, bs)
+    _ltq_fwd_kernel[grid](
+        x, y, codes if codes is not None else y, b1, w, b2, _scalar(scale1), thresholds, table, c, s, n_sblocks,
         N_THR=thresholds.numel(), CHAIN=chain is not None, WRITE_CODES=want_codes, CHANNELS_LAST=cl,
         BLOCK_C=bc, BLOCK_S=bs)
     return y, codes
@@ -222,19 +238,18 @@ def ltq_backward(x: Tensor, grad: Tensor, chain, scale1: Tensor, scale2: Tensor,
     n, c, s, cl, bc, bs = _geometry(x, chain is not None)
     grad = _like(grad, x)
     gx = torch.empty_like(x)
-    grid = _grid(n, c, s, bc, bs)
+    grid, n_sblocks = _grid(n, c, s, bc, bs)
     n_thr = thresholds.numel()
-    part = torch.empty(grid[0] * grid[1] * grid[2], 2 * n_thr + 2, device=x.device, dtype=torch.float32)
-    chpart = torch.empty(grid[0] * grid[1], 3 * c if chain is not None else 1, device=x.device,
-                         dtype=torch.float32)
+    part = torch.empty(grid[0] * grid[2], 2 * n_thr + 2, device=x.device, dtype=torch.float32)
+    chpart = torch.empty(grid[0], 3 * c if chain is not None else 1, device=x.device, dtype=torch.float32)
     b1, w, b2 = chain if chain is not None else (part, part, part)
     _ltq_bwd_kernel[grid](
         x, grad, gx, b1, w, b2, _scalar(scale1), _scalar(scale2), thresholds, levels, breakpoints, slope,
-        part, chpart, c, s, grid[0], N_THR=n_thr, CHAIN=chain is not None, CHANNELS_LAST=cl, BLOCK_C=bc,
+        part, chpart, c, s, n_sblocks, N_THR=n_thr, CHAIN=chain is not None, CHANNELS_LAST=cl, BLOCK_C=bc,
         BLOCK_S=bs)
-    sums = part.double().sum(0)
+    sums = part.sum(0, dtype=torch.float64)  # fixed shape and order: deterministic, no atomics
     if chain is not None:
-        sums = torch.cat([sums, chpart.double().sum(0)])
+        sums = torch.cat([sums, chpart.sum(0, dtype=torch.float64)])
     return gx, sums
 
 
@@ -243,8 +258,9 @@ def rprelu_forward(a: Tensor, residual: Optional[Tensor], chain) -> tuple[Tensor
     y = torch.empty_like(a, dtype=torch.float32)
     z = torch.empty_like(a, dtype=torch.float32)
     b1, w, b2 = chain
-    _rprelu_fwd_kernel[_grid(n, c, s, bc, bs)](
-        a, residual if residual is not None else a, y, z, b1, w, b2, c, s, HAS_RES=residual is not None,
+    grid, n_sblocks = _grid(n, c, s, bc, bs)
+    _rprelu_fwd_kernel[grid](
+        a, residual if residual is not None else a, y, z, b1, w, b2, c, s, n_sblocks, HAS_RES=residual is not None,
         CHANNELS_LAST=cl, BLOCK_C=bc, BLOCK_S=bs)
     return y, z
 
@@ -253,11 +269,11 @@ def rprelu_backward(grad: Tensor, z: Tensor, weight: Tensor) -> tuple[Tensor, Te
     n, c, s, cl, bc, bs = _geometry(z, True)
     grad = _like(grad, z)
     gx = torch.empty_like(z)
-    grid = _grid(n, c, s, bc, bs)
-    chpart = torch.empty(grid[0] * grid[1], 3 * c, device=z.device, dtype=torch.float32)
-    _rprelu_bwd_kernel[grid](grad, z, gx, weight, chpart, c, s, grid[0], CHANNELS_LAST=cl, BLOCK_C=bc,
+    grid, n_sblocks = _grid(n, c, s, bc, bs)
+    chpart = torch.empty(grid[0], 3 * c, device=z.device, dtype=torch.float32)
+    _rprelu_bwd_kernel[grid](grad, z, gx, weight, chpart, c, s, n_sblocks, CHANNELS_LAST=cl, BLOCK_C=bc,
                              BLOCK_S=bs)
-    return gx, chpart.double().sum(0)
+    return gx, chpart.sum(0, dtype=torch.float64)
 
 
 def decode(codes: Tensor, table: Tensor) -> Tensor:
