@@ -93,3 +93,22 @@ def test_inductor_compiled_block_matches_eager(backend):
     assert breaks == 0
     _assert_close(first, eager, 1e-5)
     _assert_close(second, eager, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_inductor_compiled_block_on_cuda_matches_eager():
+    """On CUDA the ops run the Triton kernels inside the compiled graph (bf16 autocast, channels_last)."""
+    block = _block().cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 16, 16, 16, device="cuda").to(memory_format=torch.channels_last)
+    upstream = torch.randn(4, 16, 16, 16, device="cuda")
+    eager = _fwd_bwd(block, block, x, upstream)
+    first, second, breaks = _compiled_twice(block, "inductor", x, upstream)
+    assert breaks == 0
+    _assert_close(first, eager, 1e-4)
+    _assert_close(second, eager, 1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_eager = block(x)
+        y_compiled = torch.compile(block)(x)
+    assert y_compiled.dtype == y_eager.dtype
+    assert (y_compiled.float() - y_eager.float()).abs().max() <= 0.05 * y_eager.float().abs().max()
