@@ -198,8 +198,9 @@ def ltq_backward(x: Tensor, grad: Tensor, chain, scale1: Tensor, scale2: Tensor,
     return gx, sums
 
 
-def rprelu_forward(a: Tensor, residual: Optional[Tensor], chain) -> tuple[Tensor, Tensor]:
-    """``z = (a + residual) + b1`` (kept for backward) and ``y = prelu(z, w) + b2``."""
+def rprelu_forward(a: Tensor, residual: Optional[Tensor], chain,
+                   want_z: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    """``y = prelu(z, w) + b2`` and, if wanted (for backward), ``z = (a + residual) + b1``."""
     a = a.contiguous()
     residual = residual.contiguous() if residual is not None else None
     y, z = torch.empty_like(a), torch.empty_like(a)
@@ -207,7 +208,7 @@ def rprelu_forward(a: Tensor, residual: Optional[Tensor], chain) -> tuple[Tensor
     b1, w, b2 = chain
     _fn("rprelu_forward", a.dtype)(a.data_ptr(), _ptr(residual), y.data_ptr(), z.data_ptr(), planes, hw,
                                    channels, b1.data_ptr(), w.data_ptr(), b2.data_ptr(), _threads())
-    return y, z
+    return y, (z if want_z else None)
 
 
 def rprelu_backward(grad: Tensor, z: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:

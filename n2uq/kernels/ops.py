@@ -230,18 +230,19 @@ def _rprelu_ops(x: Tensor, residual: Optional[Tensor], dtype: torch.dtype):
     return ops
 
 
-def _rprelu_forward(x, residual, b1, w, b2):
-    """``y = prelu((x + residual) + b1, w) + b2`` and ``z = (x + residual) + b1``."""
+def _rprelu_forward(x, residual, b1, w, b2, want_z: bool):
+    """``y = prelu((x + residual) + b1, w) + b2`` and (for backward) ``z = (x + residual) + b1`` or None."""
     dtype = _compute_dtype(x, residual, b1, w, b2)
     ops = _rprelu_ops(x, residual, dtype)
     if ops is not None:
-        y, z = ops.rprelu_forward(x, residual, tuple(_vector(p, x.shape[1], dtype) for p in (b1, w, b2)))
+        chain = tuple(_vector(p, x.shape[1], dtype) for p in (b1, w, b2))
+        y, z = ops.rprelu_forward(x, residual, chain, want_z)
     else:
         with torch.no_grad():
             v = x if residual is None else x + residual
             z = v + b1.expand_as(v)
             y = F.prelu(z, w) + b2.expand_as(z)
-    return _as_layout_of(y, x), _as_layout_of(z, x)
+    return _as_layout_of(y, x), (_as_layout_of(z, x) if want_z else None)
 
 
 def _rprelu_backward(grad, z, w):
@@ -267,8 +268,8 @@ class _RPReLU(torch.autograd.Function):
     """Eager form of ``n2uq::rprelu``."""
 
     @staticmethod
-    def forward(ctx, x, residual, b1, w, b2):  # type: ignore[override]
-        y, z = _rprelu_forward(x, residual, b1, w, b2)
+    def forward(ctx, x, residual, b1, w, b2, want_z):  # type: ignore[override]
+        y, z = _rprelu_forward(x, residual, b1, w, b2, want_z)
         ctx.save_for_backward(z, b1, w, b2)
         ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
         return y
@@ -278,18 +279,22 @@ class _RPReLU(torch.autograd.Function):
         z, b1, w, b2 = ctx.saved_tensors
         gx, sums = _rprelu_backward(grad, z, w)
         x_dtype, r_dtype = ctx.dtypes
-        return (gx.to(x_dtype), None if r_dtype is None else gx.to(r_dtype), *_rprelu_param_grads(sums, b1, w, b2))
+        return (gx.to(x_dtype), None if r_dtype is None else gx.to(r_dtype), *_rprelu_param_grads(sums, b1, w, b2),
+                None)
 
 
 @torch.library.custom_op("n2uq::rprelu", mutates_args=())
-def _rprelu_op(x: Tensor, residual: Optional[Tensor], b1: Tensor, w: Tensor, b2: Tensor) -> Tuple[Tensor, Tensor]:
-    return _rprelu_forward(x, residual, b1, w, b2)
+def _rprelu_op(x: Tensor, residual: Optional[Tensor], b1: Tensor, w: Tensor, b2: Tensor,
+               want_z: bool) -> Tuple[Tensor, Tensor]:
+    y, z = _rprelu_forward(x, residual, b1, w, b2, want_z)
+    return y, (x.new_empty(_EMPTY, dtype=y.dtype) if z is None else z)
 
 
 @_rprelu_op.register_fake
-def _(x, residual, b1, w, b2):
+def _(x, residual, b1, w, b2, want_z):
     dtype = _compute_dtype(x, residual, b1, w, b2)
-    return torch.empty_like(x, dtype=dtype), torch.empty_like(x, dtype=dtype)
+    z = torch.empty_like(x, dtype=dtype) if want_z else x.new_empty(_EMPTY, dtype=dtype)
+    return torch.empty_like(x, dtype=dtype), z
 
 
 @torch.library.custom_op("n2uq::rprelu_backward", mutates_args=())
@@ -303,7 +308,7 @@ def _(grad, z, w):
 
 
 def _rprelu_setup_context(ctx, inputs, output):
-    x, residual, b1, w, b2 = inputs
+    x, residual, b1, w, b2, _ = inputs
     ctx.save_for_backward(output[1], b1, w, b2)
     ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
 
@@ -312,17 +317,20 @@ def _rprelu_grad(ctx, grad, _grad_z):
     z, b1, w, b2 = ctx.saved_tensors
     gx, sums = _rprelu_backward_op(grad if grad is not None else torch.zeros_like(z), z, w)
     x_dtype, r_dtype = ctx.dtypes
-    return (gx.to(x_dtype), None if r_dtype is None else gx.to(r_dtype), *_rprelu_param_grads(sums, b1, w, b2))
+    return (gx.to(x_dtype), None if r_dtype is None else gx.to(r_dtype), *_rprelu_param_grads(sums, b1, w, b2),
+            None)
 
 
 _rprelu_op.register_autograd(_rprelu_grad, setup_context=_rprelu_setup_context)
 
 
 def rprelu(x: Tensor, residual: Optional[Tensor], b1: Tensor, w: Tensor, b2: Tensor) -> Tensor:
-    """``b2 + prelu((x + residual) + b1, w)`` (SPEC §4), saving one tensor for backward."""
+    """``b2 + prelu((x + residual) + b1, w)`` (SPEC §4), saving one tensor for backward (none, and
+    not even computing it, when no gradient is wanted)."""
+    want_z = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, b1, w, b2))
     if torch.compiler.is_compiling():
-        return _rprelu_op(x, residual, b1, w, b2)[0]
-    return _RPReLU.apply(x, residual, b1, w, b2)
+        return _rprelu_op(x, residual, b1, w, b2, want_z)[0]
+    return _RPReLU.apply(x, residual, b1, w, b2, want_z)
 
 
 # ---------------------------------------------------------------------------------------------

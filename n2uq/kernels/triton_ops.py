@@ -52,16 +52,20 @@ def supports(x: Tensor, dtype: torch.dtype) -> bool:
 
 
 def _geometry(x: Tensor, per_channel: bool):
-    """(N, C, S, channels_last, BLOCK_C, BLOCK_S) for the tiled kernels."""
+    """(N, C, S, channels_last, BLOCK_C, BLOCK_S) for the tiled kernels.
+
+    NCHW tiles are [BLOCK_C, BLOCK_S] (positions contiguous), channels_last tiles [BLOCK_S, BLOCK_C]
+    (channels contiguous): the last tile axis is the contiguous one in memory, so every warp reads
+    consecutive addresses. Few distinct block sizes, so that few kernel variants are compiled.
+    """
     if not per_channel or x.dim() < 2:
         return 1, 1, x.numel(), False, 1, 1024
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // max(n * c, 1)
-    channels_last = bool(_layout(x))
-    block_c = min(triton.next_power_of_2(c), 32 if channels_last else 4)
-    block_s = max(1024 // block_c, 16)
-    block_s = min(block_s, max(triton.next_power_of_2(s), 16))
-    return n, c, s, channels_last, block_c, block_s
+    if _layout(x):
+        block_c = min(max(triton.next_power_of_2(c), 16), 64)
+        return n, c, s, True, block_c, 1024 // block_c
+    return n, c, s, False, 4, 256 if s > 64 else 64
 
 
 if HAS_TRITON:
@@ -74,23 +78,41 @@ if HAS_TRITON:
         pid_s = (pid % n_sblocks).to(tl.int64)
         c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-        mask = (c[:, None] < C) & (s[None, :] < S)
-        c64 = c.to(tl.int64)
-        if CHANNELS_LAST:
-            offs = pid_n * S * C + s[None, :] * C + c64[:, None]
-        else:
-            offs = pid_n * C * S + c64[:, None] * S + s[None, :]
+        base = pid_n * S * C
+        if CHANNELS_LAST:  # [BLOCK_S, BLOCK_C]
+            offs = base + s[:, None] * C + c[None, :].to(tl.int64)
+            mask = (s[:, None] < S) & (c[None, :] < C)
+        else:  # [BLOCK_C, BLOCK_S]
+            offs = base + c[:, None].to(tl.int64) * S + s[None, :]
+            mask = (c[:, None] < C) & (s[None, :] < S)
         return c, offs, mask
 
     @triton.jit
-    def _chain(x, c, cmask, b1_ptr, w_ptr, b2_ptr, CHAIN: tl.constexpr):
+    def _per_channel(ptr, c, C, CHANNELS_LAST: tl.constexpr):
+        """A per-channel parameter broadcast over the tile's positions."""
+        v = tl.load(ptr + c, mask=c < C, other=0.0)
+        if CHANNELS_LAST:
+            out = v[None, :]
+        else:
+            out = v[:, None]
+        return out
+
+    @triton.jit
+    def _channel_sum(t, CHANNELS_LAST: tl.constexpr):
+        """Sum of a tile over its positions: one value per channel."""
+        if CHANNELS_LAST:
+            out = tl.sum(t, axis=0)
+        else:
+            out = tl.sum(t, axis=1)
+        return out
+
+    @triton.jit
+    def _chain(x, c, C, b1_ptr, w_ptr, b2_ptr, CHAIN: tl.constexpr, CHANNELS_LAST: tl.constexpr):
         """(z1, z2): z1 = x + b1, z2 = prelu(z1, w) + b2 (or x, x without the chain)."""
         if CHAIN:
-            b1 = tl.load(b1_ptr + c, mask=cmask, other=0.0)[:, None]
-            w = tl.load(w_ptr + c, mask=cmask, other=0.0)[:, None]
-            b2 = tl.load(b2_ptr + c, mask=cmask, other=0.0)[:, None]
-            z1 = x + b1
-            z2 = tl.where(z1 > 0, z1, w * z1) + b2
+            z1 = x + _per_channel(b1_ptr, c, C, CHANNELS_LAST)
+            z2 = tl.where(z1 > 0, z1, _per_channel(w_ptr, c, C, CHANNELS_LAST) * z1)
+            z2 = z2 + _per_channel(b2_ptr, c, C, CHANNELS_LAST)
         else:
             z1 = x
             z2 = x
@@ -103,7 +125,7 @@ if HAS_TRITON:
         c, offs, mask = _tile(tl.program_id(0), n_sblocks, tl.program_id(2), C, S, CHANNELS_LAST, BLOCK_C,
                               BLOCK_S)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        _, z2 = _chain(x, c, c < C, b1_ptr, w_ptr, b2_ptr, CHAIN)
+        _, z2 = _chain(x, c, C, b1_ptr, w_ptr, b2_ptr, CHAIN, CHANNELS_LAST)
         xs = z2 * tl.load(s1_ptr)
         y = tl.zeros_like(xs) + tl.load(table_ptr)
         m = tl.zeros(xs.shape, dtype=tl.int32)
@@ -122,10 +144,9 @@ if HAS_TRITON:
                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         pid, pid_c = tl.program_id(0), tl.program_id(2)
         c, offs, mask = _tile(pid, n_sblocks, pid_c, C, S, CHANNELS_LAST, BLOCK_C, BLOCK_S)
-        cmask = c < C
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z1, z2 = _chain(x, c, cmask, b1_ptr, w_ptr, b2_ptr, CHAIN)
+        z1, z2 = _chain(x, c, C, b1_ptr, w_ptr, b2_ptr, CHAIN, CHANNELS_LAST)
         s1 = tl.load(s1_ptr)
         xs = z2 * s1
         k = tl.zeros(xs.shape, dtype=tl.int32)
@@ -151,31 +172,31 @@ if HAS_TRITON:
         tl.store(base + 2 * N_THR, tl.sum(tl.sum(gxs * z2, axis=1), axis=0))
         tl.store(base + 2 * N_THR + 1, tl.sum(tl.sum(g * lm, axis=1), axis=0))
         if CHAIN:
-            w = tl.load(w_ptr + c, mask=cmask, other=0.0)[:, None]
             pos = z1 > 0
-            g1 = tl.where(pos, g2, w * g2)
+            g1 = tl.where(pos, g2, _per_channel(w_ptr, c, C, CHANNELS_LAST) * g2)
             tl.store(gx_ptr + offs, g1.to(gx_ptr.dtype.element_ty), mask=mask)
             crow = chpart_ptr + pid.to(tl.int64) * 3 * C
-            tl.store(crow + c, tl.sum(g2, axis=1), mask=cmask)
-            tl.store(crow + C + c, tl.sum(tl.where(pos, 0.0, z1 * g2), axis=1), mask=cmask)
-            tl.store(crow + 2 * C + c, tl.sum(g1, axis=1), mask=cmask)
+            cmask = c < C
+            tl.store(crow + c, _channel_sum(g2, CHANNELS_LAST), mask=cmask)
+            tl.store(crow + C + c, _channel_sum(tl.where(pos, 0.0, z1 * g2), CHANNELS_LAST), mask=cmask)
+            tl.store(crow + 2 * C + c, _channel_sum(g1, CHANNELS_LAST), mask=cmask)
         else:
             tl.store(gx_ptr + offs, g2.to(gx_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rprelu_fwd_kernel(a_ptr, r_ptr, y_ptr, z_ptr, b1_ptr, w_ptr, b2_ptr, C, S, n_sblocks,
-                           HAS_RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
-                           BLOCK_S: tl.constexpr):
+                           HAS_RES: tl.constexpr, WRITE_Z: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                           BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         c, offs, mask = _tile(tl.program_id(0), n_sblocks, tl.program_id(2), C, S, CHANNELS_LAST, BLOCK_C,
                               BLOCK_S)
-        cmask = c < C
         v = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
             v = v + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = v + tl.load(b1_ptr + c, mask=cmask, other=0.0)[:, None]
-        w = tl.load(w_ptr + c, mask=cmask, other=0.0)[:, None]
-        y = tl.where(v > 0, v, w * v) + tl.load(b2_ptr + c, mask=cmask, other=0.0)[:, None]
-        tl.store(z_ptr + offs, v, mask=mask)
+        v = v + _per_channel(b1_ptr, c, C, CHANNELS_LAST)
+        y = tl.where(v > 0, v, _per_channel(w_ptr, c, C, CHANNELS_LAST) * v) + _per_channel(b2_ptr, c, C,
+                                                                                            CHANNELS_LAST)
+        if WRITE_Z:
+            tl.store(z_ptr + offs, v, mask=mask)
         tl.store(y_ptr + offs, y, mask=mask)
 
     @triton.jit
@@ -183,17 +204,16 @@ if HAS_TRITON:
                            CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         pid = tl.program_id(0)
         c, offs, mask = _tile(pid, n_sblocks, tl.program_id(2), C, S, CHANNELS_LAST, BLOCK_C, BLOCK_S)
-        cmask = c < C
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(z_ptr + offs, mask=mask, other=0.0)
-        w = tl.load(w_ptr + c, mask=cmask, other=0.0)[:, None]
         pos = v > 0
-        g1 = tl.where(pos, g, w * g)
+        g1 = tl.where(pos, g, _per_channel(w_ptr, c, C, CHANNELS_LAST) * g)
         tl.store(gx_ptr + offs, g1, mask=mask)
         crow = chpart_ptr + pid.to(tl.int64) * 3 * C
-        tl.store(crow + c, tl.sum(g, axis=1), mask=cmask)
-        tl.store(crow + C + c, tl.sum(tl.where(pos, 0.0, v * g), axis=1), mask=cmask)
-        tl.store(crow + 2 * C + c, tl.sum(g1, axis=1), mask=cmask)
+        cmask = c < C
+        tl.store(crow + c, _channel_sum(g, CHANNELS_LAST), mask=cmask)
+        tl.store(crow + C + c, _channel_sum(tl.where(pos, 0.0, v * g), CHANNELS_LAST), mask=cmask)
+        tl.store(crow + 2 * C + c, _channel_sum(g1, CHANNELS_LAST), mask=cmask)
 
     @triton.jit
     def _decode_kernel(codes_ptr, y_ptr, table_ptr, numel, BLOCK: tl.constexpr):
@@ -253,15 +273,17 @@ def ltq_backward(x: Tensor, grad: Tensor, chain, scale1: Tensor, scale2: Tensor,
     return gx, sums
 
 
-def rprelu_forward(a: Tensor, residual: Optional[Tensor], chain) -> tuple[Tensor, Tensor]:
+def rprelu_forward(a: Tensor, residual: Optional[Tensor], chain,
+                   want_z: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    """``y = prelu((a + residual) + b1, w) + b2`` and, if wanted (for backward), ``z = (a + residual) + b1``."""
     n, c, s, cl, bc, bs = _geometry(a, True)
     y = torch.empty_like(a, dtype=torch.float32)
-    z = torch.empty_like(a, dtype=torch.float32)
+    z = torch.empty_like(a, dtype=torch.float32) if want_z else None
     b1, w, b2 = chain
     grid, n_sblocks = _grid(n, c, s, bc, bs)
     _rprelu_fwd_kernel[grid](
-        a, residual if residual is not None else a, y, z, b1, w, b2, c, s, n_sblocks, HAS_RES=residual is not None,
-        CHANNELS_LAST=cl, BLOCK_C=bc, BLOCK_S=bs)
+        a, residual if residual is not None else a, y, z if want_z else y, b1, w, b2, c, s, n_sblocks,
+        HAS_RES=residual is not None, WRITE_Z=want_z, CHANNELS_LAST=cl, BLOCK_C=bc, BLOCK_S=bs)
     return y, z
 
 
