@@ -168,6 +168,12 @@ def ltq_state(start: Tensor, a: Tensor, scale2: Tensor, eps: Tensor, levels: Ten
     with torch.no_grad():
         if start.device.type == "cpu" and a.dtype in _NUMPY_DTYPES and start.dtype == a.dtype == eps.dtype:
             return _ltq_state_numpy(start, a, scale2, eps, levels, dtype)
+        if get_backend() != "torch" and start.is_cuda:
+            from n2uq.kernels import triton_ops
+
+            if triton_ops.state_supported(a, dtype, start, eps, scale2, levels):  # one launch, same values
+                a_pos, thresholds, breakpoints, slope, table = triton_ops.ltq_state(start, a, eps, scale2, levels)
+                return LTQState(a_pos, thresholds, breakpoints, levels, table, slope)
         a_pos = torch.where(a > eps, a, eps)
         levels_c = levels.to(dtype)
         return LTQState(
@@ -228,6 +234,11 @@ def ltq_param_grads(sums: Tensor, state: LTQState, a: Tensor, eps: Tensor, scale
     n = a.numel()
     if sums.device.type == "cpu":  # small vectors: NumPy is cheaper than a dozen tiny PyTorch ops
         return _param_grads_numpy(sums.numpy(), state, a, eps, scale2)
+    if get_backend() != "torch" and sums.is_cuda:
+        from n2uq.kernels import triton_ops
+
+        if triton_ops.state_supported(a, state.slope.dtype, eps, scale2, state.levels):  # one launch
+            return triton_ops.ltq_param_grads(sums, state.slope, state.a_pos, a, eps, scale2)
     coef = scale2.detach().double() * state.slope.double()
     W = coef * sums[:n]
     R = coef * sums[n : 2 * n]

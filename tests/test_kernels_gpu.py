@@ -49,12 +49,18 @@ def test_stage_output_same_on_cuda_and_cpu():
 
 
 @needs_cuda
-def test_bf16_autocast_forward_matches_modules():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_stage_matches_modules(dtype):
+    """Under autocast the fused stage writes its output in the autocast dtype (the convolution would
+    cast it anyway): the same convolution input, output and gradients as the modules."""
     stage = _randomise(Stage(8, 8, 2), 4).cuda()
     x = torch.randn(4, 8, 12, 12, device="cuda").to(memory_format=torch.channels_last)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        y, y_ref = stage(x.bfloat16()), stage.unfused(x.bfloat16())
-    assert torch.equal(y, y_ref)
+    upstream = torch.randn(4, 8, 12, 12, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        y, grads = _run(stage, x, stage, upstream)
+        y_ref, grads_ref = _run(stage.unfused, x, stage, upstream)
+    assert y.dtype == dtype and torch.equal(y, y_ref)
+    _assert_grads_close(grads, grads_ref, rel=1e-2)
 
 
 @needs_cuda
@@ -135,15 +141,25 @@ _INTERPRETER_CHECK = r"""
 import torch
 from n2uq import LTQ
 from n2uq.kernels import cpu, triton_ops as T
-from n2uq.quant import ltq_state
+from n2uq.quant import ltq_param_grads, ltq_state
 torch.manual_seed(0)
 for n_bit in (1, 2, 3, 4):
     for channels_last in (False, True):
         q = LTQ(n_bit)
         with torch.no_grad():
             q.a.copy_(torch.rand(q.n_val) * 2 * q.interval + 1e-4); q.start.fill_(-0.1)
+            if q.n_val >= 3:
+                q.a[1] = 5e-4  # below eps
             q.scale1.fill_(1.1); q.scale2.fill_(0.9)
         st = ltq_state(q.start, q.a, q.scale2, q.eps, q.levels, torch.float32)
+        # the one-launch state and parameter-gradient kernels (used on CUDA) against quant's CPU forms
+        tstate = T.ltq_state(q.start, q.a, q.eps, q.scale2, q.levels)
+        for got, want in zip(tstate, (st.a_pos, st.thresholds, st.breakpoints, st.slope, st.table)):
+            assert torch.equal(got, want), (got, want)
+        sums = torch.randn(2 * q.n_val + 2, dtype=torch.float64)
+        for got, want in zip(T.ltq_param_grads(sums, st.slope, st.a_pos, q.a, q.eps, q.scale2),
+                             ltq_param_grads(sums, st, q.a, q.eps, q.scale2)):
+            assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), (got, want)
         x, g, r = torch.randn(2, 6, 5, 7), torch.randn(2, 6, 5, 7), torch.randn(2, 6, 5, 7)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         xt, rt = x.to(memory_format=fmt), r.to(memory_format=fmt)

@@ -162,11 +162,11 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
     return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
 
 
-def ltq_forward(x: Tensor, chain, scale1: Tensor, thresholds: Tensor, table: Tensor,
-                want_codes: bool) -> tuple[Tensor, Optional[Tensor]]:
+def ltq_forward(x: Tensor, chain, scale1: Tensor, thresholds: Tensor, table: Tensor, want_codes: bool,
+                out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Optional[Tensor]]:
     """``y = table[m]`` with ``m`` the LTQ code of ``scale1·chain(x)``; also the uint8 codes if asked.
 
-    Outputs have the layout of the (dense) input."""
+    Outputs have the layout of the (dense) input; ``y`` is cast to ``out_dtype`` if given."""
     x = _dense(x, chain)
     y = torch.empty_like(x)
     codes = torch.empty_like(x, dtype=torch.uint8) if want_codes else None
@@ -175,7 +175,7 @@ def ltq_forward(x: Tensor, chain, scale1: Tensor, thresholds: Tensor, table: Ten
     _fn("ltq_forward", x.dtype)(x.data_ptr(), y.data_ptr(), _ptr(codes), planes, hw, channels, _ptr(b1), _ptr(w),
                                 _ptr(b2), float(scale1), thresholds.data_ptr(), thresholds.numel(),
                                 table.data_ptr(), _threads())
-    return y, codes
+    return (y if out_dtype is None else y.to(out_dtype)), codes
 
 
 def ltq_backward(x: Tensor, grad: Tensor, chain, scale1: Tensor, scale2: Tensor, thresholds: Tensor,

@@ -98,20 +98,29 @@ def quant_stage(x: Tensor, bias1: Optional[LearnableBias], prelu: Optional[nn.PR
             if module is not None:
                 x = module(x)
         return conv(quan(x))
-    y, codes, table = stage_output(x, bias1, prelu, bias2, quan, want_codes=torch.is_grad_enabled())
+    y, codes, table = stage_output(x, bias1, prelu, bias2, quan, torch.is_grad_enabled(), _conv_input_code(x))
     if codes is None:
         return conv(y)
     return _CodesConv.apply(y, codes, table, conv.quantized_weight(), conv.stride, conv.padding, conv.groups)
 
 
+def _conv_input_code(x: Tensor) -> int:
+    """Under CUDA autocast the convolution would cast the stage output to bf16/fp16 anyway: the stage
+    writes it in that dtype directly (``out_code`` of :func:`n2uq.kernels.ops.ltq_stage`)."""
+    if not (x.is_cuda and torch.is_autocast_enabled()):
+        return 0
+    dtype = torch.get_autocast_dtype("cuda") if hasattr(torch, "get_autocast_dtype") else torch.get_autocast_gpu_dtype()
+    return {torch.bfloat16: 1, torch.float16: 2}.get(dtype, 0)
+
+
 def stage_output(x: Tensor, bias1: Optional[LearnableBias], prelu: Optional[nn.PReLU],
-                 bias2: Optional[LearnableBias], quan: LTQ, want_codes: bool = False):
+                 bias2: Optional[LearnableBias], quan: LTQ, want_codes: bool = False, out_code: int = 0):
     """``(quan(bias2(prelu(bias1(x)))), uint8 codes or None, level table)`` in one fused operator."""
     b1 = bias1.bias if bias1 is not None else None
     w = prelu.weight if prelu is not None else None
     b2 = bias2.bias if bias2 is not None else None
     return ltq_stage(x, b1, w, b2, quan.start, quan.a, quan.scale1, quan.scale2, quan.eps, quan.levels,
-                     want_codes)
+                     want_codes, out_code)
 
 
 def rprelu(x: Tensor, bias1: LearnableBias, prelu: nn.PReLU, bias2: LearnableBias,

@@ -97,15 +97,20 @@ def _stage_setup(x, b1, w, b2, start, a, scale1, scale2, eps, levels):
     return dtype, state, ops, chain
 
 
-def _stage_forward(x, b1, w, b2, scale1, setup, want_codes: bool):
+#: ``out_code`` of :func:`ltq_stage`: the stage output in the compute dtype, or rounded to a half type.
+_OUT_DTYPES = {0: None, 1: torch.bfloat16, 2: torch.float16}
+
+
+def _stage_forward(x, b1, w, b2, scale1, setup, want_codes: bool, out_code: int):
     """``(y, uint8 codes or None, level table)`` of one stage (setup from :func:`_stage_setup`)."""
-    _, state, ops, chain = setup
+    dtype, state, ops, chain = setup
+    out_dtype = _OUT_DTYPES[out_code] or dtype
     if ops is not None:
-        y, codes = ops.ltq_forward(x, chain, scale1.detach(), state.thresholds, state.table, want_codes)
+        y, codes = ops.ltq_forward(x, chain, scale1.detach(), state.thresholds, state.table, want_codes, out_dtype)
     else:
         xs = _chain_torch(x, b1, w, b2) * scale1
         codes = Q.ltq_codes(xs, state.thresholds)
-        y = Q.ltq_lookup(state.table, codes)
+        y = Q.ltq_lookup(state.table, codes).to(out_dtype)
         codes = codes.to(torch.uint8) if want_codes else None
     return _as_layout_of(y, x), (None if codes is None else _as_layout_of(codes, x)), state.table
 
@@ -143,9 +148,9 @@ class _Stage(torch.autograd.Function):
     """Eager form of ``n2uq::ltq_stage``: the LTQ state computed in forward is reused in backward."""
 
     @staticmethod
-    def forward(ctx, x, b1, w, b2, start, a, scale1, scale2, eps, levels, want_codes):  # type: ignore[override]
+    def forward(ctx, x, b1, w, b2, start, a, scale1, scale2, eps, levels, want_codes, out_code):  # type: ignore[override]
         setup = _stage_setup(x, b1, w, b2, start, a, scale1, scale2, eps, levels)
-        y, codes, table = _stage_forward(x, b1, w, b2, scale1, setup, want_codes)
+        y, codes, table = _stage_forward(x, b1, w, b2, scale1, setup, want_codes, out_code)
         ctx.save_for_backward(x, b1, w, b2, start, a, scale1, scale2, eps)
         ctx.setup = setup
         ctx.mark_non_differentiable(*[t for t in (codes, table) if t is not None])
@@ -154,23 +159,25 @@ class _Stage(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _grad_codes, _grad_table):  # type: ignore[override]
         x, b1, w, b2, start, a, scale1, scale2, eps = ctx.saved_tensors
-        return (*_stage_backward(grad, x, b1, w, b2, start, a, scale1, scale2, eps, ctx.setup), None, None, None)
+        grads = _stage_backward(grad, x, b1, w, b2, start, a, scale1, scale2, eps, ctx.setup)
+        return (*grads, None, None, None, None)
 
 
 @torch.library.custom_op("n2uq::ltq_stage", mutates_args=())
 def _ltq_stage_op(x: Tensor, b1: Optional[Tensor], w: Optional[Tensor], b2: Optional[Tensor], start: Tensor,
                   a: Tensor, scale1: Tensor, scale2: Tensor, eps: Tensor, levels: Tensor,
-                  want_codes: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                  want_codes: bool, out_code: int) -> Tuple[Tensor, Tensor, Tensor]:
     setup = _stage_setup(x, b1, w, b2, start, a, scale1, scale2, eps, levels)
-    y, codes, table = _stage_forward(x, b1, w, b2, scale1, setup, want_codes)
+    y, codes, table = _stage_forward(x, b1, w, b2, scale1, setup, want_codes, out_code)
     return y, (x.new_empty(_EMPTY, dtype=torch.uint8) if codes is None else codes), table
 
 
 @_ltq_stage_op.register_fake
-def _(x, b1, w, b2, start, a, scale1, scale2, eps, levels, want_codes):
+def _(x, b1, w, b2, start, a, scale1, scale2, eps, levels, want_codes, out_code):
     dtype = _compute_dtype(x, scale1, b1, w, b2)
     codes = torch.empty_like(x, dtype=torch.uint8) if want_codes else x.new_empty(_EMPTY, dtype=torch.uint8)
-    return torch.empty_like(x, dtype=dtype), codes, levels.new_empty(levels.shape, dtype=dtype)
+    y = torch.empty_like(x, dtype=_OUT_DTYPES[out_code] or dtype)
+    return y, codes, levels.new_empty(levels.shape, dtype=dtype)
 
 
 @torch.library.custom_op("n2uq::ltq_stage_backward", mutates_args=())
@@ -191,16 +198,17 @@ def _(grad, x, b1, w, b2, start, a, scale1, scale2, eps, levels):
 
 def _stage_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:10])
+    ctx.grad_dtype = _compute_dtype(*inputs[:1], inputs[6], *inputs[1:4])
 
 
 def _stage_grad(ctx, grad, _grad_codes, _grad_table):
     x, b1, w, b2, start, a, scale1, scale2, eps, levels = ctx.saved_tensors
     if grad is None:
-        grad = torch.zeros_like(x, dtype=_compute_dtype(x, scale1, b1, w, b2))
+        grad = torch.zeros_like(x, dtype=ctx.grad_dtype)
     gx, g_b1, g_w, g_b2, g_start, g_a, g_s1, g_s2 = _ltq_stage_backward_op(
         grad, x, b1, w, b2, start, a, scale1, scale2, eps, levels)
     chain = [None if p is None else g for g, p in zip((g_b1, g_w, g_b2), (b1, w, b2))]
-    return (gx, *chain, g_start, g_a, g_s1, g_s2, None, None, None)
+    return (gx, *chain, g_start, g_a, g_s1, g_s2, None, None, None, None)
 
 
 _ltq_stage_op.register_autograd(_stage_grad, setup_context=_stage_setup_context)
@@ -208,12 +216,15 @@ _ltq_stage_op.register_autograd(_stage_grad, setup_context=_stage_setup_context)
 
 def ltq_stage(x: Tensor, b1: Optional[Tensor], w: Optional[Tensor], b2: Optional[Tensor], start: Tensor,
               a: Tensor, scale1: Tensor, scale2: Tensor, eps: Tensor, levels: Tensor,
-              want_codes: bool = False) -> Tuple[Tensor, Optional[Tensor], Tensor]:
-    """``(LTQ(b2 + prelu(x + b1)), uint8 codes or None, level table)``; ``b1 = w = b2 = None``: plain LTQ."""
+              want_codes: bool = False, out_code: int = 0) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """``(LTQ(b2 + prelu(x + b1)), uint8 codes or None, level table)``; ``b1 = w = b2 = None``: plain LTQ.
+
+    ``out_code`` 1 / 2 returns the output rounded to bfloat16 / float16 (what autocast would cast it to
+    for the next convolution: one pass less); its gradient is the same."""
     if torch.compiler.is_compiling():
-        y, codes, table = _ltq_stage_op(x, b1, w, b2, start, a, scale1, scale2, eps, levels, want_codes)
+        y, codes, table = _ltq_stage_op(x, b1, w, b2, start, a, scale1, scale2, eps, levels, want_codes, out_code)
         return y, (codes if want_codes else None), table
-    return _Stage.apply(x, b1, w, b2, start, a, scale1, scale2, eps, levels, want_codes)
+    return _Stage.apply(x, b1, w, b2, start, a, scale1, scale2, eps, levels, want_codes, out_code)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -28,8 +29,8 @@ try:  # pragma: no cover - depends on the machine
 except ImportError:  # pragma: no cover
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "MAX_THRESHOLDS", "supports", "ltq_forward", "ltq_backward", "rprelu_forward",
-           "rprelu_backward", "decode"]
+__all__ = ["HAS_TRITON", "MAX_THRESHOLDS", "supports", "state_supported", "ltq_state", "ltq_param_grads",
+           "ltq_forward", "ltq_backward", "rprelu_forward", "rprelu_backward", "decode"]
 
 #: Thresholds (2^b - 1) of the largest LTQ these kernels take; larger ones use plain PyTorch.
 MAX_THRESHOLDS = 15
@@ -216,11 +217,84 @@ if HAS_TRITON:
         tl.store(crow + 2 * C + c, _channel_sum(g1, CHANNELS_LAST), mask=cmask)
 
     @triton.jit
+    def _state_kernel(start_ptr, a_ptr, eps_ptr, s2_ptr, lev_ptr, out_ptr, two_over_n, N: tl.constexpr):
+        """LTQ state in one program (SPEC §1), the float32 operations of ``quant.ltq_state`` in its order:
+        out = [a⁺ (N), thresholds (N), breakpoints (N+1), slopes (N), table (N+1)]."""
+        eps = tl.load(eps_ptr)
+        start = tl.load(start_ptr)
+        s2 = tl.load(s2_ptr)
+        d = start
+        tl.store(out_ptr + 2 * N, d)
+        t = start
+        h_prev = start
+        for i in tl.static_range(N):
+            a = tl.load(a_ptr + i)
+            ap = tl.where(a > eps, a, eps)
+            h = ap * 0.5  # a⁺ / 2, exact
+            if i == 0:
+                t = start + h
+            else:
+                t = t + (h_prev + h)
+            d = d + ap
+            tl.store(out_ptr + i, ap)
+            tl.store(out_ptr + N + i, t)
+            tl.store(out_ptr + 2 * N + 1 + i, d)
+            tl.store(out_ptr + 3 * N + 1 + i, tl.math.div_rn(1.0, ap) * two_over_n)  # reciprocal, then scale
+            h_prev = h
+        for i in tl.static_range(N + 1):
+            tl.store(out_ptr + 4 * N + 1 + i, tl.load(lev_ptr + i) * s2)
+
+    @triton.jit
+    def _param_grads_kernel(sums_ptr, slope_ptr, apos_ptr, a_ptr, eps_ptr, s2_ptr, out_ptr, N: tl.constexpr):
+        """Gradients of start, a, scale1, scale2 from the per-interval sums (``quant.ltq_param_grads``),
+        in float64: out = [start, a (N), scale1, scale2] (float32)."""
+        s2 = tl.load(s2_ptr).to(tl.float64)
+        eps = tl.load(eps_ptr)
+        later = 0.0  # Σ_{k > j} W_k, a float64 value after the first interval
+        total = 0.0
+        for jj in tl.static_range(N):
+            j = N - 1 - jj  # from the last interval down: later = Σ_{k > j} W_k
+            coef = s2 * tl.load(slope_ptr + j).to(tl.float64)
+            w = coef * tl.load(sums_ptr + j)
+            r = coef * tl.load(sums_ptr + N + j)
+            g = -r / tl.load(apos_ptr + j).to(tl.float64) - later
+            tl.store(out_ptr + 1 + j, tl.where(tl.load(a_ptr + j) > eps, g.to(tl.float32), 0.0))
+            later = later + w
+            total = total + w
+        tl.store(out_ptr, (-total).to(tl.float32))
+        tl.store(out_ptr + N + 1, tl.load(sums_ptr + 2 * N).to(tl.float32))
+        tl.store(out_ptr + N + 2, tl.load(sums_ptr + 2 * N + 1).to(tl.float32))
+
+    @triton.jit
     def _decode_kernel(codes_ptr, y_ptr, table_ptr, numel, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         codes = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
         tl.store(y_ptr + offs, tl.load(table_ptr + codes, mask=mask, other=0.0), mask=mask)
+
+
+def state_supported(a: Tensor, dtype: torch.dtype, *others: Tensor) -> bool:
+    """Whether :func:`ltq_state` / :func:`ltq_param_grads` apply to an LTQ with intervals ``a`` and the
+    other parameter tensors: CUDA, float32 throughout, at most 15 thresholds."""
+    return (HAS_TRITON and a.is_cuda and dtype == torch.float32 and a.numel() <= MAX_THRESHOLDS
+            and all(t.dtype == torch.float32 and t.is_cuda for t in (a, *others)))
+
+
+def ltq_state(start: Tensor, a: Tensor, eps: Tensor, scale2: Tensor, levels: Tensor):
+    """``(a⁺, thresholds, breakpoints, slopes, table)`` in one launch instead of ~2n+10 tiny ops."""
+    n = a.numel()
+    out = torch.empty(5 * n + 2, device=a.device, dtype=torch.float32)
+    _state_kernel[(1,)](start.detach(), a.detach(), eps, scale2.detach(), levels, out,
+                        float(np.float32(2.0 / n)), N=n)
+    return out.split([n, n, n + 1, n, n + 1])
+
+
+def ltq_param_grads(sums: Tensor, slope: Tensor, a_pos: Tensor, a: Tensor, eps: Tensor, scale2: Tensor):
+    """Gradients of ``start, a, scale1, scale2`` (float32) from the float64 sums, in one launch."""
+    n = a.numel()
+    out = torch.empty(n + 3, device=a.device, dtype=torch.float32)
+    _param_grads_kernel[(1,)](sums, slope, a_pos, a.detach(), eps, scale2.detach(), out, N=n)
+    return out.split([1, n, 1, 1])
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
@@ -239,10 +313,11 @@ def _scalar(t: Tensor) -> Tensor:
     return t.detach().reshape(1).float()
 
 
-def ltq_forward(x: Tensor, chain, scale1: Tensor, thresholds: Tensor, table: Tensor,
-                want_codes: bool) -> tuple[Tensor, Optional[Tensor]]:
+def ltq_forward(x: Tensor, chain, scale1: Tensor, thresholds: Tensor, table: Tensor, want_codes: bool,
+                out_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Optional[Tensor]]:
+    """``y = table[m]`` (stored as ``out_dtype``: one rounding, as ``.to(out_dtype)`` would do) and codes."""
     n, c, s, cl, bc, bs = _geometry(x, chain is not None)
-    y = torch.empty_like(x, dtype=torch.float32)
+    y = torch.empty_like(x, dtype=out_dtype)
     codes = torch.empty_like(x, dtype=torch.uint8) if want_codes else None
     b1, w, b2 = chain if chain is not None else (y, y, y)  # unused pointers without the chain
     grid, n_sblocks = _grid(n, c, s, bc, bs)
