@@ -71,6 +71,14 @@ def _chain_torch(x: Tensor, b1: Optional[Tensor], w: Optional[Tensor], b2: Optio
     return F.prelu(x + b1.expand_as(x), w) + b2.expand_as(x)
 
 
+def _prelu_backward_torch(grad: Tensor, z: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
+    """PReLU's backward at input ``z``: ``(grad of z, float64 per-channel grad of w)``."""
+    positive = z > 0
+    w_b = w.reshape(-1).expand(z.shape[1]).reshape([1, -1] + [1] * (z.dim() - 2))
+    g_w = _channel_sums(torch.where(positive, torch.zeros_like(grad), z * grad))
+    return torch.where(positive, grad, w_b * grad), g_w
+
+
 def _channel_sums(t: Tensor) -> Tensor:
     """Float64 sums over every dimension but 1 (the channel)."""
     return t.sum(dim=[d for d in range(t.dim()) if d != 1], dtype=torch.float64)
@@ -131,13 +139,9 @@ def _stage_backward(grad, x, b1, w, b2, start, a, scale1, scale2, eps, setup):
         with torch.no_grad():
             z2 = _chain_torch(x, b1, w, b2)
             gx, g_start, g_a, g_s1, g_s2 = Q.ltq_grads_torch(grad, z2, a, scale1, scale2, eps, state)
-            if b1 is not None:  # back through b2 + prelu(z1, w), z1 = x + b1 (PReLU's own formulas)
-                z1 = x + b1.expand_as(x)
-                positive = z1 > 0
-                w_b = w.reshape(-1).expand(x.shape[1]).reshape([1, -1] + [1] * (x.dim() - 2))
+            if b1 is not None:  # back through b2 + prelu(z1, w), z1 = x + b1
                 g_b2 = _channel_sums(gx)
-                g_w = _channel_sums(torch.where(positive, torch.zeros_like(gx), z1 * gx))
-                gx = torch.where(positive, gx, w_b * gx)
+                gx, g_w = _prelu_backward_torch(gx, x + b1.expand_as(x), w)
                 g_chain = (_channel_sums(gx), g_w, g_b2)
     g_chain = tuple(None if g is None else _grad_like(g, p) for g, p in zip(g_chain, (b1, w, b2)))
     params = tuple(_grad_like(g, p) for g, p in zip((g_start, g_a, g_s1, g_s2), (start, a, scale1, scale2)))
@@ -263,10 +267,7 @@ def _rprelu_backward(grad, z, w):
         gx, sums = ops.rprelu_backward(grad, z, _vector(w, z.shape[1], z.dtype))
         return _as_layout_of(gx, z), sums.reshape(3, z.shape[1])
     with torch.no_grad():
-        positive = z > 0
-        w_b = w.reshape(-1).expand(z.shape[1]).reshape([1, -1] + [1] * (z.dim() - 2))
-        gx = torch.where(positive, grad, w_b * grad)
-        g_w = _channel_sums(torch.where(positive, torch.zeros_like(grad), z * grad))
+        gx, g_w = _prelu_backward_torch(grad, z, w)
         return _as_layout_of(gx.to(z.dtype), z), torch.stack([_channel_sums(grad), g_w, _channel_sums(gx)])
 
 
