@@ -101,7 +101,9 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
             ) from None
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({detail.strip()})") from None
     except Exception as exc:  # truncated zip, legacy pickle garbage, wrong magic number, ...
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, KeyError):  # the legacy loader read a byte that starts no pickle
+            msg = "neither a PyTorch zip archive nor a pickle"
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {msg}"
         ) from None

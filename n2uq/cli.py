@@ -1,12 +1,14 @@
 """The shared training command line (the reference's flag names) and error handling for scripts.
 
 Every script ends with ``run_main(main)``: a bad input becomes one line ``error: ...`` on stderr
-and exit code 2 (usage) or 1 (runtime failure); ``--debug`` shows the traceback instead.
+and exit code 2 (usage) or 1 (runtime failure); ``--debug`` shows the traceback instead. The
+inputs tried and the messages they give are listed in docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from typing import Callable, List, Optional, Sequence
@@ -18,7 +20,7 @@ from n2uq.pretrained import PretrainedError
 from n2uq.teacher import TeacherError
 
 __all__ = ["UsageError", "OneLineParser", "parse_bool", "build_train_parser", "validate_train_args",
-           "run_main"]
+           "check_ranges", "check_output_dir", "error_line", "run_main"]
 
 
 class UsageError(ValueError):
@@ -99,6 +101,10 @@ def build_train_parser(archs: Sequence[str], default_arch: str, default_bits: in
                    help="also write a mid-epoch checkpoint every N steps (0: only at epoch ends)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: cores / processes)")
+    g.add_argument("--skip_bad_images", action="store_true",
+                   help="skip unreadable images (counted in the logs) instead of stopping with their path")
+    g.add_argument("--skip_nonfinite", action="store_true",
+                   help="skip a batch whose loss is NaN/inf (counted) instead of stopping the run")
     g.add_argument("--log_every", type=int, default=50, help="TensorBoard train scalars every N steps")
     g.add_argument("--no_progress", action="store_true", help="no tqdm progress bars")
     g.add_argument("--check_only", action="store_true", help="validate flags and data layout, then exit")
@@ -106,15 +112,38 @@ def build_train_parser(archs: Sequence[str], default_arch: str, default_bits: in
     return p
 
 
+def check_ranges(positive: Optional[dict] = None, non_negative: Optional[dict] = None) -> None:
+    """Raise :class:`UsageError` for the first flag out of range; ``None`` values (unset) pass."""
+    for flag, value in (positive or {}).items():
+        if value is not None and not value > 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    for flag, value in (non_negative or {}).items():
+        if value is not None and value < 0:
+            raise UsageError(f"{flag} must be >= 0, got {value}")
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """``path`` must be a folder (or creatable as one) that this process can write into."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a file, not a folder; pass a folder")
+    parent = path
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent.rstrip(os.sep)) or "."
+    if not os.access(parent or ".", os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: cannot write into {parent or '.'} (permission denied); "
+                         f"pass a folder you can write to")
+
+
 def validate_train_args(args: argparse.Namespace, world_size: Optional[int] = None) -> None:
     """Cross-flag checks argparse cannot do; raises :class:`UsageError` / :class:`DataError`."""
     world_size = env_world_size() if world_size is None else world_size
     check_data_dir(args.data)
-    positive = {"--batch_size": args.batch_size, "--epochs": args.epochs, "--image_size": args.image_size,
-                "--val_resize": args.val_resize, "--learning_rate": args.learning_rate}
-    for flag, value in positive.items():
-        if not value > 0:
-            raise UsageError(f"{flag} must be positive, got {value}")
+    check_ranges({"--batch_size": args.batch_size, "--epochs": args.epochs, "--image_size": args.image_size,
+                  "--val_resize": args.val_resize, "--learning_rate": args.learning_rate,
+                  "--log_every": args.log_every},
+                 {"--workers": args.workers, "--epochs_per_run": args.epochs_per_run,
+                  "--steps_per_run": args.steps_per_run, "--save_every_steps": args.save_every_steps,
+                  "--threads": args.threads, "--weight_decay": args.weight_decay})
     if args.batch_size % world_size:
         raise UsageError(f"--batch_size {args.batch_size} is not divisible by the {world_size} processes; "
                          f"use a multiple of {world_size}")
@@ -124,31 +153,42 @@ def validate_train_args(args: argparse.Namespace, world_size: Optional[int] = No
         raise UsageError(f"--label_smooth must be in [0, 1), got {args.label_smooth}")
     if not 0.0 < args.min_crop_scale <= 1.0:
         raise UsageError(f"--min_crop_scale must be in (0, 1], got {args.min_crop_scale}")
-    if not 0.0 <= args.momentum < 1.0 or args.weight_decay < 0:
-        raise UsageError("--momentum must be in [0, 1) and --weight_decay >= 0")
-    if args.workers is not None and args.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {args.workers}")
-    if min(args.epochs_per_run, args.steps_per_run, args.save_every_steps, args.threads) < 0 or args.log_every < 1:
-        raise UsageError("--epochs_per_run, --steps_per_run, --save_every_steps and --threads must be >= 0, "
-                         "--log_every >= 1")
+    if not 0.0 <= args.momentum < 1.0:
+        raise UsageError(f"--momentum (Adam beta1) must be in [0, 1), got {args.momentum}")
     if args.amp == "fp16" and args.device == "cpu":
         raise UsageError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+    if args.teacher == "none" and args.teacher_weights not in ("imagenet", "none"):
+        raise UsageError(f"--teacher none conflicts with --teacher_weights {args.teacher_weights}; "
+                         f"name the teacher's architecture with --teacher, or drop --teacher_weights")
     if args.resume not in ("auto", "none") and not os.path.isfile(args.resume):
         raise UsageError(f"--resume file not found: {args.resume} (use auto, none or an existing checkpoint)")
     if args.pretrained not in ("auto", "torchvision", "authors", "none") and not os.path.isfile(args.pretrained):
         raise UsageError(f"--pretrained file not found: {args.pretrained} "
                          f"(use auto, torchvision, authors, none or an existing file)")
+    check_output_dir(args.save, "--save")
 
 
 _USAGE_ERRORS = (UsageError, DataError)
 _RUNTIME_ERRORS = (CheckpointError, PretrainedError, TeacherError, OSError, RuntimeError, ValueError)
 
 
+def error_line(exc: BaseException) -> str:
+    """The one-line message for ``exc``: its text on one line; OS errors with the file and a hint."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"no space left on the device{where}: free some space or write elsewhere, then run again"
+        return f"{exc.strerror}{where}"
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
 def run_main(main: Callable[[Optional[List[str]]], Optional[int]], argv: Optional[List[str]] = None) -> None:
     """Call ``main(argv)`` and exit: 0 on success, 2 on usage errors, 1 on runtime errors.
 
-    Errors print ``error: <message>`` (on every rank under torchrun, prefixed with the rank when
-    there are several); with ``--debug`` in ``argv`` the exception propagates with its traceback.
+    Errors print ``error: <message>`` on one line (on every rank under torchrun, prefixed with the
+    rank when there are several); with ``--debug`` in ``argv`` the exception propagates with its
+    traceback. Ctrl-C outside the training loop (which saves and stops on its own) exits 130.
     """
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -163,6 +203,6 @@ def run_main(main: Callable[[Optional[List[str]]], Optional[int]], argv: Optiona
             raise
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank is not None and env_world_size() > 1 else ""
-        sys.stderr.write(f"{prefix}error: {exc}\n")
+        sys.stderr.write(f"{prefix}error: {error_line(exc)}\n")
         sys.exit(2 if isinstance(exc, _USAGE_ERRORS) else 1)
     sys.exit(code or 0)

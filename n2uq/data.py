@@ -6,21 +6,30 @@ and hands each sample its own augmentation seed, which :class:`SeededDataset` ap
 random transforms. So a run resumed at any epoch (or at any step, with ``start_batch``) sees
 exactly the images and crops an uninterrupted run sees, whatever the number of loader workers.
 Validation shards the images over ranks without padding, so every image is counted once.
+
+Unreadable images (corrupt, truncated, not an image) never raise inside a loader worker:
+:class:`CheckedImageFolder` returns a :class:`BadSample` marker naming the file, and
+:func:`collate_checked` drops markers from the batch and hands them over beside it, so the training
+loop decides (stop with the path, or skip and count) on every rank alike.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Iterator, List, Sequence, Tuple
+import re
+import signal
+import threading
+from typing import Any, Iterator, List, NamedTuple, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import datasets, transforms
 
-__all__ = ["DataError", "IMAGENET_MEAN", "IMAGENET_STD", "train_transform", "val_transform",
-           "check_data_dir", "image_folder", "SeededDataset", "TrainSampler", "ShardSampler",
-           "build_train_loader", "build_val_loader"]
+__all__ = ["DataError", "BadImageError", "BadSample", "IMAGENET_MEAN", "IMAGENET_STD", "train_transform",
+           "val_transform", "check_data_dir", "CheckedImageFolder", "image_folder", "collate_checked",
+           "split_batch", "SeededDataset", "TrainSampler", "ShardSampler", "build_train_loader",
+           "build_val_loader"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,6 +37,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class DataError(ValueError):
     """The data directory is missing or not in the ``train/`` + ``val/`` ImageFolder layout."""
+
+
+class BadImageError(RuntimeError):
+    """An image file could not be read or decoded; the message names the file."""
+
+
+class BadSample(NamedTuple):
+    """Marker a :class:`CheckedImageFolder` returns in place of an unreadable image."""
+
+    path: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"unreadable image {self.path} ({self.reason})"
 
 
 def train_transform(image_size: int = 224, min_crop_scale: float = 0.08) -> transforms.Compose:
@@ -63,14 +86,65 @@ def check_data_dir(root: str) -> None:
                             f"{root}/val/<class>/*.jpg)")
 
 
-def image_folder(root: str, split: str, transform) -> datasets.ImageFolder:
+class CheckedImageFolder(datasets.ImageFolder):
+    """``ImageFolder`` that turns an unreadable image into a :class:`BadSample` (``mark_bad``) or a
+    one-line :class:`BadImageError` naming the file (the default, for direct indexing)."""
+
+    mark_bad = False
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        try:
+            sample = self.loader(path)
+            if self.transform is not None:
+                sample = self.transform(sample)
+        except Exception as exc:  # PIL raises many kinds: UnidentifiedImageError, OSError, SyntaxError, ...
+            first = (str(exc).strip().splitlines() or [""])[0]
+            first = re.sub(r"\s*<_io\.\w+ name=[^>]*>|\s*'" + re.escape(path) + "'", "", first).strip(" :")
+            bad = BadSample(path, f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+            if self.mark_bad:
+                return bad
+            raise BadImageError(f"{bad.describe()}; replace or remove the file") from None
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target
+
+
+def image_folder(root: str, split: str, transform) -> CheckedImageFolder:
     """``ImageFolder(root/split)``; an empty tree or an empty class folder is a one-line :class:`DataError`."""
     path = os.path.join(root, split)
     try:
-        ds = datasets.ImageFolder(path, transform=transform)
+        ds = CheckedImageFolder(path, transform=transform)
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
     return ds
+
+
+def collate_checked(batch: Sequence[Any]) -> Tuple[torch.Tensor, torch.Tensor, List[BadSample]]:
+    """``(images, targets, bad)``: the readable samples collated, the :class:`BadSample` markers apart.
+
+    A batch without a readable image gives empty ``images``/``targets`` tensors.
+    """
+    good = [s for s in batch if not isinstance(s, BadSample)]
+    bad = [s for s in batch if isinstance(s, BadSample)]
+    if good:
+        images, targets = default_collate(good)
+    else:
+        images, targets = torch.empty(0), torch.empty(0, dtype=torch.long)
+    return images, targets, bad
+
+
+def split_batch(batch: Sequence[Any]) -> Tuple[torch.Tensor, torch.Tensor, List[BadSample]]:
+    """``(images, targets, bad)`` from a :func:`collate_checked` batch or a plain ``(images, targets)`` one."""
+    if len(batch) == 3:
+        return batch[0], batch[1], [BadSample(*b) for b in batch[2]]
+    return batch[0], batch[1], []
+
+
+def _mark_bad(dataset: Dataset) -> None:
+    inner = getattr(dataset, "dataset", dataset)
+    if isinstance(inner, CheckedImageFolder):
+        inner.mark_bad = True
 
 
 class SeededDataset(Dataset):
@@ -146,10 +220,33 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+def _worker_signals(worker_id: int) -> None:
+    """Loader workers leave stop signals to the main process, which saves and stops cleanly.
+
+    Ctrl-C and schedulers signal every process of a job; a worker that died of it would make the
+    main process fail instead of saving. So workers ignore SIGINT, and obey SIGTERM only when the
+    main process sends it (``DataLoader`` shutdown and interpreter exit terminate workers that
+    way): SIGTERM is blocked and a thread reads the sender of each one. Workers still exit on
+    their own when the main process goes away.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # not on macOS / Windows: keep the default
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait_for_parent() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(128 + signal.SIGTERM)  # what SIGTERM's default action amounts to
+
+    threading.Thread(target=wait_for_parent, name="sigterm-from-parent", daemon=True).start()
+
+
 def _loader_kwargs(workers: int, pin_memory: bool) -> dict:
     kwargs = {"num_workers": workers, "pin_memory": pin_memory}
     if workers > 0:
-        kwargs["persistent_workers"] = True
+        kwargs.update(persistent_workers=True, worker_init_fn=_worker_signals)
     return kwargs
 
 
@@ -157,16 +254,19 @@ def build_train_loader(dataset: Dataset, batch_size: int, rank: int, world_size:
                        workers: int, pin_memory: bool = False) -> DataLoader:
     """Loader over :class:`SeededDataset` with a :class:`TrainSampler`; ``batch_size`` per rank.
 
-    Drops the last incomplete batch (a batch of one breaks BatchNorm in training mode).
+    Drops the last incomplete batch (a batch of one breaks BatchNorm in training mode). Batches
+    are :func:`collate_checked` triples; unreadable images come back as markers, not exceptions.
     """
     sampler = TrainSampler(len(dataset), rank, world_size, seed)  # type: ignore[arg-type]
+    _mark_bad(dataset)
     return DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, drop_last=True,
-                      **_loader_kwargs(workers, pin_memory))
+                      collate_fn=collate_checked, **_loader_kwargs(workers, pin_memory))
 
 
 def build_val_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, workers: int,
                      pin_memory: bool = False) -> DataLoader:
     """Loader over this rank's shard of ``dataset`` (:class:`ShardSampler`); ``batch_size`` per rank."""
     sampler = ShardSampler(len(dataset), rank, world_size)  # type: ignore[arg-type]
+    _mark_bad(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
-                      **_loader_kwargs(workers, pin_memory))
+                      collate_fn=collate_checked, **_loader_kwargs(workers, pin_memory))

@@ -4,6 +4,11 @@
 groups, LambdaLR stepped at the start of every epoch, KD from a frozen teacher or label-smoothed
 CE without one), full-precision initialisation with a report, exact resume, AMP, logging.
 ``evaluate(model, loader, device)`` is the validation used here and by ``scripts/evaluate.py``.
+
+Faults (docs/reliability.md): an unreadable image stops the run with its path after saving the
+position reached (``--skip_bad_images``: skipped and counted); a non-finite loss stops it without
+a step or a save, so the last checkpoint stays the last good state (``--skip_nonfinite``: the
+batch is skipped and counted); all ranks take the same decision at the same step.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import random
 import time
 from argparse import Namespace
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -22,27 +27,36 @@ from torch import nn
 from tqdm import tqdm
 
 from n2uq import data as D
-from n2uq.checkpoint import load_state_dict_strict
+from n2uq.checkpoint import CheckpointError, infer_config, load_state_dict_strict
+from n2uq.cli import UsageError
 from n2uq.distributed import DistEnv, all_reduce_sum, barrier, cleanup, init_distributed, is_distributed
 from n2uq.losses import kd_loss, label_smooth_ce
 from n2uq.metrics import MetricsLogger, topk_correct
 from n2uq.pretrained import load_pretrained
 from n2uq.recipe import RESNET_ALPHA_PATTERNS, build_optimizer, build_scheduler, scheduler_step
-from n2uq.run_control import RunControl
+from n2uq.run_control import RunControl, all_ranks_sum, gather_lists
 from n2uq.teacher import build_teacher
 from n2uq.train_state import (
     BEST_NAME,
     CHECKPOINT_NAME,
+    SKIP_COUNTERS,
     TrainProgress,
     atomic_save,
     build_checkpoint,
     read_training_checkpoint,
+    remove_stale_temps,
     restore_rng,
 )
 
-__all__ = ["fit", "train_one_epoch", "evaluate", "autocast", "configure_threads", "default_workers"]
+__all__ = ["NonFiniteError", "fit", "train_one_epoch", "evaluate", "autocast", "configure_threads",
+           "default_workers"]
+
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteError(RuntimeError):
+    """The loss (or, at a save, the weights) stopped being finite; nothing was saved."""
 
 
 def autocast(device: torch.device, amp: str = "none"):
@@ -80,15 +94,24 @@ def _to_device(images: torch.Tensor, target: torch.Tensor, device: torch.device,
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", channels_last: bool = False,
-             progress: bool = False, desc: str = "val") -> Dict[str, float]:
+             progress: bool = False, desc: str = "val", skip_bad: bool = False) -> Dict[str, Any]:
     """Top-1/top-5 (percent), mean CE loss and image count over ``loader``, summed over all ranks.
 
     Use a loader whose sampler gives each image to exactly one rank (``n2uq.data.ShardSampler``)
-    and every image is counted once. Leaves the model in eval mode.
+    and every image is counted once. An unreadable image raises :class:`~n2uq.data.BadImageError`
+    naming it (on every rank, after the loop), or with ``skip_bad`` is left out: ``count`` is then
+    the number of images evaluated, ``skipped`` the number left out and ``skipped_images`` their
+    paths, so ``count + skipped`` is the size of the split. Leaves the model in eval mode.
     """
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, count
-    for images, target in _progress_bar(loader, len(loader), desc, progress):
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, count, unreadable
+    bad_here: List[D.BadSample] = []
+    for batch in _progress_bar(loader, len(loader), desc, progress):
+        images, target, bad = D.split_batch(batch)
+        bad_here += bad
+        sums[4] += len(bad)
+        if target.numel() == 0:
+            continue
         images, target = _to_device(images, target, device, channels_last)
         with autocast(device, amp):
             logits = model(images)
@@ -97,62 +120,101 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", 
         sums[1:3] += topk_correct(logits, target, (1, 5)).to(device)
         sums[3] += target.numel()
     all_reduce_sum(sums)
-    loss, top1, top5, count = sums.tolist()
-    count = max(count, 1.0)
-    return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "loss": loss / count,
-            "count": int(sums[3].item())}
+    loss, top1, top5, count, unreadable = sums.tolist()
+    bad_all = gather_lists(bad_here) if unreadable else []
+    if bad_all and not skip_bad:
+        raise D.BadImageError(f"{_name_bad(bad_all)} while evaluating ({desc}); replace or remove the file, or pass "
+                              f"--skip_bad_images to leave unreadable images out (they are counted)")
+    count_ = max(count, 1.0)
+    return {"top1": 100.0 * top1 / count_, "top5": 100.0 * top5 / count_, "loss": loss / count_,
+            "count": int(count), "skipped": int(unreadable), "skipped_images": [b.path for b in bad_all]}
+
+
+def _name_bad(bad: Sequence[D.BadSample]) -> str:
+    more = f" (+{len(bad) - 1} more unreadable)" if len(bad) > 1 else ""
+    return bad[0].describe() + more
 
 
 def train_one_epoch(model: nn.Module, teacher: Optional[nn.Module], loader, optimizer, scaler,
                     env: DistEnv, args: Namespace, epoch: int, logger: Optional[MetricsLogger] = None,
-                    start_step: int = 0, after_step: Optional[Callable[[int], bool]] = None) -> Dict[str, Any]:
+                    start_step: int = 0, after_step: Optional[Callable[[int], bool]] = None,
+                    skipped: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
     """One pass over this rank's shard; returns loss and top-1/top-5 (percent) over all ranks.
 
     The loss is :func:`~n2uq.losses.kd_loss` against ``teacher`` when there is one, else
     label-smoothed cross-entropy. ``start_step`` numbers the first batch (resume inside an epoch).
-    ``after_step(steps done in this epoch)`` runs after every optimizer step; when it returns True
-    the epoch ends there (``stopped`` in the result).
+    ``after_step(steps done in this epoch)`` runs after every step (also a skipped one); when it
+    returns True the epoch ends there (``stopped`` in the result).
+
+    Faults, decided alike on every rank: unreadable images raise :class:`~n2uq.data.BadImageError`
+    (its ``steps_done`` attribute is the position before the batch) unless ``args.skip_bad_images``,
+    which trains on the readable rest of the batch and skips the step when a rank has fewer than
+    two left (BatchNorm in training mode needs two); a non-finite loss raises
+    :class:`NonFiniteError` before the optimizer step unless ``args.skip_nonfinite``, which skips
+    the step (the AMP scaler is neither stepped nor updated). ``skipped`` (updated in place) counts
+    ``bad_images``, ``nonfinite_batches`` and ``short_batches``.
     """
     device = env.device
+    skip_bad, skip_nonfinite = getattr(args, "skip_bad_images", False), getattr(args, "skip_nonfinite", False)
+    skipped = dict.fromkeys(SKIP_COUNTERS, 0) if skipped is None else skipped
     model.train()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss·n, top-1, top-5, n
     steps = len(loader)
     bar = _progress_bar(loader, steps, f"epoch {epoch + 1}/{args.epochs}", env.is_main and not args.no_progress)
     t0 = time.time()
     stopped = False
-    for step, (images, target) in enumerate(bar, start=start_step):
-        images, target = _to_device(images, target, device, args.channels_last)
-        with autocast(device, args.amp):
-            logits = model(images)
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher(images)
-                loss = kd_loss(logits, teacher_logits)
-            else:
-                loss = label_smooth_ce(logits, target, args.label_smooth)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+    for step, batch in enumerate(bar, start=start_step):
+        images, target, bad = D.split_batch(batch)
+        short = target.numel() == 0 or (bool(bad) and target.numel() == 1)  # shrunk below what BatchNorm needs
+        n_bad, n_short = all_ranks_sum([len(bad), short], device)
+        if n_bad:
+            _unreadable_images(bad, epoch, step, skip_bad, logger, env)
+            skipped["bad_images"] += int(n_bad)
+        if n_short:  # a rank has fewer than 2 readable images left (BatchNorm needs 2): all skip the step
+            skipped["short_batches"] += 1
         else:
-            loss.backward()
-            optimizer.step()
-
-        n = target.numel()
-        with torch.no_grad():
-            sums[0] += loss.detach().double() * n
-            sums[1:3] += topk_correct(logits.detach().float(), target, (1, 5)).to(device)
-            sums[3] += n
+            images, target = _to_device(images, target, device, args.channels_last)
+            with autocast(device, args.amp):
+                logits = model(images)
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(images)
+                    loss = kd_loss(logits, teacher_logits)
+                else:
+                    loss = label_smooth_ce(logits, target, args.label_smooth)
+            optimizer.zero_grad(set_to_none=True)
+            (scaler.scale(loss) if scaler is not None else loss).backward()  # every rank: DDP reduces here
+            check = torch.stack([(~torch.isfinite(loss.detach())).double(), loss.detach().double()])
+            if all_reduce_sum(check)[0].item():  # the summed loss is non-finite too: reported on every rank
+                value = check[1].item()
+                where = f"epoch {epoch + 1}, step {step + 1}/{start_step + steps}"
+                if not skip_nonfinite:
+                    raise NonFiniteError(f"non-finite loss ({value}) in {where}; stopped before the optimizer step")
+                optimizer.zero_grad(set_to_none=True)
+                skipped["nonfinite_batches"] += 1
+                _say(env, f"skipped a batch with a non-finite loss ({value}) in {where}")
+                if logger is not None:
+                    logger.log({"event": "skipped_batch", "reason": "nonfinite_loss", "epoch": epoch,
+                                "step": step, "loss": str(value)})
+            else:
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                n = target.numel()
+                with torch.no_grad():
+                    sums[0] += loss.detach().double() * n
+                    sums[1:3] += topk_correct(logits.detach().float(), target, (1, 5)).to(device)
+                    sums[3] += n
+                if logger is not None and (step + 1) % args.log_every == 0:
+                    global_step = epoch * (steps + start_step) + step + 1
+                    logger.scalars({"train/loss_step": loss.item()}, global_step)
         done = step + 1 - start_step
         if env.is_main and (done % 10 == 0 or done == steps):
-            seen = sums[3].item() * env.world_size
-            bar.set_postfix(loss=f"{sums[0].item() / sums[3].item():.3f}",
-                            top1=f"{100 * sums[1].item() / sums[3].item():.1f}",
+            seen, count = sums[3].item() * env.world_size, max(sums[3].item(), 1.0)
+            bar.set_postfix(loss=f"{sums[0].item() / count:.3f}", top1=f"{100 * sums[1].item() / count:.1f}",
                             img_s=f"{seen / (time.time() - t0):.0f}", refresh=False)
-        if logger is not None and (step + 1) % args.log_every == 0:
-            global_step = epoch * (steps + start_step) + step + 1
-            logger.scalars({"train/loss_step": loss.item()}, global_step)
         if after_step is not None and after_step(step + 1):
             stopped = True
             break
@@ -161,7 +223,24 @@ def train_one_epoch(model: nn.Module, teacher: Optional[nn.Module], loader, opti
     n = max(sums[3].item(), 1.0)
     return {"loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
             "images": int(sums[3].item()), "img_per_s": sums[3].item() / max(elapsed, 1e-9), "time_s": elapsed,
-            "stopped": stopped}
+            "stopped": stopped, "skipped": dict(skipped)}
+
+
+def _unreadable_images(bad: List[D.BadSample], epoch: int, step: int, skip: bool,
+                       logger: Optional[MetricsLogger], env: DistEnv) -> None:
+    """Log (``skip``) or raise for the unreadable images of this step on all ranks (all ranks call it)."""
+    bad_all = gather_lists(bad)
+    where = f"epoch {epoch + 1}, step {step + 1}"
+    if not skip:
+        exc = D.BadImageError(f"{_name_bad(bad_all)} in {where}; replace or remove the file, or pass "
+                              f"--skip_bad_images to skip unreadable images (they are counted in the logs)")
+        exc.steps_done = step  # type: ignore[attr-defined]
+        raise exc
+    for b in bad_all:
+        _say(env, f"skipped {b.describe()} in {where}")
+        if logger is not None:
+            logger.log({"event": "bad_image", "split": "train", "epoch": epoch, "step": step, "path": b.path,
+                        "reason": b.reason})
 
 
 def _sync_buffers(model: nn.Module) -> None:
@@ -229,8 +308,11 @@ def _fit(env: DistEnv, build_model, args: Namespace, alpha_patterns, run_name: s
     train_ds = D.image_folder(args.data, "train", D.train_transform(args.image_size, args.min_crop_scale))
     val_ds = D.image_folder(args.data, "val", D.val_transform(args.image_size, args.val_resize))
     if train_ds.classes != val_ds.classes:
-        raise D.DataError(f"{args.data}: train/ and val/ have different class folders "
-                          f"({len(train_ds.classes)} vs {len(val_ds.classes)})")
+        only_train = sorted(set(train_ds.classes) - set(val_ds.classes))
+        only_val = sorted(set(val_ds.classes) - set(train_ds.classes))
+        raise D.DataError(f"{args.data}: train/ and val/ have different class folders (only in train/: "
+                          f"{', '.join(only_train[:3]) or '-'}; only in val/: {', '.join(only_val[:3]) or '-'}); "
+                          f"give both the same class folders")
     num_classes = len(train_ds.classes)
     per_rank_batch = args.batch_size // env.world_size
     if len(train_ds) < args.batch_size:
@@ -242,8 +324,17 @@ def _fit(env: DistEnv, build_model, args: Namespace, alpha_patterns, run_name: s
     model = build_model(num_classes)
     config = {**config, "num_classes": num_classes}
     run_dir = os.path.join(args.save, run_name)
+    if env.is_main:
+        for tmp in remove_stale_temps(run_dir):
+            _say(env, f"removed {tmp}, left by a save that was interrupted")
+    layout = {"world_size": env.world_size, "train_images": len(train_ds)}
     resume_path = _resolve_resume(args.resume, run_dir)
-    if resume_path is None:
+    ckpt = None
+    if resume_path is not None:
+        ckpt = _read_resume(resume_path, args.resume == "auto")
+        source = f"--resume {resume_path}" if args.resume != "auto" else f"the run's checkpoint {resume_path}"
+        _check_resume(ckpt, source, config, args, layout)
+    else:
         report = load_pretrained(model, args.pretrained, config.get("arch", ""),
                                  bool(config.get("quantize_downsample", False)), args.models_dir)
         if report is not None and env.is_main:
@@ -260,8 +351,7 @@ def _fit(env: DistEnv, build_model, args: Namespace, alpha_patterns, run_name: s
     scheduler = build_scheduler(optimizer, args.epochs)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
     progress = TrainProgress()
-    if resume_path is not None:
-        ckpt = read_training_checkpoint(resume_path)
+    if ckpt is not None:
         load_state_dict_strict(model, ckpt["state_dict"], source=resume_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scheduler"):
@@ -271,9 +361,11 @@ def _fit(env: DistEnv, build_model, args: Namespace, alpha_patterns, run_name: s
         if ckpt.get("rng"):
             restore_rng(ckpt["rng"])
         progress = TrainProgress(int(ckpt["next_epoch"]), int(ckpt["step_in_epoch"]),
-                                 float(ckpt.get("best_top1_acc", 0.0)))
-        _say(env, f"resumed from {resume_path}: next epoch {progress.next_epoch + 1}, "
+                                 float(ckpt.get("best_top1_acc", 0.0)), dict(ckpt["skipped"]))
+        at = f", step {progress.step_in_epoch}" if progress.step_in_epoch else ""
+        _say(env, f"resumed from {resume_path}: next epoch {progress.next_epoch + 1}{at}, "
                   f"best top-1 {progress.best_top1:.2f}")
+        del ckpt
 
     teacher = build_teacher(args.teacher, args.teacher_weights, num_classes)
     if teacher is not None:
@@ -294,32 +386,42 @@ def _fit(env: DistEnv, build_model, args: Namespace, alpha_patterns, run_name: s
               f"batch {args.batch_size} ({per_rank_batch} per process), "
               f"{'KD from ' + args.teacher if teacher is not None else 'label-smoothed CE (no teacher)'}")
     logger.log({"event": "start", "run": run_name, "world_size": env.world_size, "resume": resume_path,
-                "next_epoch": progress.next_epoch, "args": _plain_args(args)})
+                "next_epoch": progress.next_epoch, "step_in_epoch": progress.step_in_epoch,
+                "args": _plain_args(args)})
+    kept = {"at": f"{resume_path} ({_position(progress)})" if resume_path else "no checkpoint yet"}
 
     def save(state: TrainProgress, val: Optional[Dict[str, float]] = None, best: bool = False) -> None:
+        _check_finite_weights(model, state, device)
         if env.is_main:
             ckpt = build_checkpoint(model, optimizer, scheduler, scaler, state, args=_plain_args(args),
-                                    config=config, classes=train_ds.classes, val=val)
-            atomic_save(ckpt, os.path.join(run_dir, CHECKPOINT_NAME))
-            if best:
+                                    config=config, classes=train_ds.classes, val=val, extra=layout)
+            if best:  # first: a kill in between leaves the older checkpoint, whose resume redoes this best
                 atomic_save(ckpt, os.path.join(run_dir, BEST_NAME))
+            atomic_save(ckpt, os.path.join(run_dir, CHECKPOINT_NAME))
         barrier()
+        kept["at"] = f"{os.path.join(run_dir, CHECKPOINT_NAME)} ({_position(state)})"
 
     last_val: Dict[str, float] = {}
-    with RunControl(args.steps_per_run, args.epochs_per_run, device) as control:
-        for epoch in range(progress.next_epoch, args.epochs):
-            if control.stop_before_epoch():
-                _say(env, f"stopping before epoch {epoch + 1}: {control.reason()}; run again to resume")
-                break
-            progress, last_val, stopped = _run_epoch(
-                env, args, epoch, progress, train_model, model, teacher, train_loader, val_loader, len(val_ds),
-                optimizer, scheduler, scaler, logger, control, save, per_rank_batch)
-            if stopped:
-                _say(env, f"stopped in epoch {epoch + 1} after step {progress.step_in_epoch}: {control.reason()}; "
-                          f"checkpoint saved, run again to resume")
-                break
-            control.epoch_done()
-    logger.close()
+    try:
+        with RunControl(args.steps_per_run, args.epochs_per_run, device) as control:
+            for epoch in range(progress.next_epoch, args.epochs):
+                if control.stop_before_epoch():
+                    _say(env, f"stopping before epoch {epoch + 1}: {control.reason()}; run again to resume")
+                    break
+                progress, last_val, stopped = _run_epoch(
+                    env, args, epoch, progress, train_model, model, teacher, train_loader, val_loader,
+                    len(val_ds), optimizer, scheduler, scaler, logger, control, save, per_rank_batch)
+                if stopped:
+                    _say(env, f"stopped in epoch {epoch + 1} after step {progress.step_in_epoch}: "
+                              f"{control.reason()}; checkpoint saved, run again to resume")
+                    break
+                control.epoch_done()
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"{exc}; nothing was saved, the last good state is {kept['at']}. Lower "
+                             f"--learning_rate or check the data and run again to resume from it, or pass "
+                             f"--skip_nonfinite to skip such batches") from None
+    finally:
+        logger.close()
     if progress.next_epoch >= args.epochs:
         _say(env, f"finished {args.epochs} epochs: best val top-1 {progress.best_top1:.2f} "
                   f"({os.path.join(run_dir, BEST_NAME)})")
@@ -327,49 +429,142 @@ def _fit(env: DistEnv, build_model, args: Namespace, alpha_patterns, run_name: s
             "next_epoch": progress.next_epoch, "step_in_epoch": progress.step_in_epoch}
 
 
+def _position(state: TrainProgress) -> str:
+    if state.step_in_epoch:
+        return f"epoch {state.next_epoch + 1} after step {state.step_in_epoch}"
+    return f"end of epoch {state.next_epoch}" if state.next_epoch else "before epoch 1"
+
+
+def _read_resume(path: str, auto: bool) -> Dict[str, Any]:
+    try:
+        return read_training_checkpoint(path)
+    except CheckpointError as exc:
+        hint = ("move it away or pass --resume none to start over (model_best.pth.tar beside it holds the "
+                "best epoch)") if auto else "pass another --resume file, or --resume none to start over"
+        raise CheckpointError(f"cannot resume: {str(exc).rstrip('.')}; {hint}") from None
+
+
+_CONFIG_KEYS = ("arch", "n_bit", "quantize_downsample", "num_classes", "full_precision")
+
+
+def _check_resume(ckpt: Dict[str, Any], source: str, config: Dict[str, Any], args: Namespace,
+                  layout: Dict[str, int]) -> None:
+    """The checkpoint to resume (``source`` names it) must be of this run's model, and a mid-epoch
+    one of this run's data layout."""
+    saved = ckpt.get("config") or {}
+    if not saved:  # a reference checkpoint: what its state dict says
+        try:
+            saved = infer_config(ckpt["state_dict"]).as_dict()
+        except CheckpointError:
+            saved = {}
+    diffs = [f"{k} {saved.get(k)} vs {config.get(k)}" for k in _CONFIG_KEYS
+             if k in saved and saved.get(k) != config.get(k) and not (k == "full_precision" and not saved[k])]
+    if config.get("full_precision") and not saved.get("full_precision") and saved:
+        diffs.append("a quantized model vs a full-precision run")
+    if diffs:
+        raise UsageError(f"{source} holds another model ({', '.join(diffs)}: checkpoint vs this run); "
+                         f"pass the flags it was trained with, or --resume none (or another --save) to start "
+                         f"a new run")
+    if int(ckpt["step_in_epoch"]) > 0:
+        before = {"--batch_size": (ckpt.get("args") or {}).get("batch_size"),
+                  "--seed": (ckpt.get("args") or {}).get("seed"),
+                  "process count": ckpt.get("world_size"), "train images": ckpt.get("train_images")}
+        now = {"--batch_size": args.batch_size, "--seed": args.seed, "process count": layout["world_size"],
+               "train images": layout["train_images"]}
+        diffs = [f"{k} {before[k]} vs {now[k]}" for k in before if before[k] is not None and before[k] != now[k]]
+        if diffs:
+            raise UsageError(f"{source} stopped inside epoch {int(ckpt['next_epoch']) + 1} (step "
+                             f"{ckpt['step_in_epoch']}) and this run differs ({', '.join(diffs)}: checkpoint vs "
+                             f"now), so samples would be repeated or skipped; resume with the same values")
+
+
+def _check_finite_weights(model: nn.Module, state: TrainProgress, device: torch.device) -> None:
+    """Refuse to save non-finite weights or buffers (all ranks take the same decision)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any().double() if tensors else torch.zeros(())
+    if all_ranks_sum([bad.item()], device)[0]:
+        raise NonFiniteError(f"non-finite weights at the save of {_position(state)}; not saved")
+
+
 def _run_epoch(env, args, epoch, progress, train_model, model, teacher, train_loader, val_loader, val_size,
                optimizer, scheduler, scaler, logger, control, save, per_rank_batch):
     """Train (from ``progress.step_in_epoch``), validate, checkpoint and log one epoch.
 
     Returns ``(progress, val, stopped)``; when a stop is requested inside the epoch, a mid-epoch
-    checkpoint is written and validation is skipped. ``--save_every_steps`` writes one too.
+    checkpoint is written and validation is skipped. ``--save_every_steps`` writes one too. An
+    unreadable image (without ``--skip_bad_images``) saves the position before its batch, then raises.
     """
     device = env.device
     if progress.step_in_epoch == 0:
         scheduler_step(scheduler)  # at the start of the epoch, as the reference
+        progress = TrainProgress(progress.next_epoch, 0, progress.best_top1)
     train_loader.sampler.set_epoch(epoch, progress.step_in_epoch, per_rank_batch)
     steps_in_epoch = progress.step_in_epoch + len(train_loader)
     lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
     best_so_far = progress.best_top1
-    last_done = [progress.step_in_epoch]
+    skipped = dict(progress.skipped)
+    last_done, saved_at = [progress.step_in_epoch], [progress.step_in_epoch]
+
+    def at(done: int) -> TrainProgress:
+        return TrainProgress(epoch, done, best_so_far, dict(skipped))
 
     def after_step(done: int) -> bool:
         last_done[0] = done
         stop = control.step_done() and done < steps_in_epoch  # the last step finishes the epoch first
         if stop or (args.save_every_steps and done % args.save_every_steps == 0 and done < steps_in_epoch):
-            save(TrainProgress(epoch, done, best_so_far))
+            save(at(done))
+            saved_at[0] = done
         return stop
 
-    train = train_one_epoch(train_model, teacher, train_loader, optimizer, scaler, env, args, epoch, logger,
-                            start_step=progress.step_in_epoch, after_step=after_step)
+    try:
+        train = train_one_epoch(train_model, teacher, train_loader, optimizer, scaler, env, args, epoch, logger,
+                                start_step=progress.step_in_epoch, after_step=after_step, skipped=skipped)
+    except D.BadImageError as exc:
+        done = getattr(exc, "steps_done", 0)
+        if done == 0:  # nothing done in this epoch: the checkpoint of the previous one is the position
+            raise
+        if done > saved_at[0]:
+            save(at(done))
+        raise D.BadImageError(f"{exc}; the position before it (epoch {epoch + 1} after step {done}) is saved, "
+                              f"run again to resume there") from None
     if train["stopped"]:
-        return TrainProgress(epoch, last_done[0], best_so_far), {}, True
+        return at(last_done[0]), {}, True
     _sync_buffers(model)
-    last_val = evaluate(model, val_loader, device, args.amp, args.channels_last,
-                        progress=env.is_main and not args.no_progress)
-    if last_val["count"] != val_size:
-        raise RuntimeError(f"validation counted {last_val['count']} images, expected {val_size}")
+    try:
+        last_val = evaluate(model, val_loader, device, args.amp, args.channels_last,
+                            progress=env.is_main and not args.no_progress, skip_bad=args.skip_bad_images)
+    except D.BadImageError as exc:
+        if steps_in_epoch > saved_at[0]:
+            save(at(steps_in_epoch))  # the trained epoch, before its validation
+        raise D.BadImageError(f"{exc}; the epoch's training is saved, run again to validate and go on") from None
+    if last_val["count"] + last_val["skipped"] != val_size:
+        raise RuntimeError(f"validation counted {last_val['count']} images (+{last_val['skipped']} unreadable), "
+                           f"expected {val_size}")
+    bad_val = last_val.pop("skipped_images")
+    for path in bad_val:
+        _say(env, f"left out unreadable validation image {path}")
+        logger.log({"event": "bad_image", "split": "val", "epoch": epoch, "path": path})
     is_best = last_val["top1"] > progress.best_top1
     progress = TrainProgress(epoch + 1, 0, max(progress.best_top1, last_val["top1"]))
-    save(progress, last_val, best=is_best)
     img_s = train["img_per_s"]
-    _say(env, f"epoch {epoch + 1}/{args.epochs} lr {lrs.get('other', 0.0):.3g} | train loss "
-              f"{train['loss']:.4f} top-1 {train['top1']:.2f} | val top-1 {last_val['top1']:.2f} top-5 "
-              f"{last_val['top5']:.2f} (best {progress.best_top1:.2f}) | {img_s:.0f} img/s "
-              f"{train['time_s']:.0f}s")
     logger.log({"event": "epoch", "epoch": epoch, "lr": lrs, "train": train, "val": last_val,
-                "best_top1": progress.best_top1, "img_per_s": img_s})
+                "best_top1": progress.best_top1, "img_per_s": img_s, "skipped": skipped})
     logger.scalars({"train/loss": train["loss"], "train/top1": train["top1"], "train/top5": train["top5"],
                     "val/loss": last_val["loss"], "val/top1": last_val["top1"], "val/top5": last_val["top5"],
                     "train/img_per_s": img_s, **{f"lr/{k}": v for k, v in lrs.items()}}, epoch + 1)
+    save(progress, last_val, best=is_best)
+    trained = (f"train loss {train['loss']:.4f} top-1 {train['top1']:.2f}" if train["images"]
+               else "no training step in this invocation")
+    _say(env, f"epoch {epoch + 1}/{args.epochs} lr {lrs.get('other', 0.0):.3g} | {trained} | val top-1 "
+              f"{last_val['top1']:.2f} top-5 {last_val['top5']:.2f} (best {progress.best_top1:.2f}) | "
+              f"{img_s:.0f} img/s {train['time_s']:.0f}s{_skipped_note(skipped, last_val['skipped'])}")
     return progress, last_val, False
+
+
+def _skipped_note(skipped: Dict[str, int], val_skipped: int) -> str:
+    parts = [f"{skipped['bad_images']} unreadable train image(s)" if skipped["bad_images"] else "",
+             f"{val_skipped} unreadable val image(s)" if val_skipped else "",
+             f"{skipped['nonfinite_batches']} non-finite-loss batch(es)" if skipped["nonfinite_batches"] else "",
+             f"{skipped['short_batches']} batch(es) left with < 2 readable images" if skipped["short_batches"] else ""]
+    parts = [p for p in parts if p]
+    return f" | skipped {', '.join(parts)}" if parts else ""

@@ -35,6 +35,7 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
+        _end_with_newline(self.path)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -44,7 +45,10 @@ class MetricsLogger:
                 self.writer = None
 
     def log(self, record: Mapping[str, Any]) -> None:
-        """Write ``record`` (plus a wall-clock ``time``) as one JSON line."""
+        """Write ``record`` (plus a wall-clock ``time``) as one JSON line, in one ``write`` call.
+
+        A run resumed after a kill may log part of an epoch again; readers take the last record.
+        """
         if not self.enabled:
             return
         line = json.dumps({**record, "time": round(time.time(), 3)}, sort_keys=False)
@@ -64,14 +68,35 @@ class MetricsLogger:
             self.writer.close()
 
 
+def _end_with_newline(path: str) -> None:
+    """Terminate a last line torn by a crash or a full disk, so the next record starts a line."""
+    try:
+        with open(path, "rb+") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    except FileNotFoundError:
+        pass
+
+
 def read_metrics(path: str, event: Optional[str] = None) -> list:
-    """Records of a metrics file (optionally only those with ``event == event``)."""
+    """Records of a metrics file (optionally only those with ``event == event``).
+
+    Lines that are not JSON objects (torn by a crash or a full disk) are left out.
+    """
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
-            if line:
+            if not line:
+                continue
+            try:
                 rec: Dict[str, Any] = json.loads(line)
-                if event is None or rec.get("event") == event:
-                    out.append(rec)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and (event is None or rec.get("event") == event):
+                out.append(rec)
     return out

@@ -2,24 +2,28 @@
 
 Schedulers send SIGTERM (and users Ctrl-C) before killing a job; :class:`RunControl` turns the
 first one into a request that the engine honours at the next step boundary by saving a
-mid-epoch checkpoint and returning. A second SIGINT raises ``KeyboardInterrupt`` as usual. Under
-torchrun every rank learns of a request on any rank (one all-reduce per step), so all ranks stop
-at the same step.
+mid-epoch checkpoint and returning. A second SIGINT, at least ``REPEAT_WINDOW_S`` after the
+first, raises ``KeyboardInterrupt`` as usual (under torchrun one Ctrl-C reaches each rank twice:
+from the terminal and forwarded by torchrun). Under torchrun every rank learns of a request on
+any rank (one all-reduce per step), so all ranks stop at the same step.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
-from typing import Optional
+import time
+from typing import Any, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from n2uq.distributed import all_reduce_sum, is_distributed
 
-__all__ = ["RunControl"]
+__all__ = ["RunControl", "all_ranks_sum", "gather_lists"]
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+REPEAT_WINDOW_S = 2.0
 
 
 class RunControl:
@@ -29,6 +33,7 @@ class RunControl:
         self.steps_per_run, self.epochs_per_run = steps_per_run, epochs_per_run
         self.steps, self.epochs = 0, 0
         self.signal_name: Optional[str] = None
+        self._first_at = 0.0
         self.device = device or torch.device("cpu")
         self._previous = {}
 
@@ -44,9 +49,11 @@ class RunControl:
         self._previous.clear()
 
     def _on_signal(self, signum, frame) -> None:
-        if self.signal_name is not None and signum == signal.SIGINT:
+        now = time.monotonic()
+        if self.signal_name is not None and signum == signal.SIGINT and now - self._first_at >= REPEAT_WINDOW_S:
             raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+        if self.signal_name is None:
+            self.signal_name, self._first_at = signal.Signals(signum).name, now
 
     def _agreed(self, local: bool) -> bool:
         if not is_distributed():
@@ -71,3 +78,24 @@ class RunControl:
 
     def reason(self) -> str:
         return f"{self.signal_name} received" if self.signal_name else "budget of this invocation spent"
+
+
+def all_ranks_sum(values: Sequence[float], device: Optional[torch.device] = None) -> List[float]:
+    """``values`` summed element-wise over all processes (as given in a single process).
+
+    The way ranks agree on a per-step decision (skip a batch, stop with an error) so none of them
+    is left waiting in a collective the others never enter.
+    """
+    if not is_distributed():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device or torch.device("cpu"))
+    return all_reduce_sum(t).tolist()
+
+
+def gather_lists(items: List[Any]) -> List[Any]:
+    """Concatenation of every process's ``items`` (rank order), on every process; call on all ranks."""
+    if not is_distributed():
+        return list(items)
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, list(items))
+    return [x for part in out for x in part]

@@ -15,7 +15,7 @@ from typing import List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from n2uq import engine  # noqa: E402
-from n2uq.cli import build_train_parser, run_main, validate_train_args  # noqa: E402
+from n2uq.cli import UsageError, build_train_parser, run_main, validate_train_args  # noqa: E402
 from n2uq.recipe import RESNET_ALPHA_PATTERNS  # noqa: E402
 from n2uq.train_state import run_name  # noqa: E402
 from resnet.resnet import ARCHS  # noqa: E402
@@ -27,6 +27,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="train torchvision's full-precision ResNet instead (a baseline; not N2UQ)")
     args = parser.parse_args(argv)
     validate_train_args(args)
+    if args.full_precision and args.quantize_downsample:
+        raise UsageError("--full_precision trains torchvision's full-precision ResNet, which has no quantized "
+                         "downsample; drop --quantize_downsample or --full_precision")
     if args.check_only:
         return 0
     if args.full_precision:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from n2uq import data as D  # noqa: E402
 from n2uq.checkpoint import describe, load_model_state, load_state_dict_strict  # noqa: E402
-from n2uq.cli import OneLineParser, UsageError, run_main  # noqa: E402
+from n2uq.cli import OneLineParser, UsageError, check_ranges, run_main  # noqa: E402
 from n2uq.distributed import cleanup, init_distributed  # noqa: E402
 from n2uq.engine import configure_threads, default_workers, evaluate  # noqa: E402
 from scripts.model_zoo import build_model  # noqa: E402
@@ -40,6 +40,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: cores / processes)")
+    p.add_argument("--skip_bad_images", action="store_true",
+                   help="leave unreadable images out (reported, and not counted) instead of stopping")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line instead")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return p
@@ -52,8 +54,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     split_dir = os.path.join(args.data, args.split)
     if not os.path.isdir(split_dir):
         raise D.DataError(f"no {args.split}/ folder in {args.data} (expected {split_dir}/<class>/<images>)")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
+    check_ranges({"--batch_size": args.batch_size, "--image_size": args.image_size, "--val_resize": args.val_resize},
+                 {"--workers": args.workers, "--threads": args.threads})
+    if args.image_size and args.val_resize and args.val_resize < args.image_size:
+        raise UsageError(f"--val_resize {args.val_resize} is smaller than --image_size {args.image_size}")
+    if args.amp == "fp16" and args.device == "cpu":
+        raise UsageError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
     state_dict, config, meta = load_model_state(args.checkpoint)
     trained = meta.get("args") if isinstance(meta.get("args"), dict) else {}
     image_size = args.image_size or int(trained.get("image_size", 224))
@@ -82,7 +88,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         workers = default_workers(env) if args.workers is None else args.workers
         loader = D.build_val_loader(dataset, args.batch_size // env.world_size, env.rank, env.world_size,
                                     workers, pin_memory=env.device.type == "cuda")
-        result = evaluate(model, loader, env.device, amp, args.channels_last)
+        result = evaluate(model, loader, env.device, amp, args.channels_last, skip_bad=args.skip_bad_images)
     finally:
         cleanup()
     if env.is_main:
@@ -95,6 +101,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{config.tag} [{describe(config)}] {args.checkpoint}\n"
                   f"{split_dir}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
                   f"on {result['count']} images{note}")
+            for path in result["skipped_images"]:
+                print(f"left out unreadable image {path}")
+            if result["skipped"]:
+                print(f"{result['skipped']} unreadable image(s) left out: the accuracies are over the "
+                      f"{result['count']} readable ones")
     return 0
 
 

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from n2uq.checkpoint import describe, load_model_state, load_state_dict_strict  # noqa: E402
-from n2uq.cli import OneLineParser, UsageError, run_main  # noqa: E402
+from n2uq.cli import OneLineParser, UsageError, check_output_dir, check_ranges, run_main  # noqa: E402
 from n2uq.data import DataError, image_folder, val_transform  # noqa: E402
 from n2uq.export.graph import run_graph, trace_graph  # noqa: E402
 from n2uq.export.integer import IntegerModel, convert  # noqa: E402
@@ -173,8 +173,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     formats = parse_formats(args.format)
     if not os.path.isfile(args.checkpoint):
         raise UsageError(f"--checkpoint file not found: {args.checkpoint}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
+    check_ranges({"--batch_size": args.batch_size, "--image_size": args.image_size, "--val_resize": args.val_resize})
+    check_output_dir(args.out, "--out")
     if args.val_top1 and (args.data is None or "onnx" not in formats):
         raise UsageError("--val_top1 needs --data and the onnx format")
     if args.data is not None and not os.path.isdir(os.path.join(args.data, "val")):

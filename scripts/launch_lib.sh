@@ -30,9 +30,13 @@ launch_training() {
         cmd=("$PYTHON" "$script" "$@")
     fi
     echo "$(date '+%F %T') ${cmd[*]}" >> "$log"
+    # On SIGTERM/SIGINT (a scheduler or Ctrl-C signals the whole group) the training processes
+    # save a checkpoint and exit: this shell waits for them and tee keeps logging until they do.
     set +e
-    "${cmd[@]}" 2>&1 | tee -a "$log"
+    trap ':' INT TERM
+    "${cmd[@]}" 2>&1 | (trap '' INT TERM; exec tee -a "$log")
     status=${PIPESTATUS[0]}
+    trap - INT TERM
     set -e
     return "$status"
 }

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from n2uq.cli import OneLineParser, UsageError, run_main  # noqa: E402
+from n2uq.cli import OneLineParser, UsageError, check_output_dir, run_main  # noqa: E402
 
 DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"
 CLASSES = ["t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -109,6 +109,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise UsageError("--train_per_class must be in 1..6000 and --val_per_class in 1..1000")
     if not 8 <= args.size <= 512:
         raise UsageError(f"--size must be in 8..512 pixels, got {args.size}")
+    check_output_dir(args.out, "--out")
+    if args.source != DEFAULT_SOURCE and not os.path.isdir(args.source):
+        raise UsageError(f"--source folder not found: {args.source} (it must hold the Fashion-MNIST idx files; "
+                         f"leave --source out to use {DEFAULT_SOURCE} or a download)")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise UsageError(f"{args.out} already exists and is not empty; pass --overwrite or another --out")
 

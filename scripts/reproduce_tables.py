@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from n2uq import data as D  # noqa: E402
 from n2uq.checkpoint import CheckpointError, ModelConfig, load_model_state, load_state_dict_strict  # noqa: E402
-from n2uq.cli import OneLineParser, UsageError, run_main  # noqa: E402
+from n2uq.cli import OneLineParser, UsageError, check_output_dir, check_ranges, run_main  # noqa: E402
 from n2uq.distributed import DistEnv, cleanup, init_distributed  # noqa: E402
 from n2uq.engine import configure_threads, default_workers, evaluate  # noqa: E402
 from n2uq.metrics import read_metrics  # noqa: E402
@@ -144,8 +144,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                          f"see models/README.md)")
     if args.runs is not None and not os.path.isdir(args.runs):
         raise UsageError(f"--runs folder not found: {args.runs}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
+    check_ranges({"--batch_size": args.batch_size, "--image_size": args.image_size, "--val_resize": args.val_resize},
+                 {"--workers": args.workers, "--threads": args.threads})
+    check_output_dir(args.out, "--out")
     files = find_checkpoints(args.models)
     val_dir = os.path.join(args.data, "val")
     if not os.path.isdir(val_dir):
