@@ -14,8 +14,8 @@ Modes:
 
 Every timing is the median over rounds in which all compared variants run one after another
 (interleaved), so load on the machine affects them alike; the ratio of the fastest rounds is
-printed beside it (on a shared machine it is the steadier of the two). Models use random init
-(no download).
+printed beside it (on a shared machine it is the steadier of the two). Python's garbage collector
+runs between timed calls, not inside them. Models use random init (no download).
 
   python scripts/benchmark.py --mode quantizer
   python scripts/benchmark.py --mode step --batch-size 16 --rounds 5
@@ -25,6 +25,7 @@ printed beside it (on a shared machine it is the steadier of the two). Models us
 from __future__ import annotations
 
 import argparse
+import gc
 import shlex
 import statistics
 import sys
@@ -59,19 +60,34 @@ def _sync(device: torch.device) -> None:
 
 def interleaved(fns: Dict[str, Callable[[], None]], rounds: int, warmup: int,
                 device: torch.device) -> Dict[str, List[float]]:
-    """Seconds per call of each function, measured round-robin ``rounds`` times after warm-up."""
+    """Seconds per call of each function, measured round-robin ``rounds`` times after warm-up.
+
+    Python's cyclic garbage collector is run before each call and paused during it (as ``timeit``
+    does): otherwise the garbage one variant leaves (the reference loop form leaves thousands of
+    objects) is collected, at random, inside the timing of the next one.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     _sync(device)
     times: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
+    gc_was_enabled = gc.isenabled()
+    try:
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                gc.collect()
+                gc.disable()
+                _sync(device)
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+                gc.enable()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+        else:
+            gc.disable()
     return times
 
 
