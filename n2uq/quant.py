@@ -7,8 +7,9 @@
 * :class:`LearnableBias` — per-channel learnable shift (the two halves of "RPReLU").
 
 Paper: Liu et al., *Nonuniform-to-Uniform Quantization: Towards Accurate Quantization via
-Generalized Straight-Through Estimation*, CVPR 2022 (arXiv 2111.14826). Equation numbers below
-refer to that paper.
+Generalized Straight-Through Estimation*, CVPR 2022 (arXiv 2111.14826). Formulas below are named
+by what they define in that paper (its forward quantizer x^q, the G-STE expectation E[x̃^q],
+Fig. 1b) and by the SPEC section (docs/SPEC.md) that states them exactly.
 
 The state-dict names and shapes are those of the code that produced the released checkpoints,
 so those checkpoints load strictly.
@@ -63,7 +64,7 @@ def _sequential_cumsum(first: Tensor, increments: Tensor) -> Tensor:
 
 
 def ltq_forward_thresholds(start: Tensor, a_pos: Tensor) -> Tensor:
-    """Forward thresholds ``t`` (SPEC §1; paper Eq. 6, the midpoints of the learned intervals).
+    """Forward thresholds ``t`` (SPEC §1; the paper's x^q, Fig. 1b): midpoints of the learned intervals.
 
     ``t[0] = start + a⁺[0]/2``, ``t[i] = t[i-1] + (a⁺[i-1]/2 + a⁺[i]/2)``. Non-decreasing in
     float arithmetic because every increment is ≥ eps/2 > 0.
@@ -227,7 +228,7 @@ def ltq_param_grads(sums: Tensor, state: LTQState, a: Tensor, eps: Tensor, scale
 
     ``sums`` (float64) = ``[G(n), Q(n), S1, S2, ...]``: for inner interval k (``d[k-1] < xs <= d[k]``)
     ``G_k = Σ g`` and ``Q_k = Σ g·(xs - d[k-1])`` over its elements, ``S1 = Σ grad_xs·x``,
-    ``S2 = Σ g·L[m]``. With ``slope_k = interval / a⁺[k-1]`` (paper Eq. 9):
+    ``S2 = Σ g·L[m]``. With ``slope_k = interval / a⁺[k-1]`` (SPEC §1, the paper's G-STE expectation E[x̃^q]):
     ``W_k = Σ grad_xs = scale2·slope_k·G_k`` and ``R_k = Σ grad_xs·(xs - d[k-1]) = scale2·slope_k·Q_k``;
     then ``∂/∂start = -Σ W``, ``∂/∂a⁺[j] = -R_j/a⁺[j] - Σ_{k>j} W_k``, masked to ``a > eps``.
     """
@@ -304,7 +305,7 @@ def _ltq_grads_torch(grad_out, x, a, scale1, scale2, eps, state: LTQState):
     inside = (segment >= 1) & (segment <= n)
     seg0 = (segment - 1).clamp_(0, n - 1)
 
-    # G-STE surrogate (paper Eq. 9, expectation of stochastic rounding):
+    # G-STE surrogate (SPEC §1, the paper's E[x̃^q], expectation of stochastic rounding):
     # g(xs) = interval / a⁺[k-1] * (xs - d[k-1]) + (k-1) * interval on interval k.
     grad_g = grad_out * scale2  # y = scale2 * g(xs) for the gradient
     grad_xs = torch.where(inside, grad_g * slope[seg0], grad_g.new_zeros(()))
@@ -337,12 +338,12 @@ def _ltq_grads_torch(grad_out, x, a, scale1, scale2, eps, state: LTQState):
 class LTQ(nn.Module):
     """Learnable-threshold quantizer: non-uniform input thresholds, uniform outputs (SPEC §1).
 
-    Forward (paper Eq. 5-6): ``xs = scale1·x``; with ``a⁺ = max(a, eps)`` the thresholds are the
+    Forward (SPEC §1, the paper's x^q, Fig. 1b): ``xs = scale1·x``; with ``a⁺ = max(a, eps)`` the thresholds are the
     midpoints ``t`` of the learned intervals starting at ``start``; the output is
     ``scale2 · L[m]`` where ``m`` counts thresholds below ``xs`` and ``L`` is the uniform grid
     ``{0, 2/n, ..., 2}`` (n = 2^b - 1).
 
-    Backward (G-STE, paper Eq. 9): gradients of ``scale2 · g(scale1·x)``, the expectation of
+    Backward (G-STE, SPEC §1, the paper's E[x̃^q]): gradients of ``scale2 · g(scale1·x)``, the expectation of
     stochastic rounding over the learned intervals; ``∂y/∂scale2 = L[m]``.
 
     Args:

@@ -32,6 +32,11 @@ FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
+def _idx_file(path: str) -> Optional[str]:
+    """The existing ``path.gz`` or ``path``, else ``None``."""
+    return next((c for c in (path + ".gz", path) if os.path.isfile(c)), None)
+
+
 def _open(path: str):
     for candidate in (path + ".gz", path):
         if os.path.isfile(candidate):
@@ -117,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise UsageError(f"{args.out} already exists and is not empty; pass --overwrite or another --out")
 
     source = args.source
-    if _open(os.path.join(source, FILES["train"][0])) is None:
+    if _idx_file(os.path.join(source, FILES["train"][0])) is None:
         try:
             source = download_with_torchvision(args.download_dir)
         except Exception as exc:

@@ -113,6 +113,7 @@ def test_other_configuration_fails_with_key_report():
     assert "missing keys (" in str(info.value)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickle_is_refused_without_running(tmp_path):
     marker = tmp_path / "pwned"
 
