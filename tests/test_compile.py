@@ -54,6 +54,16 @@ def _assert_close(got, want, rel):
         assert (g - g_ref).abs().max() <= rel * g_ref.abs().max().clamp_min(1e-12)
 
 
+def _check_compiled(module, compiler, x, upstream, rel):
+    """Compiled twice: no graph break, no recompilation, both results within ``rel`` of eager
+    (``rel=0``: bit-identical)."""
+    eager = _fwd_bwd(module, module, x, upstream)
+    first, second, breaks = _compiled_twice(module, compiler, x, upstream)
+    assert breaks == 0
+    _assert_close(first, eager, rel)
+    _assert_close(second, eager, rel)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_block_traces_the_fused_ops_whole(backend):
     """Dynamo + AOTAutograd (fake implementations, registered backwards) on a BasicBlock: one graph,
@@ -61,23 +71,13 @@ def test_compiled_block_traces_the_fused_ops_whole(backend):
     block = _block()
     x, upstream = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
     with use_backend(backend):
-        eager = _fwd_bwd(block, block, x, upstream)
-        first, second, breaks = _compiled_twice(block, "aot_eager", x, upstream)
-    assert breaks == 0
-    for run in (first, second):
-        assert torch.equal(run[0], eager[0])
-        for g, g_ref in zip(run[1], eager[1]):
-            assert torch.equal(g, g_ref)
+        _check_compiled(block, "aot_eager", x, upstream, 0.0)
 
 
 def test_compiled_plain_ltq_any_shape():
     q = LTQ(3)
     x, upstream = torch.randn(5, 7) * 1.5, torch.randn(5, 7)
-    eager = _fwd_bwd(q, q, x, upstream)
-    first, second, breaks = _compiled_twice(q, "aot_eager", x, upstream)
-    assert breaks == 0
-    _assert_close(first, eager, 0.0)
-    _assert_close(second, eager, 0.0)
+    _check_compiled(q, "aot_eager", x, upstream, 0.0)
 
 
 @pytest.mark.slow
@@ -88,11 +88,7 @@ def test_inductor_compiled_block_matches_eager(backend):
     block = _block()
     x, upstream = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
     with use_backend(backend):
-        eager = _fwd_bwd(block, block, x, upstream)
-        first, second, breaks = _compiled_twice(block, "inductor", x, upstream)
-    assert breaks == 0
-    _assert_close(first, eager, 1e-5)
-    _assert_close(second, eager, 1e-5)
+        _check_compiled(block, "inductor", x, upstream, 1e-5)
 
 
 @pytest.mark.gpu
@@ -102,11 +98,7 @@ def test_inductor_compiled_block_on_cuda_matches_eager():
     block = _block().cuda().to(memory_format=torch.channels_last)
     x = torch.randn(4, 16, 16, 16, device="cuda").to(memory_format=torch.channels_last)
     upstream = torch.randn(4, 16, 16, 16, device="cuda")
-    eager = _fwd_bwd(block, block, x, upstream)
-    first, second, breaks = _compiled_twice(block, "inductor", x, upstream)
-    assert breaks == 0
-    _assert_close(first, eager, 1e-4)
-    _assert_close(second, eager, 1e-4)
+    _check_compiled(block, "inductor", x, upstream, 1e-4)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y_eager = block(x)
         y_compiled = torch.compile(block)(x)
