@@ -275,5 +275,8 @@ def describe(config: Optional[ModelConfig]) -> str:
     """Human-readable one-liner of a configuration."""
     if config is None:
         return "unknown"
-    qd = "quantized downsample" if config.quantize_downsample else "FP downsample"
-    return f"{config.arch} W{config.n_bit}A{config.n_bit}, {qd}, {config.num_classes} classes"
+    if config.arch.startswith("resnet"):
+        qd = "quantized downsample, " if config.quantize_downsample else "FP downsample, "
+    else:
+        qd = ""  # MobileNetV2 has no downsample branch
+    return f"{config.arch} W{config.n_bit}A{config.n_bit}, {qd}{config.num_classes} classes"

@@ -77,6 +77,22 @@ def test_evaluate_reproduces_logged_top1_single_and_two_process(trained, tiny_im
     assert double["top1"] == pytest.approx(single["top1"]) and double["top5"] == pytest.approx(single["top5"])
 
 
+def test_mobilenetv2_run_sh_trains_and_evaluate_agrees(tiny_imagefolder, tmp_path):
+    """The MobileNetV2 face of the same engine: one epoch through mobilenetv2/run.sh (W4A4, PACT
+    first layer), its log under log/, and evaluate.py reading the checkpoint without being told."""
+    env = dict(os.environ, DATA=str(tiny_imagefolder), PYTHON=sys.executable)
+    proc = _run(["bash", str(REPO_ROOT / "mobilenetv2" / "run.sh"), *TINY, "--pretrained", "none",
+                 "--save", str(tmp_path / "models")], env, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = tmp_path / "models" / "mobilenetv2_4bit"
+    logged = read_metrics(str(run / "metrics.jsonl"), "epoch")[-1]["val"]
+    assert logged["count"] == 7
+    assert "epoch 1/1" in (tmp_path / "log" / "mobilenetv2_4bit.txt").read_text()
+    result = _evaluate([sys.executable], run / "model_best.pth.tar", tiny_imagefolder, env, tmp_path)
+    assert result["config"] == "mobilenetv2_w4a4"
+    assert result["top1"] == pytest.approx(logged["top1"]) and result["top5"] == pytest.approx(logged["top5"])
+
+
 def test_two_process_training_counts_every_val_image(tiny_imagefolder, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
