@@ -418,6 +418,27 @@ def quantized_weight_value(weight: Tensor, s: Tensor, half: Tensor, steps: Tenso
         return (w_quant - w_scaled) + w_scaled
 
 
+def _cpu_autocast_bf16() -> bool:
+    try:
+        enabled, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    except (TypeError, AttributeError):  # torch < 2.4
+        enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    return enabled and dtype == torch.bfloat16
+
+
+def conv_needs_float32(x: Tensor, stride) -> bool:
+    """Whether a convolution of ``x`` must run in float32 to get a correct backward.
+
+    PyTorch's CPU bfloat16 ``convolution_backward`` returns garbage in the weight gradient of a 3×3,
+    stride-2 convolution whose input is one pixel wide (tiny images reach ResNet's layer4 so; with
+    16×16 images a third of the steps gave NaN). bfloat16 values are exact in float32, so the same
+    products summed in float32 and rounded back give the bfloat16 result without the bug.
+    """
+    if x.device.type != "cpu" or x.dim() != 4 or min(x.shape[-2:]) != 1 or max(nn.modules.utils._pair(stride)) == 1:
+        return False
+    return x.dtype == torch.bfloat16 or _cpu_autocast_bf16()
+
+
 class HardQuantizeConv(nn.Module):
     """Convolution with uniformly quantized, L1-scaled weights (SPEC §2, paper Sec. 3.4).
 
@@ -492,7 +513,13 @@ class HardQuantizeConv(nn.Module):
         return (2 * level - n).to(torch.int64), (s / n).reshape(-1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.quantized_weight(), None, self.stride, self.padding, 1, self.groups)
+        weight = self.quantized_weight()
+        if conv_needs_float32(x, self.stride):
+            with torch.autocast("cpu", enabled=False):
+                out = F.conv2d(x.to(torch.bfloat16).float(), weight.to(torch.bfloat16).float(), None, self.stride,
+                               self.padding, 1, self.groups)
+            return out.to(torch.bfloat16)
+        return F.conv2d(x, weight, None, self.stride, self.padding, 1, self.groups)
 
     def extra_repr(self) -> str:
         return (

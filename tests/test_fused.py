@@ -263,3 +263,28 @@ def test_hooks_and_subclasses_disable_fusion():
     stage.quan.register_forward_hook(lambda m, i, o: seen.append(o))
     stage(torch.randn(1, 4, 5, 5))
     assert len(seen) == 1  # the LTQ module itself ran, so its hook fired
+
+
+@pytest.mark.parametrize("groups", [1, 16])
+def test_cpu_bfloat16_stride2_one_pixel_input_has_correct_gradients(groups):
+    """PyTorch's CPU bfloat16 convolution_backward gives garbage weight gradients for a 3×3 stride-2
+    conv on a 1-pixel input (most calls); the fused stage and the plain module both avoid it and agree
+    with the same computation in float32 on the bfloat16-rounded operands."""
+    stage = _randomise(Stage(16, 32, 2, stride=2, groups=groups), 5)
+    upstream = torch.randn(4, 32, 1, 1)
+    for _ in range(10):
+        x = torch.randn(4, 16, 1, 1) * 1.5
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused = _run(stage, x, stage, upstream)
+            plain = _run(stage.unfused, x, stage, upstream)
+        # reference: the conv input and weight rounded to bfloat16 as autocast does, summed in float32
+        xr = x.clone().requires_grad_(True)
+        y_in = stage.quan(stage.bias2(stage.prelu(stage.bias1(xr)))).to(torch.bfloat16).float()
+        w = stage.conv.quantized_weight()
+        out = torch.nn.functional.conv2d(y_in, w.to(torch.bfloat16).float(), None, 2, 1, 1, groups)
+        g_ref = torch.autograd.grad(out, stage.conv.weight, upstream.to(torch.bfloat16).float())[0]
+        for y, grads in (fused, plain):
+            assert y.dtype == torch.bfloat16
+            g_w = dict(grads)["conv.weight"]
+            assert torch.isfinite(g_w).all()
+            assert torch.allclose(g_w, g_ref, rtol=1e-2, atol=1e-2 * g_ref.abs().max().item())
