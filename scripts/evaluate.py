@@ -1,11 +1,13 @@
-"""Evaluate an N2UQ checkpoint: top-1 / top-5 on an ImageFolder validation split.
+"""Evaluate a checkpoint: top-1 / top-5 on an ImageFolder validation split.
 
     python scripts/evaluate.py --checkpoint models/resnet18_2bit_quantize_downsample_False/model_best.pth.tar \\
         --data /path/to/imagenet
     torchrun --nproc_per_node=8 scripts/evaluate.py --checkpoint CKPT --data DIR     # sharded, same numbers
 
 The architecture, bit width, downsample kind and class count are read from the checkpoint's
-state dict (``n2uq.checkpoint.infer_config``); the weights are loaded strictly. Image size,
+state dict (``n2uq.checkpoint.infer_config``); the weights are loaded strictly. A torchvision
+ResNet state dict (the ``--full_precision`` baseline, or torchvision's weights) is evaluated as
+that full-precision model. Image size,
 resize and AMP default to what the training run used (stored in the checkpoint), else 224/256/none.
 """
 
@@ -15,16 +17,25 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from n2uq import data as D  # noqa: E402
-from n2uq.checkpoint import describe, load_model_state, load_state_dict_strict  # noqa: E402
+from n2uq.checkpoint import (  # noqa: E402
+    CheckpointError,
+    describe,
+    extract_state_dict,
+    infer_config,
+    load_state_dict_strict,
+    read_checkpoint,
+)
 from n2uq.cli import OneLineParser, UsageError, check_ranges, run_main  # noqa: E402
 from n2uq.distributed import cleanup, init_distributed  # noqa: E402
 from n2uq.engine import configure_threads, default_workers, evaluate  # noqa: E402
-from scripts.model_zoo import build_model  # noqa: E402
+from scripts.model_zoo import build_full_precision, build_model, full_precision_resnet  # noqa: E402
 
 
 def build_parser() -> OneLineParser:
@@ -47,6 +58,26 @@ def build_parser() -> OneLineParser:
     return p
 
 
+def _read(path: str) -> Tuple[Dict[str, Tensor], Tuple[str, str, int, Callable[[], nn.Module]], Dict[str, Any]]:
+    """State dict, ``(tag, description, classes, model factory)`` and the file's other entries."""
+    obj = read_checkpoint(path)
+    state_dict = extract_state_dict(obj, source=path)
+    meta = {k: v for k, v in obj.items() if k not in ("state_dict", "model", "optimizer")} \
+        if isinstance(obj, dict) else {}
+    try:
+        config = infer_config(state_dict)
+    except CheckpointError as exc:
+        full_precision = full_precision_resnet(state_dict)
+        if full_precision is None:
+            either = ("; nor is it exactly a torchvision ResNet-18/34/50 (a full-precision baseline)"
+                      if "fc.weight" in state_dict and not any(".quan" in k for k in state_dict) else "")
+            raise CheckpointError(f"{path}: {exc}{either}") from None
+        arch, classes = full_precision
+        return state_dict, (f"{arch}_fp", f"{arch} full precision (torchvision), {classes} classes", classes,
+                            lambda: build_full_precision(arch, classes)), meta
+    return state_dict, (config.tag, describe(config), config.num_classes, lambda: build_model(config)), meta
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not os.path.isfile(args.checkpoint):
@@ -60,16 +91,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise UsageError(f"--val_resize {args.val_resize} is smaller than --image_size {args.image_size}")
     if args.amp == "fp16" and args.device == "cpu":
         raise UsageError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
-    state_dict, config, meta = load_model_state(args.checkpoint)
+    state_dict, (tag, description, num_classes, make_model), meta = _read(args.checkpoint)
     trained = meta.get("args") if isinstance(meta.get("args"), dict) else {}
     image_size = args.image_size or int(trained.get("image_size", 224))
     val_resize = args.val_resize or int(trained.get("val_resize", max(256, image_size)))
     amp = args.amp or str(trained.get("amp", "none"))
 
     dataset = D.image_folder(args.data, args.split, D.val_transform(image_size, val_resize))
-    if len(dataset.classes) != config.num_classes:
+    if len(dataset.classes) != num_classes:
         raise D.DataError(f"{split_dir} has {len(dataset.classes)} classes but the checkpoint predicts "
-                          f"{config.num_classes}")
+                          f"{num_classes}")
     if meta.get("classes") and list(meta["classes"]) != dataset.classes:
         raise D.DataError(f"{split_dir}: class folders differ from the ones the checkpoint was trained on")
 
@@ -78,7 +109,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.batch_size % env.world_size:
             raise UsageError(f"--batch_size {args.batch_size} is not divisible by the {env.world_size} processes")
         configure_threads(args.threads, env)
-        model = build_model(config)
+        model = make_model()
         load_state_dict_strict(model, state_dict, source=args.checkpoint)
         model.to(env.device)
         if args.channels_last:
@@ -93,12 +124,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         cleanup()
     if env.is_main:
         if args.json:
-            print(json.dumps({"checkpoint": args.checkpoint, "config": config.tag, **result,
+            print(json.dumps({"checkpoint": args.checkpoint, "config": tag, **result,
                               "logged_top1": meta.get("val_top1")}))
         else:
             logged = meta.get("val_top1")
             note = f" (training logged {logged:.2f}%)" if isinstance(logged, float) else ""
-            print(f"{config.tag} [{describe(config)}] {args.checkpoint}\n"
+            print(f"{tag} [{description}] {args.checkpoint}\n"
                   f"{split_dir}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
                   f"on {result['count']} images{note}")
             for path in result["skipped_images"]:

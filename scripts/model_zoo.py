@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Dict, Optional, Tuple
 
-from torch import nn
+from torch import Tensor, nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -28,3 +29,26 @@ def build_model(config: ModelConfig) -> nn.Module:
     if config.arch == "mobilenetv2":
         return MobileNetV2(config.n_bit, config.num_classes)
     raise ValueError(f"unknown architecture {config.arch!r}; known: {', '.join(ARCH_NAMES)}")
+
+
+def full_precision_resnet(state_dict: Dict[str, Tensor]) -> Optional[Tuple[str, int]]:
+    """``(arch, num_classes)`` when ``state_dict`` is exactly a torchvision ResNet-18/34/50 (the
+    full-precision baseline ``resnet/train.py --full_precision`` trains, or torchvision's own
+    weights), else ``None``. Every key and shape must match."""
+    fc = state_dict.get("fc.weight")
+    if fc is None or fc.dim() != 2 or any(".quan" in key for key in state_dict):
+        return None
+    import torchvision
+
+    for arch in RESNET_ARCHS:
+        reference = getattr(torchvision.models, arch)(num_classes=fc.shape[0]).state_dict()
+        if reference.keys() == state_dict.keys() and all(
+                reference[k].shape == state_dict[k].shape for k in reference):
+            return arch, int(fc.shape[0])
+    return None
+
+
+def build_full_precision(arch: str, num_classes: int) -> nn.Module:
+    import torchvision
+
+    return getattr(torchvision.models, arch)(num_classes=num_classes)

@@ -93,6 +93,20 @@ def test_mobilenetv2_run_sh_trains_and_evaluate_agrees(tiny_imagefolder, tmp_pat
     assert result["top1"] == pytest.approx(logged["top1"]) and result["top5"] == pytest.approx(logged["top5"])
 
 
+def test_full_precision_baseline_trains_and_evaluates(tiny_imagefolder, tmp_path):
+    """--full_precision trains torchvision's ResNet-18; evaluate.py recognises that state dict (every
+    key and shape) and reproduces the logged top-1."""
+    env = dict(os.environ, DATA=str(tiny_imagefolder), PYTHON=sys.executable)
+    proc = _run(["bash", str(REPO_ROOT / "resnet" / "run.sh"), "resnet18", "2", "0", *TINY, "--pretrained", "none",
+                 "--full_precision", "--save", str(tmp_path / "models")], env, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = tmp_path / "models" / "resnet18_fp"
+    logged = read_metrics(str(run / "metrics.jsonl"), "epoch")[-1]["val"]
+    result = _evaluate([sys.executable], run / "model_best.pth.tar", tiny_imagefolder, env, tmp_path)
+    assert result["config"] == "resnet18_fp" and result["count"] == 7
+    assert result["top1"] == pytest.approx(logged["top1"]) and result["top5"] == pytest.approx(logged["top5"])
+
+
 def test_two_process_training_counts_every_val_image(tiny_imagefolder, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
