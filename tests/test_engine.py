@@ -121,3 +121,44 @@ def test_sigterm_saves_and_the_next_run_resumes(tiny_imagefolder, tmp_path, unin
     monkeypatch.setattr(engine, "label_smooth_ce", real_loss)
     _train(tiny_imagefolder, tmp_path)
     _assert_same_weights(uninterrupted, run)
+
+
+def test_kd_from_a_frozen_teacher(tiny_imagefolder, tmp_path, monkeypatch):
+    """--teacher resnet18 --teacher_weights FILE: every step's loss is the KD loss against that
+    teacher's logits, and the teacher (eval mode, no gradients) ends exactly as loaded, BatchNorm
+    statistics included."""
+    import torchvision
+
+    import n2uq.engine as engine
+
+    teacher_file = tmp_path / "teacher.pth"
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(num_classes=3)
+    with torch.no_grad():
+        for buf in reference.buffers():
+            if buf.is_floating_point():
+                buf.uniform_(0.5, 1.5)  # running stats a training-mode forward would change
+    torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, teacher_file)
+
+    seen = {"teachers": [], "kd_calls": 0}
+    real_kd, real_epoch = engine.kd_loss, engine.train_one_epoch
+
+    def kd_spy(student_logits, teacher_logits):
+        seen["kd_calls"] += 1
+        assert not teacher_logits.requires_grad
+        return real_kd(student_logits, teacher_logits)
+
+    def epoch_spy(model, teacher, *args, **kwargs):
+        seen["teachers"].append(teacher)
+        return real_epoch(model, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "kd_loss", kd_spy)
+    monkeypatch.setattr(engine, "train_one_epoch", epoch_spy)
+    _train(tiny_imagefolder, tmp_path / "kd", "--teacher", "resnet18", "--teacher_weights", str(teacher_file))
+
+    assert len(seen["teachers"]) == 2 and seen["kd_calls"] == 4  # 2 epochs × 12 images / batch 6
+    teacher = seen["teachers"][0]
+    assert teacher is seen["teachers"][1] and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    for key, value in reference.state_dict().items():
+        assert torch.equal(teacher.state_dict()[key], value), key
