@@ -24,6 +24,7 @@ __all__ = [
     "StateDictMismatchError",
     "ModelConfig",
     "read_checkpoint",
+    "read_state_and_meta",
     "extract_state_dict",
     "strip_prefixes",
     "load_state_dict_strict",
@@ -259,16 +260,22 @@ def load_model_state(path: str | os.PathLike[str]) -> Tuple[Dict[str, Tensor], M
     ``metadata`` holds the file's other top-level entries (epoch, best_top1_acc, args, ...), when
     it is a dict. Every error is a :class:`CheckpointError` naming the file.
     """
-    obj = read_checkpoint(path)
-    state_dict = extract_state_dict(obj, source=os.fspath(path))
+    state_dict, meta = read_state_and_meta(path)
     try:
         config = infer_config(state_dict)
     except CheckpointError as exc:
         raise CheckpointError(f"{os.fspath(path)}: {exc}") from None
+    return state_dict, config, meta
+
+
+def read_state_and_meta(path: str | os.PathLike[str]) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    """A checkpoint file's model state (``module.`` stripped) and its other top-level entries."""
+    obj = read_checkpoint(path)
+    state_dict = extract_state_dict(obj, source=os.fspath(path))
     meta: Dict[str, Any] = {}
     if isinstance(obj, Mapping):
         meta = {k: v for k, v in obj.items() if k not in ("state_dict", "model", "optimizer")}
-    return state_dict, config, meta
+    return state_dict, meta
 
 
 def describe(config: Optional[ModelConfig]) -> str:

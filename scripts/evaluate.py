@@ -27,10 +27,9 @@ from n2uq import data as D  # noqa: E402
 from n2uq.checkpoint import (  # noqa: E402
     CheckpointError,
     describe,
-    extract_state_dict,
     infer_config,
     load_state_dict_strict,
-    read_checkpoint,
+    read_state_and_meta,
 )
 from n2uq.cli import OneLineParser, UsageError, check_ranges, run_main  # noqa: E402
 from n2uq.distributed import cleanup, init_distributed  # noqa: E402
@@ -60,10 +59,7 @@ def build_parser() -> OneLineParser:
 
 def _read(path: str) -> Tuple[Dict[str, Tensor], Tuple[str, str, int, Callable[[], nn.Module]], Dict[str, Any]]:
     """State dict, ``(tag, description, classes, model factory)`` and the file's other entries."""
-    obj = read_checkpoint(path)
-    state_dict = extract_state_dict(obj, source=path)
-    meta = {k: v for k, v in obj.items() if k not in ("state_dict", "model", "optimizer")} \
-        if isinstance(obj, dict) else {}
+    state_dict, meta = read_state_and_meta(path)
     try:
         config = infer_config(state_dict)
     except CheckpointError as exc:
