@@ -388,8 +388,7 @@ def _fit(env: DistEnv, build_model, args: Namespace, alpha_patterns, run_name: s
     logger.log({"event": "start", "run": run_name, "world_size": env.world_size, "resume": resume_path,
                 "next_epoch": progress.next_epoch, "step_in_epoch": progress.step_in_epoch,
                 "args": _plain_args(args)})
-    kept = {"at": f"the last good state is {resume_path} ({_position(progress)})" if resume_path
-            else "no checkpoint was written yet"}
+    kept = {"at": f"{resume_path} ({_position(progress)})" if resume_path else None}  # the last good checkpoint
 
     def save(state: TrainProgress, val: Optional[Dict[str, float]] = None, best: bool = False) -> None:
         _check_finite_weights(model, state, device)
@@ -400,7 +399,7 @@ def _fit(env: DistEnv, build_model, args: Namespace, alpha_patterns, run_name: s
                 atomic_save(ckpt, os.path.join(run_dir, BEST_NAME))
             atomic_save(ckpt, os.path.join(run_dir, CHECKPOINT_NAME))
         barrier()
-        kept["at"] = f"the last good state is {os.path.join(run_dir, CHECKPOINT_NAME)} ({_position(state)})"
+        kept["at"] = f"{os.path.join(run_dir, CHECKPOINT_NAME)} ({_position(state)})"
 
     last_val: Dict[str, float] = {}
     try:
@@ -418,9 +417,10 @@ def _fit(env: DistEnv, build_model, args: Namespace, alpha_patterns, run_name: s
                     break
                 control.epoch_done()
     except NonFiniteError as exc:
-        resume = "run again to resume from it" if kept["at"].startswith("the last") else "run again"
-        raise NonFiniteError(f"{exc}; nothing was saved, {kept['at']}. Lower --learning_rate or check the data "
-                             f"and {resume}, or pass --skip_nonfinite to skip such batches") from None
+        kept_at, again = ((f"the last good state is {kept['at']}", "run again to resume from it") if kept["at"]
+                          else ("no checkpoint was written yet", "run again"))
+        raise NonFiniteError(f"{exc}; nothing was saved, {kept_at}. Lower --learning_rate or check the data "
+                             f"and {again}, or pass --skip_nonfinite to skip such batches") from None
     finally:
         logger.close()
     if progress.next_epoch >= args.epochs:

@@ -38,10 +38,8 @@ def full_precision_resnet(state_dict: Dict[str, Tensor]) -> Optional[Tuple[str, 
     fc = state_dict.get("fc.weight")
     if fc is None or fc.dim() != 2 or any(".quan" in key for key in state_dict):
         return None
-    import torchvision
-
     for arch in RESNET_ARCHS:
-        reference = getattr(torchvision.models, arch)(num_classes=fc.shape[0]).state_dict()
+        reference = build_full_precision(arch, fc.shape[0]).state_dict()
         if reference.keys() == state_dict.keys() and all(
                 reference[k].shape == state_dict[k].shape for k in reference):
             return arch, int(fc.shape[0])

@@ -38,10 +38,10 @@ def _idx_file(path: str) -> Optional[str]:
 
 
 def _open(path: str):
-    for candidate in (path + ".gz", path):
-        if os.path.isfile(candidate):
-            return gzip.open(candidate, "rb") if candidate.endswith(".gz") else open(candidate, "rb")
-    return None
+    found = _idx_file(path)
+    if found is None:
+        return None
+    return gzip.open(found, "rb") if found.endswith(".gz") else open(found, "rb")
 
 
 def read_idx(path: str) -> np.ndarray:

@@ -69,11 +69,11 @@ class _CodesConv(torch.autograd.Function):
         y = decode_codes(codes, table).to(conv_dtype)
         need_y, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         stride, padding = list(F._pair(stride)), list(F._pair(padding))
-        weight, grad = weight.to(conv_dtype), grad.to(conv_dtype)
+        w, g = weight.to(conv_dtype), grad.to(conv_dtype)
         if conv_needs_float32(y, stride):  # a PyTorch CPU bfloat16 bug, see conv_needs_float32
-            y, weight, grad = y.float(), weight.float(), grad.float()
+            y, w, g = y.float(), w.float(), g.float()
         g_y, g_w, _ = torch.ops.aten.convolution_backward(
-            grad, y, weight, None, stride, padding, [1, 1], False, [0, 0], groups, [need_y, need_w, False])
+            g, y, w, None, stride, padding, [1, 1], False, [0, 0], groups, [need_y, need_w, False])
         g_y = g_y.to(y_dtype) if need_y else None
         g_w = g_w.to(weight.dtype) if need_w else None
         return g_y, None, None, g_w, None, None, None
