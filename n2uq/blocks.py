@@ -3,8 +3,9 @@
 Every quantized convolution of N2UQ sits in a *stage*: ``RPReLU → LTQ → HardQuantizeConv → BN``,
 where RPReLU is ``LearnableBias → PReLU → LearnableBias``. Stage ``i`` of a block owns the
 submodules ``bias{i}1, prelu{i}, bias{i}2, quan{i}, conv{i}, bn{i}`` (the names of the released
-checkpoints, SPEC §5), registered in that order. Running a stage goes through the fused operator
-of :mod:`n2uq.kernels.fused`, which computes exactly what the modules compute one by one.
+checkpoints), registered in that order. Models build and run stages only through these functions,
+which hand them to :mod:`n2uq.kernels`: a fused operator, or (``N2UQ_KERNELS=reference``) the
+modules one by one — the models never see which.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from n2uq.kernels.fused import quant_stage, rprelu
+from n2uq.kernels import quant_stage, rprelu
 from n2uq.quant import LTQ, HardQuantizeConv, LearnableBias
 
-__all__ = ["add_rprelu", "add_quant_stage", "run_quant_stage", "run_rprelu"]
+__all__ = ["add_rprelu", "add_quant_stage", "run_quant_stage", "run_rprelu", "quantized_shortcut",
+           "run_shortcut"]
 
 
 def add_rprelu(block: nn.Module, index: int, channels: int) -> None:
@@ -37,7 +39,7 @@ def add_quant_stage(block: nn.Module, index: int, in_chn: int, out_chn: int, n_b
 
 
 def run_quant_stage(block: nn.Module, index: int, x: Tensor) -> Tensor:
-    """``bn(conv(quan(bias2(prelu(bias1(x))))))`` of stage ``index``, as one fused operator + BN."""
+    """``bn(conv(quan(bias2(prelu(bias1(x))))))`` of stage ``index``."""
     m = block._modules
     out = quant_stage(x, m[f"bias{index}1"], m[f"prelu{index}"], m[f"bias{index}2"], m[f"quan{index}"],
                       m[f"conv{index}"])
@@ -45,6 +47,21 @@ def run_quant_stage(block: nn.Module, index: int, x: Tensor) -> Tensor:
 
 
 def run_rprelu(block: nn.Module, index: int, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-    """RPReLU ``index`` of ``x + residual`` (the block output), as one fused operator."""
+    """RPReLU ``index`` of ``x + residual`` (the block output)."""
     m = block._modules
     return rprelu(x, m[f"bias{index}1"], m[f"prelu{index}"], m[f"bias{index}2"], residual=residual)
+
+
+def quantized_shortcut(in_chn: int, out_chn: int, n_bit: int, stride: int) -> nn.Sequential:
+    """The quantized 1×1 shortcut ``LTQ → HardQuantizeConv → BN`` (keys ``downsample.0/1/2``)."""
+    return nn.Sequential(LTQ(n_bit), HardQuantizeConv(in_chn, out_chn, n_bit, kernel_size=1, stride=stride,
+                                                      padding=0), nn.BatchNorm2d(out_chn))
+
+
+def run_shortcut(shortcut: Optional[nn.Module], x: Tensor) -> Tensor:
+    """``shortcut(x)`` (identity when ``None``); a :func:`quantized_shortcut` runs as one stage."""
+    if shortcut is None:
+        return x
+    if isinstance(shortcut, nn.Sequential) and len(shortcut) == 3 and isinstance(shortcut[0], LTQ):
+        return shortcut[2](quant_stage(x, None, None, None, shortcut[0], shortcut[1]))
+    return shortcut(x)

@@ -1,6 +1,6 @@
 """N2UQ ResNet-18/34/50 with quantized activations (LTQ) and weights (HardQuantizeConv).
 
-Layout and parameter names follow the code that produced the released checkpoints (SPEC §5), so
+Layout and parameter names follow the code that produced the released checkpoints (docs/SPEC.md, architectures), so
 those checkpoints load strictly. The first convolution and the classifier stay full precision.
 Every quantized convolution is preceded by an RPReLU (``LearnableBias → PReLU → LearnableBias``)
 and an :class:`~n2uq.LTQ`; the block output passes through another RPReLU.
@@ -13,9 +13,7 @@ from typing import List, Optional, Type, Union
 import torch
 from torch import Tensor, nn
 
-from n2uq import LTQ, HardQuantizeConv
-from n2uq.blocks import add_quant_stage, add_rprelu, run_quant_stage, run_rprelu
-from n2uq.kernels.fused import quant_stage
+from n2uq.blocks import add_quant_stage, add_rprelu, quantized_shortcut, run_quant_stage, run_rprelu, run_shortcut
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "ARCHS"]
 
@@ -23,24 +21,11 @@ __all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet
 def _downsample(inplanes: int, outplanes: int, stride: int, n_bit: int, quantize: bool) -> nn.Sequential:
     """Shortcut projection: FP ``conv1x1 → BN`` ("N2UQ *" rows) or ``LTQ → quantized conv1x1 → BN``."""
     if quantize:
-        return nn.Sequential(
-            LTQ(n_bit),
-            HardQuantizeConv(inplanes, outplanes, n_bit, kernel_size=1, stride=stride, padding=0),
-            nn.BatchNorm2d(outplanes),
-        )
+        return quantized_shortcut(inplanes, outplanes, n_bit, stride)
     return nn.Sequential(
         nn.Conv2d(inplanes, outplanes, kernel_size=1, stride=stride, bias=False),
         nn.BatchNorm2d(outplanes),
     )
-
-
-def _shortcut(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
-    """``downsample(x)``; the quantized ``LTQ → conv → BN`` form runs as one fused stage."""
-    if downsample is None:
-        return x
-    if isinstance(downsample, nn.Sequential) and len(downsample) == 3 and isinstance(downsample[0], LTQ):
-        return downsample[2](quant_stage(x, None, None, None, downsample[0], downsample[1]))
-    return downsample(x)
 
 
 class BasicBlock(nn.Module):
@@ -62,7 +47,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = run_quant_stage(self, 2, run_quant_stage(self, 1, x))
-        return run_rprelu(self, 3, out, residual=_shortcut(self.downsample, x))
+        return run_rprelu(self, 3, out, residual=run_shortcut(self.downsample, x))
 
 
 class Bottleneck(nn.Module):
@@ -85,11 +70,11 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = run_quant_stage(self, 3, run_quant_stage(self, 2, run_quant_stage(self, 1, x)))
-        return run_rprelu(self, 0, out, residual=_shortcut(self.downsample, x))
+        return run_rprelu(self, 0, out, residual=run_shortcut(self.downsample, x))
 
 
 class ResNet(nn.Module):
-    """torchvision-style ResNet stem and head around N2UQ blocks (SPEC §5)."""
+    """torchvision-style ResNet stem and head around N2UQ blocks (docs/SPEC.md, architectures)."""
 
     def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], layers: List[int], n_bit: int = 2,
                  quantize_downsample: bool = False, num_classes: int = 1000):

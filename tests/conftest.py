@@ -58,3 +58,53 @@ def subprocess_env() -> dict:
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHON"] = sys.executable
     return env
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast implementations, each tested against the definitions where this machine has it
+# ---------------------------------------------------------------------------------------------
+
+def _fast_backend_params():
+    import torch
+
+    from n2uq.kernels import cpu, triton_ops
+
+    cuda = torch.cuda.is_available() and triton_ops.HAS_TRITON
+    return [
+        pytest.param(("torch", "cpu"), id="torch"),
+        pytest.param(("c", "cpu"), id="c", marks=pytest.mark.skipif(
+            not cpu.available(), reason=f"the C kernels cannot be built here ({cpu.build_error()})")),
+        pytest.param(("triton", "cuda"), id="triton", marks=[pytest.mark.gpu, pytest.mark.skipif(
+            not cuda, reason="the Triton kernels need CUDA and Triton")]),
+    ]
+
+
+#: Module that computes the operators under each fast backend (what ``implementation`` must return).
+IMPLEMENTATION_OF = {"torch": "n2uq.kernels.torch_ops", "c": "n2uq.kernels.cpu", "triton": "n2uq.kernels.triton_ops"}
+
+
+class FastBackend:
+    """A selected fast backend: ``name`` and the ``device`` its kernels run on."""
+
+    def __init__(self, name: str, device: str):
+        self.name, self.device = name, device
+
+    def __repr__(self) -> str:
+        return f"FastBackend({self.name!r}, {self.device!r})"
+
+    def assert_computes(self, x, dtype=None, n_thresholds: int = 3, params=()) -> None:
+        """Fail unless this backend's own implementation (not a fallback) computes ``x``."""
+        from n2uq.kernels import implementation
+
+        impl = implementation(x, dtype or x.dtype, n_thresholds, params)
+        assert impl.__name__ == IMPLEMENTATION_OF[self.name], f"{self.name} would run {impl.__name__}"
+
+
+@pytest.fixture(params=_fast_backend_params())
+def fast_backend(request):
+    """Each fast backend in turn (``torch``, ``c``, ``triton``), selected for the test's duration."""
+    from n2uq.kernels import use_backend
+
+    name, device = request.param
+    with use_backend(name):
+        yield FastBackend(name, device)

@@ -1,7 +1,8 @@
-"""Fused block operators (n2uq.kernels.fused) against the unfused modules, on every backend.
+"""Fused block operators (n2uq.kernels.fused): codes, memory, determinism, fallbacks, whole blocks.
 
-Forward values must be bit-identical; gradients of the input and of every parameter must agree to
-float rounding (1e-5 of the largest entry); backward must be deterministic.
+Forward values must be bit-identical to the modules run one by one (the definitions); gradients of
+the input and of every parameter must agree to float rounding; backward must be deterministic.
+The per-backend comparisons (torch, c, triton) are in tests/test_backends.py.
 """
 
 from __future__ import annotations
@@ -14,11 +15,8 @@ from torch import nn
 
 from mobilenetv2.mobilenet_v2 import MobileNetV2
 from n2uq import LTQ, HardQuantizeConv, LearnableBias
-from n2uq.kernels import use_backend
-from n2uq.kernels.fused import quant_stage, rprelu, stage_output
+from n2uq.kernels.fused import quant_stage, stage_output
 from resnet.resnet import resnet18, resnet50
-
-BACKENDS = ["auto", "torch"]
 
 
 @pytest.fixture(autouse=True)
@@ -90,27 +88,15 @@ def _run(fn, x, module, upstream):
     return y, list(zip(["x"] + [n for n, _ in params], grads))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n_bit", [1, 2, 3, 4, 8])
-def test_stage_matches_modules(backend, n_bit):
-    stage = _randomise(Stage(6, 5, n_bit), n_bit)
-    x = torch.randn(3, 6, 9, 7) * 1.5  # 63 elements per plane: vector body and scalar tail
-    upstream = torch.randn(3, 5, 9, 7)
-    with use_backend(backend):  # the modules' own LTQ uses the same backend
-        y, grads = _run(stage, x, stage, upstream)
-        y_ref, grads_ref = _run(stage.unfused, x, stage, upstream)
-    assert torch.equal(y, y_ref)
-    _assert_grads_close(grads, grads_ref)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_stage_float64_depthwise_strided_shared_prelu(backend):
+def test_stage_float64_depthwise_strided_shared_prelu(fast_backend):
+    if fast_backend.name == "triton":
+        pytest.skip("the Triton kernels compute in float32")
     stage = _randomise(Stage(4, 4, 2, stride=2, groups=4, prelu_params=1), 3).double()
     x = torch.randn(2, 4, 11, 11, dtype=torch.float64)
     upstream = torch.randn(2, 4, 6, 6, dtype=torch.float64)
-    with use_backend(backend):
-        y, grads = _run(stage, x, stage, upstream)
-        y_ref, grads_ref = _run(stage.unfused, x, stage, upstream)
+    fast_backend.assert_computes(x)
+    y, grads = _run(stage, x, stage, upstream)
+    y_ref, grads_ref = _run(stage.unfused, x, stage, upstream)
     assert torch.equal(y, y_ref)
     _assert_grads_close(grads, grads_ref, rel=1e-10)
 
@@ -132,27 +118,6 @@ def test_stage_without_grad_and_bf16_fallback():
         assert torch.equal(stage(x), stage.unfused(x))
     xb = x.bfloat16()  # no kernel for bf16 on CPU: plain PyTorch path, same values as the modules
     assert torch.equal(stage(xb), stage.unfused(xb))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_rprelu_with_residual_matches_modules(backend):
-    torch.manual_seed(0)
-    mods = _randomise(nn.ModuleList([LearnableBias(5), nn.PReLU(5), LearnableBias(5)]), 1)
-    b1, pr, b2 = mods
-    a, r = torch.randn(2, 5, 6, 6), torch.randn(2, 5, 6, 6)
-    up = torch.randn(2, 5, 6, 6)
-
-    def run(fn):
-        a_, r_ = a.clone().requires_grad_(True), r.clone().requires_grad_(True)
-        y = fn(a_, r_)
-        return y, torch.autograd.grad(y, [a_, r_, b1.bias, pr.weight, b2.bias], up)
-
-    with use_backend(backend):
-        y, grads = run(lambda a_, r_: rprelu(a_, b1, pr, b2, residual=r_))
-        y_ref, grads_ref = run(lambda a_, r_: b2(pr(b1(a_ + r_))))
-    assert torch.equal(y, y_ref)
-    names = ["a", "residual", "bias1", "prelu", "bias2"]
-    _assert_grads_close(zip(names, grads), zip(names, grads_ref))
 
 
 def _model_grads(model, x, upstream):

@@ -1,15 +1,24 @@
-"""The C kernels (n2uq.kernels.cpu) against the plain PyTorch path, and backend selection."""
+"""The C kernels (n2uq.kernels.cpu): cases specific to them (generic-kernel fallback, weight kernel,
+NumPy state, memory layouts, a missing compiler), and the backend selection.
+
+Their agreement with the definitions on the common cases is in tests/test_backends.py."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from n2uq import LTQ, HardQuantizeConv
-from n2uq.kernels import cpu, get_backend, ops_for, set_backend, use_backend
-from n2uq.quant import ltq_breakpoints, ltq_forward_thresholds, ltq_state
+from n2uq.kernels import cpu, get_backend, implementation, ltq, set_backend, torch_ops, use_backend
+from n2uq.kernels.block_ops import weight_ste
+from n2uq.kernels.ltq_state import ltq_state
+from n2uq.quant import ltq_breakpoints, ltq_forward_thresholds
 
 needs_kernels = pytest.mark.skipif(not cpu.available(), reason="no C compiler: plain PyTorch path only")
 
@@ -31,47 +40,56 @@ def _ltq(n_bit: int, seed: int) -> LTQ:
 
 
 def _fwd_bwd(q: LTQ, x: torch.Tensor, upstream: torch.Tensor):
+    """LTQ forward and backward on the fast path of the selected backend."""
     x = x.clone().requires_grad_(True)
-    y = q(x)
+    y = ltq(q, x)
     return y, torch.autograd.grad(y, [x, q.start, q.a, q.scale1, q.scale2], upstream)
 
 
-@needs_kernels
-@pytest.mark.parametrize("n_bit", [1, 2, 3, 4, 5, 8])
-def test_kernel_matches_torch_path_on_large_odd_tensors(n_bit):
-    """Several work items, vector bodies and scalar tails, values exactly on thresholds."""
-    q = _ltq(n_bit, n_bit)
-    x = torch.randn(3, 7, 61, 67) * 1.2
-    a_pos = torch.where(q.a > q.eps, q.a, q.eps).detach()
-    edges = torch.cat([ltq_forward_thresholds(q.start.detach(), a_pos), ltq_breakpoints(q.start.detach(), a_pos)])
-    x.view(-1)[: edges.numel()] = edges / q.scale1.detach()
-    upstream = torch.randn(x.shape)
-    y, grads = _fwd_bwd(q, x, upstream)
-    with use_backend("torch"):
-        y_ref, grads_ref = _fwd_bwd(q, x, upstream)
-    assert torch.equal(y, y_ref)
-    assert torch.equal(grads[0], grads_ref[0])  # the same float operations per element
-    # Parameter gradients are sums over 1.2M elements: the torch path adds them in float32
-    # (index_add_, sum), the kernel in double, so they differ by float32 summation error.
-    for name, g, g_ref in zip(["start", "a", "scale1", "scale2"], grads[1:], grads_ref[1:]):
-        assert (g - g_ref).abs().max() <= 2e-4 * g_ref.abs().max().clamp_min(1e-12), name
-
-
-@needs_kernels
-def test_nan_input_takes_the_lowest_level_like_the_reference():
-    q = _ltq(2, 0)
-    y = q(torch.tensor([float("nan"), 5.0]))
-    assert y[0] == 0 and y[1] == q.levels[-1] * q.scale2.detach()
-
-
 def test_backend_selection():
-    assert get_backend() in ("auto", "torch")
+    previous = get_backend()
     x = torch.randn(4)
-    with use_backend("torch"):
-        assert ops_for(x, torch.float32) is None
-    assert ops_for(x.bfloat16(), torch.float32) is None  # mixed dtypes: plain PyTorch on CPU
-    with pytest.raises(ValueError, match="backend"):
+    for name in ("torch", "reference"):
+        with use_backend(name):
+            assert implementation(x, torch.float32) is torch_ops
+    if cpu.available():
+        for name in ("auto", "c"):
+            with use_backend(name):
+                assert implementation(x, torch.float32) is cpu
+                assert implementation(x.double(), torch.float64) is cpu
+                assert implementation(x.bfloat16(), torch.float32) is torch_ops  # no bf16 kernel on CPU
+                assert implementation(x, torch.float32, params=[x.double()]) is torch_ops  # mixed dtypes
+    with use_backend("triton"):
+        assert implementation(x, torch.float32) is torch_ops  # Triton runs CUDA tensors only
+    with pytest.raises(ValueError, match="auto, torch, c, triton, reference"):
         set_backend("fast")
+    assert get_backend() == previous
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root), **env})
+
+
+def test_backend_from_the_environment():
+    ok = _python("from n2uq.kernels import get_backend; print(get_backend())", N2UQ_KERNELS="reference")
+    assert ok.returncode == 0 and ok.stdout.strip() == "reference"
+    bad = _python("import torch; from n2uq import LTQ; from n2uq.kernels import ltq; ltq(LTQ(2), torch.randn(4))",
+                  N2UQ_KERNELS="fastest")
+    assert bad.returncode != 0 and "N2UQ_KERNELS" in bad.stderr and "auto, torch, c, triton, reference" in bad.stderr
+
+
+def test_c_backend_without_a_compiler_is_one_clear_error(tmp_path):
+    """``auto`` falls back to plain PyTorch with one warning; ``c`` refuses, saying what to do."""
+    code = ("import torch; from n2uq import LTQ; from n2uq.kernels import ltq\n"
+            "y = ltq(LTQ(2), torch.randn(2, 3, 4, 4)); print('ran', y.shape)")
+    env = {"CC": "/nonexistent/cc", "N2UQ_KERNEL_CACHE": str(tmp_path)}
+    auto = _python(code, **env, N2UQ_KERNELS="auto")
+    assert auto.returncode == 0 and "ran" in auto.stdout and "CPU kernels unavailable" in auto.stderr
+    forced = _python(code, **env, N2UQ_KERNELS="c")
+    assert forced.returncode != 0
+    assert "N2UQ_KERNELS=c but the C kernels cannot be built" in forced.stderr and "compiler" in forced.stderr
 
 
 def test_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
@@ -82,18 +100,19 @@ def test_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
 
 @needs_kernels
 @pytest.mark.parametrize("n_bit", [1, 2, 3, 4, 8])
-def test_weight_kernel_matches_torch_expression(n_bit):
+def test_weight_kernel_matches_the_definition(n_bit):
     conv = HardQuantizeConv(24, 16, n_bit, kernel_size=3)
     with torch.no_grad():
         conv.weight.normal_(0, 0.05)
         conv.weight[0, 0, 0, 0] = 10.0  # clipped
     upstream = torch.randn(conv.weight.shape)
-    w = conv.quantized_weight()
+    with use_backend("c"):
+        assert hasattr(implementation(conv.weight, torch.float32), "weight_ste")
+        w = weight_ste(conv.weight, conv.clip_val, n_bit)
     (g,) = torch.autograd.grad(w, conv.weight, upstream)
-    with use_backend("torch"):
-        w_ref = conv.quantized_weight()
-        (g_ref,) = torch.autograd.grad(w_ref, conv.weight, upstream)
-    assert torch.equal(w, w_ref) and torch.equal(g, g_ref)
+    w_def = conv.quantized_weight()
+    (g_def,) = torch.autograd.grad(w_def, conv.weight, upstream)
+    assert torch.equal(w, w_def) and torch.equal(g, g_def)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -102,7 +121,8 @@ def test_numpy_state_equals_sequential_torch_accumulation(n_bit, dtype):
     q = _ltq(n_bit, 3).to(dtype)
     with torch.no_grad():
         q.a[0] = -1.0  # below eps
-    state = ltq_state(q.start, q.a, q.scale2, q.eps, q.levels, dtype)
+    with use_backend("c"):
+        state = ltq_state(q.start, q.a, q.scale2, q.eps, q.levels, dtype)
     a_pos = torch.where(q.a > q.eps, q.a, q.eps).detach()
     assert torch.equal(state.thresholds, ltq_forward_thresholds(q.start.detach(), a_pos))
     assert torch.equal(state.breakpoints, ltq_breakpoints(q.start.detach(), a_pos))
@@ -127,9 +147,11 @@ def test_thresholds_outside_their_intervals_take_the_generic_kernel():
         pytest.fail("no parameters with a threshold outside its interval found")
     x = 1e5 + torch.rand(2, 3, 40, 40) * 3.0
     upstream = torch.randn(x.shape)
-    y, grads = _fwd_bwd(q, x, upstream)
-    with use_backend("torch"):
-        y_ref, grads_ref = _fwd_bwd(q, x, upstream)
+    with use_backend("c"):
+        y, grads = _fwd_bwd(q, x, upstream)
+    x_ref = x.clone().requires_grad_(True)
+    y_ref = q(x_ref)  # the definition
+    grads_ref = torch.autograd.grad(y_ref, [x_ref, q.start, q.a, q.scale1, q.scale2], upstream)
     assert torch.equal(y, y_ref) and torch.equal(grads[0], grads_ref[0])
     for g, g_ref in zip(grads[1:], grads_ref[1:]):
         assert (g - g_ref).abs().max() <= 2e-4 * g_ref.abs().max().clamp_min(1e-12)
@@ -147,9 +169,9 @@ def contiguous_bucketize(monkeypatch):
     monkeypatch.setattr(torch, "bucketize", checked)
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("c", marks=needs_kernels)])
 def test_channels_last_keeps_layout_without_bucketize_copies(backend, contiguous_bucketize):
-    """The plain PyTorch path searches the contiguous permuted view of a channels_last input (no
+    """The plain PyTorch operators search the contiguous permuted view of a channels_last input (no
     copy inside torch.bucketize), and every path returns the input's layout."""
     q = _ltq(3, 5)
     x = torch.randn(2, 8, 5, 7) * 1.2

@@ -1,4 +1,8 @@
-"""Triton kernels (n2uq.kernels.triton_ops) on CUDA against the unfused modules.
+"""Triton kernels (n2uq.kernels.triton_ops) on CUDA against the unfused modules (the definitions).
+
+Parameter gradients are float32 sums over many elements, some with heavy cancellation; the Triton
+kernels and the definitions add them in different orders, hence tolerances of 1e-3 of the largest
+entry (the same comparisons run in float64 for the CPU backends in tests/test_backends.py).
 
 Marked ``gpu``: skipped without CUDA or Triton (run them with ``scripts/gpu_check.sh``). One slow
 test runs the same kernels in Triton's interpreter on CPU when Triton is installed.
@@ -14,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from n2uq.kernels import triton_ops, use_backend
+from n2uq.kernels import ltq, triton_ops, use_backend
 from n2uq.kernels.fused import stage_output
 from resnet.resnet import resnet18
 from tests.test_fused import Stage, _assert_grads_close, _model_grads, _randomise, _run, _unfuse
@@ -35,7 +39,7 @@ def test_stage_on_cuda_matches_modules(n_bit, channels_last):
     y, grads = _run(stage, x, stage, upstream)
     y_ref, grads_ref = _run(stage.unfused, x, stage, upstream)
     assert torch.equal(y, y_ref)
-    _assert_grads_close(grads, grads_ref)
+    _assert_grads_close(grads, grads_ref, rel=1e-3)
 
 
 @needs_cuda
@@ -75,7 +79,7 @@ def test_half_precision_input_gradients_match_modules(dtype):
     y_ref, grads_ref = _run(stage.unfused, x, stage, upstream)
     assert torch.equal(y, y_ref) and grads[0][1].dtype == dtype
     assert torch.equal(grads[0][1], grads_ref[0][1])
-    _assert_grads_close(grads[1:], grads_ref[1:])
+    _assert_grads_close(grads[1:], grads_ref[1:], rel=1e-3)
 
 
 @needs_cuda
@@ -91,7 +95,7 @@ def test_large_batch_grid_and_int64_offsets():
     if torch.cuda.get_device_properties(0).total_memory > 40 * 2**30:
         q = stage.quan
         big = torch.empty(2**31 // 8 * 9, device="cuda", dtype=torch.bfloat16).normal_()  # 2.4e9 elements
-        y_big = q(big)
+        y_big = ltq(q, big)
         assert torch.equal(y_big[-1000:], q(big[-1000:].clone())) and torch.equal(y_big[:1000], q(big[:1000].clone()))
         del y_big, big
 
@@ -109,7 +113,7 @@ def test_whole_resnet_on_cuda_fused_equals_unfused(train):
         upstream = torch.randn(4, 10, device="cuda")
         _, grads = _model_grads(model, x, upstream)
         _, grads_ref = _model_grads(reference, x, upstream)
-        _assert_grads_close(grads, grads_ref, rel=1e-4)
+        _assert_grads_close(grads, grads_ref, rel=1e-3)
 
 
 @needs_cuda
@@ -141,7 +145,7 @@ _INTERPRETER_CHECK = r"""
 import torch
 from n2uq import LTQ
 from n2uq.kernels import cpu, triton_ops as T
-from n2uq.quant import ltq_param_grads, ltq_state
+from n2uq.kernels.ltq_state import ltq_param_grads, ltq_state
 torch.manual_seed(0)
 for n_bit in (1, 2, 3, 4):
     for channels_last in (False, True):
@@ -199,6 +203,20 @@ assert torch.equal(T.ltq_forward(x, chain, s1, st.thresholds, st.table, True)[0]
                    cpu.ltq_forward(x.contiguous(), chain, s1, st.thresholds, st.table, True)[0])
 assert torch.equal(T.ltq_forward(x, None, s1, st.thresholds, st.table, False)[0],
                    cpu.ltq_forward(x, None, s1, st.thresholds, st.table, False)[0])
+# NaN and ±inf: the same outputs, codes and gradients as the C kernels (NaN -> level 0)
+special = torch.tensor([float("nan"), float("inf"), float("-inf"), 1e30, -1e30, 0.0])
+xs = special.reshape(1, 6, 1, 1).repeat(2, 1, 2, 3)
+chain6 = (torch.randn(6) * 0.3, torch.rand(6) * 0.5, torch.randn(6) * 0.3)
+g = torch.randn(xs.shape)
+for ch in (None, chain6):
+    y1, c1 = cpu.ltq_forward(xs, ch, s1, st.thresholds, st.table, True)
+    y2, c2 = T.ltq_forward(xs, ch, s1, st.thresholds, st.table, True)
+    assert torch.equal(y1, y2) and torch.equal(c1, c2) and bool((c2[:, 0] == 0).all())
+    args = (s1, s2, st.thresholds, st.levels, st.breakpoints, st.slope)
+    gx1, sums1 = cpu.ltq_backward(xs, g, ch, *args)
+    gx2, sums2 = T.ltq_backward(xs, g, ch, *args)
+    assert torch.equal(gx1, gx2)
+    torch.testing.assert_close(sums1, sums2, rtol=1e-5, atol=1e-5, equal_nan=True)
 print("interpreter ok")
 """
 

@@ -1,4 +1,6 @@
-"""Model layouts against the reference's state dicts, and whole-model behaviour."""
+"""Model layouts against the reference's state dicts, and whole-model behaviour.
+
+The fast paths of whole models against the definitions: tests/test_backends.py."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ from torch import nn
 from mobilenetv2.mobilenet_v2 import MobileNetV2
 from n2uq import LTQ, HardQuantizeConv
 from resnet.resnet import ARCHS
-from tests.reference import reference_ltq
 
 LAYOUTS = json.loads((Path(__file__).parent / "fixtures" / "state_dict_layouts.json").read_text())
 
@@ -101,41 +102,3 @@ def _randomise(model: nn.Module, seed: int) -> None:
         for name, p in model.named_parameters():
             if name.endswith(".bias") and p.dim() == 4:
                 p.normal_(0, 0.05, generator=g)
-
-
-@pytest.mark.parametrize("tag", ["resnet18_w2a2_qd1", "resnet50_w3a3_qd0", "mobilenetv2_w4a4"])
-def test_whole_model_matches_reference_quantizers(tag, monkeypatch):
-    """The same model with every LTQ replaced by the SPEC-literal reference form gives bit-identical
-    logits (eval) and matching parameter gradients (train)."""
-    torch.manual_seed(0)
-    model = build_from_tag(tag, num_classes=10)
-    _randomise(model, 1)
-    size = 96 if tag.startswith("mobilenet") else 64
-    x = torch.randn(2, 3, size, size)
-
-    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def run(train: bool):
-        model.load_state_dict(snapshot)  # train-mode BN updates its running statistics
-        model.train(train)
-        model.zero_grad()
-        out = model(x)
-        out.square().mean().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        return out.detach(), grads
-
-    def reference_forward(self, inp):
-        return reference_ltq(inp, self.start, self.a, self.scale1, self.scale2, float(self.eps))
-
-    fast_eval, _ = run(False)
-    fast_train, fast_grads = run(True)
-    monkeypatch.setattr(LTQ, "forward", reference_forward)
-    ref_eval, _ = run(False)
-    ref_train, ref_grads = run(True)
-
-    assert torch.equal(fast_eval, ref_eval)
-    assert torch.equal(fast_train, ref_train)
-    assert fast_grads.keys() == ref_grads.keys()
-    for name in fast_grads:
-        scale = ref_grads[name].abs().max().item()
-        assert (fast_grads[name] - ref_grads[name]).abs().max().item() <= 1e-4 * scale + 1e-9, name

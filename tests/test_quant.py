@@ -119,7 +119,7 @@ def test_ltq_gradcheck_float64(n_bit):
     compares the fast backward with numerical derivatives of the surrogate, in float64, at points
     away from thresholds and breakpoints.
     """
-    from n2uq.quant import _LTQFunction
+    from n2uq.quant import LTQFunction
 
     q = _randomised_ltq(n_bit, 11).double()
     a_pos = torch.where(q.a > q.eps, q.a, q.eps).detach()
@@ -135,7 +135,7 @@ def test_ltq_gradcheck_float64(n_bit):
     levels = q.levels.double()
 
     def fast_with_surrogate_value(x, start, a, s1):
-        y = _LTQFunction.apply(x, start, a, s1, s2, q.eps, levels)
+        y = LTQFunction.apply(x, start, a, s1, s2, q.eps, levels)
         return y - y.detach() + (reference_ltq_surrogate(x, start, a, s1) * s2).detach()
 
     assert torch.autograd.gradcheck(fast_with_surrogate_value, (x, start, a, s1), eps=1e-6, atol=1e-6)

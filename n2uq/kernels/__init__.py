@@ -1,67 +1,29 @@
-"""Fast paths for the N2UQ activation path, behind the same autograd interface.
+"""Fast implementations of the N2UQ quantizers, behind one seam.
 
-* :mod:`n2uq.kernels.cpu` — C/OpenMP kernels for CPU (built on first use with the system compiler).
-* :mod:`n2uq.kernels.triton_ops` — Triton kernels for CUDA (imported only when Triton is present).
-* :mod:`n2uq.kernels.fused` — fused block operators: ``RPReLU → LTQ → HardQuantizeConv`` saving the
-  stage input once and the conv input as uint8 codes, and the block-output RPReLU with its residual.
+The definitions live in :mod:`n2uq.quant`; everything here computes the same values faster and
+is chosen in one place, :mod:`n2uq.kernels.select` (``N2UQ_KERNELS=auto|torch|c|triton|reference``):
 
-Every fast path computes the same forward values, bit for bit, as the plain PyTorch modules, and
-the same gradients up to float rounding; the plain PyTorch path is always there as the reference
-and the fallback. Choose with ``N2UQ_KERNELS=auto|torch`` or :func:`set_backend` /
-:func:`use_backend`.
+* :mod:`~n2uq.kernels.fused` — what the blocks call: :func:`quant_stage` (``RPReLU → LTQ →
+  HardQuantizeConv``), :func:`rprelu` (block output with its residual), :func:`ltq` (a plain LTQ);
+* :mod:`~n2uq.kernels.ltq_op`, :mod:`~n2uq.kernels.block_ops` — the fused operators as
+  ``torch.library`` custom ops (``torch.compile`` traces through them whole);
+* the implementations of those operators, one interface: :mod:`~n2uq.kernels.cpu` (C/OpenMP,
+  built on first use), :mod:`~n2uq.kernels.triton_ops` (CUDA), :mod:`~n2uq.kernels.torch_ops`
+  (plain PyTorch); :mod:`~n2uq.kernels.ltq_state` for LTQ's small per-call vectors.
+
+Model code never sees which implementation runs: it calls :func:`quant_stage` and :func:`rprelu`
+(through :mod:`n2uq.blocks`), and with ``reference`` those run the modules one by one.
 """
 
-from __future__ import annotations
+from n2uq.kernels.fused import ltq, quant_stage, rprelu
+from n2uq.kernels.select import (
+    BACKENDS,
+    KernelUnavailableError,
+    get_backend,
+    implementation,
+    set_backend,
+    use_backend,
+)
 
-import contextlib
-import os
-from types import ModuleType
-from typing import Iterator, Optional
-
-import torch
-from torch import Tensor
-
-__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "ops_for"]
-
-BACKENDS = ("auto", "torch")
-_backend = os.environ.get("N2UQ_KERNELS", "auto")
-if _backend not in BACKENDS:
-    raise ValueError(f"N2UQ_KERNELS={_backend!r} is not one of {BACKENDS}; unset it or pick one of those")
-
-
-def get_backend() -> str:
-    """``"auto"`` (fast kernels where available) or ``"torch"`` (plain PyTorch everywhere)."""
-    return _backend
-
-
-def set_backend(name: str) -> None:
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"kernel backend {name!r} is not one of {BACKENDS}")
-    _backend = name
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Temporarily select a backend (tests and benchmarks compare the two)."""
-    previous = _backend
-    set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(previous)
-
-
-def ops_for(x: Tensor, dtype: torch.dtype) -> Optional[ModuleType]:
-    """The kernel module for ``x`` computed in ``dtype``, or ``None`` for the plain PyTorch path."""
-    if _backend == "torch":
-        return None
-    if x.device.type == "cpu":
-        from n2uq.kernels import cpu
-
-        return cpu if cpu.supports(x, dtype) else None
-    if x.device.type == "cuda":
-        from n2uq.kernels import triton_ops
-
-        return triton_ops if triton_ops.supports(x, dtype) else None
-    return None
+__all__ = ["BACKENDS", "KernelUnavailableError", "get_backend", "set_backend", "use_backend", "implementation",
+           "quant_stage", "rprelu", "ltq"]

@@ -25,9 +25,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from n2uq.quant import memory_order
+from n2uq.kernels.layout import memory_order
 
-__all__ = ["library", "available", "supports", "ltq_forward", "ltq_backward", "rprelu_forward",
+__all__ = ["library", "available", "build_error", "supports", "ltq_forward", "ltq_backward", "rprelu_forward",
            "rprelu_backward", "decode", "weight_ste", "FLAGS"]
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -39,6 +39,7 @@ FLAGS = ["-O3", f"-march={os.environ.get('N2UQ_CPU_ARCH', 'native')}", "-ffp-con
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _tried = False
+_error = ""
 
 _i64, _int, _dbl = ctypes.c_int64, ctypes.c_int, ctypes.c_double
 _vp = ctypes.c_void_p
@@ -95,7 +96,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 def library() -> Optional[ctypes.CDLL]:
     """The loaded kernel library, building it on first call; ``None`` if it cannot be built."""
-    global _lib, _tried
+    global _lib, _tried, _error
     if _tried:
         return _lib
     with _lock:
@@ -108,12 +109,19 @@ def library() -> Optional[ctypes.CDLL]:
             _declare(lib)
             _lib = lib
         except (OSError, RuntimeError) as err:
+            _error = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             warnings.warn(f"n2uq: CPU kernels unavailable, using the plain PyTorch path ({err})", stacklevel=2)
     return _lib
 
 
 def available() -> bool:
     return library() is not None
+
+
+def build_error() -> str:
+    """Why the library could not be built or loaded (empty when it was)."""
+    library()
+    return _error
 
 
 def supports(x: Tensor, dtype: torch.dtype) -> bool:
@@ -231,7 +239,7 @@ def decode(codes: Tensor, table: Tensor) -> Tensor:
 
 
 def weight_ste(weight: Tensor, scale: Tensor, half: Tensor, steps: Tensor) -> Tensor:
-    """Value of ``(Wq - Ws) + Ws`` for HardQuantizeConv (SPEC §2), float32, one pass."""
+    """Value of HardQuantizeConv's ``(W_q - W_s) + W_s`` (:func:`n2uq.quant.quantize_weight`), float32, one pass."""
     weight, scale = weight.contiguous(), scale.contiguous()
     out = torch.empty_like(weight)
     library().weight_ste_f32(weight.data_ptr(), scale.data_ptr(), out.data_ptr(), weight.shape[0],

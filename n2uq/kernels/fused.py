@@ -1,24 +1,23 @@
-"""Fused operators for the quantized blocks (SPEC §1, §2, §4).
+"""The entry points the blocks call: one quantized stage, the block-output RPReLU, a plain LTQ.
 
 A quantized stage of every N2UQ block is ``LearnableBias → PReLU → LearnableBias → LTQ →
 HardQuantizeConv``. Run module by module, autograd keeps three full-size tensors per stage alive
 for backward (the PReLU input, the LTQ input and the conv input) and sweeps memory ~10 times.
 :func:`quant_stage` computes the same values with two operators:
 
-* ``n2uq::ltq_stage`` (:mod:`n2uq.kernels.ops`): RPReLU and LTQ in one pass; saves only the stage
-  input ``x`` and recomputes the chain in backward (bit-identical: the same IEEE operations in the
-  same order), where one more pass yields the input gradient and every parameter gradient.
-* ``_CodesConv``: the convolution saves its input as uint8 LTQ codes instead of float: the LTQ output
-  is exactly ``table[code]``, so backward rebuilds it bit for bit (4× less memory).
+* ``n2uq::ltq_stage`` (:mod:`n2uq.kernels.ltq_op`): RPReLU and LTQ in one pass, saving only the
+  stage input;
+* ``_CodesConv``: the convolution saves its input as uint8 LTQ codes instead of float: the LTQ
+  output is exactly ``table[code]``, so backward rebuilds it bit for bit (4× less memory).
 
 :func:`rprelu` fuses the block-output RPReLU with the residual add (saves one tensor, as the PReLU
 alone would, in one pass instead of four).
 
-Forward values are bit-identical to the module-by-module computation and gradients agree to float
-rounding; ``tests/test_fused.py`` checks both. The submodules keep their parameters (and the state
-dict its layout); when a submodule is not of the expected type or has hooks, these functions call
-the modules one by one. The operators are ``torch.library`` custom ops, so ``torch.compile`` treats
-each as one opaque op (no graph breaks, no recompilations; ``tests/test_compile.py``).
+With ``N2UQ_KERNELS=reference`` (:func:`n2uq.kernels.select.fused` false) every function here calls
+the modules one by one, i.e. the definitions of :mod:`n2uq.quant`; so they do when a submodule is a
+subclass or has hooks (whatever it does then is honoured). Otherwise forward values are
+bit-identical to the module-by-module computation and gradients agree to float rounding
+(``tests/test_backends.py``, ``tests/test_fused.py``).
 """
 
 from __future__ import annotations
@@ -29,12 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from n2uq.kernels import get_backend
-from n2uq.kernels.ops import decode_codes, ltq_stage
-from n2uq.kernels.ops import rprelu as fused_rprelu
-from n2uq.quant import LTQ, HardQuantizeConv, LearnableBias, conv_needs_float32
+from n2uq.kernels import select
+from n2uq.kernels.block_ops import decode_codes, weight_ste
+from n2uq.kernels.block_ops import rprelu as fused_rprelu
+from n2uq.kernels.ltq_op import ltq_stage
+from n2uq.numerics import conv2d, conv_needs_float32
+from n2uq.quant import LTQ, HardQuantizeConv, LearnableBias
 
-__all__ = ["quant_stage", "rprelu", "stage_output"]
+__all__ = ["quant_stage", "rprelu", "ltq", "stage_output"]
 
 
 def _plain(module: Optional[nn.Module], kind: type) -> bool:
@@ -44,11 +45,6 @@ def _plain(module: Optional[nn.Module], kind: type) -> bool:
     if type(module) is not kind:
         return False
     return not any(getattr(module, name, None) for name in ("_forward_hooks", "_forward_pre_hooks"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Convolution that keeps its input as LTQ codes
-# ---------------------------------------------------------------------------------------------
 
 
 class _CodesConv(torch.autograd.Function):
@@ -70,7 +66,7 @@ class _CodesConv(torch.autograd.Function):
         need_y, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         stride, padding = list(F._pair(stride)), list(F._pair(padding))
         w, g = weight.to(conv_dtype), grad.to(conv_dtype)
-        if conv_needs_float32(y, stride):  # a PyTorch CPU bfloat16 bug, see conv_needs_float32
+        if conv_needs_float32(y, stride):  # a PyTorch CPU bfloat16 bug, see n2uq.numerics
             y, w, g = y.float(), w.float(), g.float()
         g_y, g_w, _ = torch.ops.aten.convolution_backward(
             g, y, w, None, stride, padding, [1, 1], False, [0, 0], groups, [need_y, need_w, False])
@@ -79,36 +75,32 @@ class _CodesConv(torch.autograd.Function):
         return g_y, None, None, g_w, None, None, None
 
 
-# ---------------------------------------------------------------------------------------------
-# Module-level entry points used by the blocks' forward methods
-# ---------------------------------------------------------------------------------------------
-
-
 def quant_stage(x: Tensor, bias1: Optional[LearnableBias], prelu: Optional[nn.PReLU],
                 bias2: Optional[LearnableBias], quan: LTQ, conv: HardQuantizeConv) -> Tensor:
     """``conv(quan(bias2(prelu(bias1(x)))))`` (chain modules may be ``None``: ``conv(quan(x))``).
 
-    Fused (see module docstring) when the modules are the plain N2UQ ones; else module by module.
+    Fused (see the module docstring) when the modules are the plain N2UQ ones; else module by module.
     """
     chain = (bias1, prelu, bias2)
-    fusable = (_plain(bias1, LearnableBias) and _plain(prelu, nn.PReLU) and _plain(bias2, LearnableBias)
+    fusable = (select.fused() and x.dim() == 4
+               and _plain(bias1, LearnableBias) and _plain(prelu, nn.PReLU) and _plain(bias2, LearnableBias)
                and _plain(quan, LTQ) and _plain(conv, HardQuantizeConv)
-               and (all(m is None for m in chain) or all(m is not None for m in chain))
-               and x.dim() == 4)
+               and (all(m is None for m in chain) or all(m is not None for m in chain)))
     if not fusable:
         for module in chain:
             if module is not None:
                 x = module(x)
         return conv(quan(x))
     y, codes, table = stage_output(x, bias1, prelu, bias2, quan, torch.is_grad_enabled(), _conv_input_code(x))
+    weight = weight_ste(conv.weight, conv.clip_val, conv.num_bits)
     if codes is None:
-        return conv(y)
-    return _CodesConv.apply(y, codes, table, conv.quantized_weight(), conv.stride, conv.padding, conv.groups)
+        return conv2d(y, weight, conv.stride, conv.padding, conv.groups)
+    return _CodesConv.apply(y, codes, table, weight, conv.stride, conv.padding, conv.groups)
 
 
 def _conv_input_code(x: Tensor) -> int:
     """Under CUDA autocast the convolution would cast the stage output to bf16/fp16 anyway: the stage
-    writes it in that dtype directly (``out_code`` of :func:`n2uq.kernels.ops.ltq_stage`)."""
+    writes it in that dtype directly (``out_code`` of :func:`n2uq.kernels.ltq_op.ltq_stage`)."""
     if not (x.is_cuda and torch.is_autocast_enabled()):
         return 0
     dtype = torch.get_autocast_dtype("cuda") if hasattr(torch, "get_autocast_dtype") else torch.get_autocast_gpu_dtype()
@@ -125,13 +117,21 @@ def stage_output(x: Tensor, bias1: Optional[LearnableBias], prelu: Optional[nn.P
                      want_codes, out_code)
 
 
+def ltq(quan: LTQ, x: Tensor) -> Tensor:
+    """``quan(x)`` through the fused operator (one pass, saves only ``x``), or the module itself
+    under ``N2UQ_KERNELS=reference`` or when it is a subclass or has hooks."""
+    if not (select.fused() and _plain(quan, LTQ)):
+        return quan(x)
+    return stage_output(x, None, None, None, quan)[0]
+
+
 def rprelu(x: Tensor, bias1: LearnableBias, prelu: nn.PReLU, bias2: LearnableBias,
            residual: Optional[Tensor] = None) -> Tensor:
-    """``bias2(prelu(bias1(x + residual)))`` — the block-output RPReLU (SPEC §4, §5), fused.
+    """``bias2(prelu(bias1(x + residual)))`` — the block-output RPReLU — fused.
 
-    Module by module with ``N2UQ_KERNELS=torch`` (nothing to fuse there), for other than 4-d inputs,
-    and when a submodule is not the plain one."""
-    if (get_backend() == "torch" or x.dim() != 4 or not (_plain(bias1, LearnableBias) and _plain(prelu, nn.PReLU)
-                                                        and _plain(bias2, LearnableBias))):
+    Module by module under ``reference`` and ``torch`` (nothing to gain from fusing in plain
+    PyTorch), for other than 4-d inputs, and when a submodule is not the plain one."""
+    if (select.get_backend() in ("reference", "torch") or x.dim() != 4
+            or not (_plain(bias1, LearnableBias) and _plain(prelu, nn.PReLU) and _plain(bias2, LearnableBias))):
         return bias2(prelu(bias1(x if residual is None else x + residual)))
     return fused_rprelu(x, residual, bias1.bias, prelu.weight, bias2.bias)
