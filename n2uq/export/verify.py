@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from n2uq.export.graph import QuantizerTrace, run_graph, trace_graph
-from n2uq.export.integer import IntegerModel, UnitRecord
+from n2uq.export.integer_model import IntegerModel, UnitRecord
 
 __all__ = ["CodeAgreement", "LogitAgreement", "Agreement", "compare_codes", "compare_logits",
            "fake_quant_trace", "check_against_fake_quant", "check_against_runtime"]
