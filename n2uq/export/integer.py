@@ -31,14 +31,7 @@ architectures). Where each part lives:
 from __future__ import annotations
 
 from n2uq.export.integer_model import OP_TYPES, IntegerModel, UnitRecord
-from n2uq.export.integer_ops import (
-    EXACT_FLOAT32_BOUND,
-    Dequant,
-    FallbackChain,
-    IntConv,
-    Threshold,
-    UnitKind,
-)
+from n2uq.export.integer_ops import EXACT_FLOAT32_BOUND, Dequant, FallbackChain, IntConv, Threshold, UnitKind
 from n2uq.export.lowering import convert
 from n2uq.export.ops import (
     Add,

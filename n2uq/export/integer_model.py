@@ -14,27 +14,13 @@ from typing import Any, Dict, List, Optional, Type
 import torch
 from torch import Tensor, nn
 
-from n2uq.export.integer_ops import Dequant, IntConv, Threshold
-from n2uq.export.ops import (
-    Add,
-    BatchNorm,
-    Flatten,
-    FloatConv,
-    GlobalAvgPool,
-    Linear,
-    MaxPool,
-    Op,
-    Relu,
-    Relu6,
-    RPReLU,
-)
+from n2uq.export.integer_ops import INTEGER_OPS, IntConv, Threshold
+from n2uq.export.ops import FLOAT_OPS, Op
 
 __all__ = ["OP_TYPES", "UnitRecord", "IntegerModel"]
 
 #: Every op type an integer model may hold, by class name.
-OP_TYPES: Dict[str, Type[Op]] = {cls.__name__: cls for cls in (
-    FloatConv, BatchNorm, Relu, Relu6, MaxPool, GlobalAvgPool, Flatten, Linear, Add, RPReLU,
-    IntConv, Dequant, Threshold)}
+OP_TYPES: Dict[str, Type[Op]] = {cls.__name__: cls for cls in (*FLOAT_OPS, *INTEGER_OPS)}
 
 
 @dataclass

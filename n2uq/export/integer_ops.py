@@ -22,8 +22,8 @@ from torch import Tensor
 from n2uq.export.ops import ConvGeometry, Op, per_channel
 from n2uq.export.streamline import rprelu_ltq_chain
 
-__all__ = ["EXACT_FLOAT32_BOUND", "ACCUMULATOR_DTYPES", "IntConv", "Dequant", "UnitKind", "FallbackChain",
-           "Threshold"]
+__all__ = ["EXACT_FLOAT32_BOUND", "ACCUMULATOR_DTYPES", "INTEGER_OPS", "IntConv", "Dequant", "UnitKind",
+           "FallbackChain", "Threshold"]
 
 #: Integers up to this magnitude are exact in float32, and so is every sum of them that stays below.
 EXACT_FLOAT32_BOUND = 2**24
@@ -163,3 +163,7 @@ class Threshold(Op):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.count(self.preactivation(x))
+
+
+#: The integer op types.
+INTEGER_OPS = (IntConv, Dequant, Threshold)

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from n2uq.export import ops
 from n2uq.export.graph import Graph, GraphError, Node, trace_graph
 from n2uq.export.integer_model import IntegerModel
 from n2uq.export.integer_ops import (
@@ -27,20 +28,6 @@ from n2uq.export.integer_ops import (
     IntConv,
     Threshold,
     UnitKind,
-)
-from n2uq.export.ops import (
-    Add,
-    BatchNorm,
-    ConvGeometry,
-    Flatten,
-    FloatConv,
-    GlobalAvgPool,
-    Linear,
-    MaxPool,
-    Op,
-    Relu,
-    Relu6,
-    RPReLU,
 )
 from n2uq.export.streamline import (
     float_thresholds,
@@ -97,12 +84,12 @@ class _Lowering:
     def __init__(self, graph: Graph):
         self.graph = graph
         self.users = graph.consumers()
-        self.ops: List[Op] = []
+        self.emitted: List[ops.Op] = []
         self.reps: Dict[str, Any] = {graph.input: _Float(graph.input)}
         self.materialized: Dict[str, str] = {}
 
-    def emit(self, op: Op) -> str:
-        self.ops.append(op)
+    def emit(self, op: ops.Op) -> str:
+        self.emitted.append(op)
         return op.output
 
     def as_float(self, name: str) -> str:
@@ -113,13 +100,13 @@ class _Lowering:
             return rep.name
         if name not in self.materialized:
             if isinstance(rep, _Acc):
-                op: Op = Dequant(f"{name}.dequant", (rep.name,), name,
-                                 rep.alpha.to(torch.float32), rep.beta.to(torch.float32))
+                op: ops.Op = Dequant(f"{name}.dequant", (rep.name,), name,
+                                     rep.alpha.to(torch.float32), rep.beta.to(torch.float32))
             elif isinstance(rep, _Chain):
                 b1, prelu, b2 = rep.modules
                 c = b1.bias.numel()
-                op = RPReLU(name, (self.as_float(rep.source),), name, _flat(b1.bias, torch.float32, c),
-                            prelu.weight.detach().clone(), _flat(b2.bias, torch.float32, c))
+                op = ops.RPReLU(name, (self.as_float(rep.source),), name, _flat(b1.bias, torch.float32, c),
+                                prelu.weight.detach().clone(), _flat(b2.bias, torch.float32, c))
             else:
                 raise GraphError(f"{name}: quantizer codes used by a float op; not an N2UQ layout")
             self.materialized[name] = self.emit(op)
@@ -159,7 +146,7 @@ class _Lowering:
         bound = k * src.n * n_w
         dtype = "float32" if bound < EXACT_FLOAT32_BOUND else "float64"
         wdt = torch.int8 if n_w <= 127 else torch.int16
-        geometry = ConvGeometry((conv.stride,) * 2, (conv.padding,) * 2, groups=conv.groups)
+        geometry = ops.ConvGeometry((conv.stride,) * 2, (conv.padding,) * 2, groups=conv.groups)
         self.emit(IntConv(node.name, (src.name,), node.name, codes.to(wdt), geometry, conv.num_bits, bound, dtype))
         return _Acc(node.name, src.step * w_step, torch.zeros_like(w_step), bound, dtype)
 
@@ -184,25 +171,25 @@ def _bn_affine(bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
     return g, bn.bias.detach().double() - bn.running_mean.double() * g
 
 
-def _float_op(node: Node, inputs: Tuple[str, ...]) -> Op:
+def _float_op(node: Node, inputs: Tuple[str, ...]) -> ops.Op:
     m, name, op = node.module, node.name, node.op
     if op == "conv":
         if m.padding_mode != "zeros" or isinstance(m.padding, str):
             raise GraphError(f"{name}: only zero padding given as numbers is supported")
-        return FloatConv(name, inputs, name, m.weight.detach().clone(),
-                         None if m.bias is None else m.bias.detach().clone(),
-                         ConvGeometry(m.stride, m.padding, m.dilation, m.groups))
+        return ops.FloatConv(name, inputs, name, m.weight.detach().clone(),
+                             None if m.bias is None else m.bias.detach().clone(),
+                             ops.ConvGeometry(m.stride, m.padding, m.dilation, m.groups))
     if op == "bn":
-        return BatchNorm(name, inputs, name, m.running_mean.clone(), m.running_var.clone(),
-                         m.weight.detach().clone(), m.bias.detach().clone(), m.eps)
+        return ops.BatchNorm(name, inputs, name, m.running_mean.clone(), m.running_var.clone(),
+                             m.weight.detach().clone(), m.bias.detach().clone(), m.eps)
     if op == "maxpool":
         pair = lambda v: list(v) if isinstance(v, (tuple, list)) else [v, v]
-        return MaxPool(name, inputs, name, pair(m.kernel_size), pair(m.stride or m.kernel_size),
-                       pair(m.padding), pair(m.dilation), m.ceil_mode)
+        return ops.MaxPool(name, inputs, name, pair(m.kernel_size), pair(m.stride or m.kernel_size),
+                           pair(m.padding), pair(m.dilation), m.ceil_mode)
     if op == "linear":
-        return Linear(name, inputs, name, m.weight.detach().clone(),
-                      None if m.bias is None else m.bias.detach().clone())
-    simple = {"relu": Relu, "relu6": Relu6, "gap": GlobalAvgPool, "flatten": Flatten, "add": Add}
+        return ops.Linear(name, inputs, name, m.weight.detach().clone(),
+                          None if m.bias is None else m.bias.detach().clone())
+    simple = {"relu": ops.Relu, "relu6": ops.Relu6, "gap": ops.GlobalAvgPool, "flatten": ops.Flatten, "add": ops.Add}
     return simple[op](name, inputs, name)
 
 
@@ -277,4 +264,4 @@ def convert(model: nn.Module, meta: Optional[Dict[str, Any]] = None) -> IntegerM
     for node in graph.nodes:
         low.lower(node)
     out = low.as_float(graph.output)
-    return IntegerModel(low.ops, graph.input, out, meta)
+    return IntegerModel(low.emitted, graph.input, out, meta)

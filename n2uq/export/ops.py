@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Op", "ConvGeometry", "per_channel", "FloatConv", "BatchNorm", "Relu", "Relu6", "MaxPool",
+__all__ = ["Op", "ConvGeometry", "per_channel", "FLOAT_OPS", "FloatConv", "BatchNorm", "Relu", "Relu6", "MaxPool",
            "GlobalAvgPool", "Flatten", "Linear", "Add", "RPReLU"]
 
 
@@ -165,3 +165,7 @@ class RPReLU(Op):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.prelu(x + per_channel(self.bias1), self.slope) + per_channel(self.bias2)
+
+
+#: The float op types, in the order an integer model's type table lists them.
+FLOAT_OPS = (FloatConv, BatchNorm, Relu, Relu6, MaxPool, GlobalAvgPool, Flatten, Linear, Add, RPReLU)
