@@ -1,4 +1,4 @@
-"""The paper's result tables (SPEC §7) as data, and filling them with numbers measured here.
+"""The paper's result tables (docs/SPEC.md, published results) as data, and filling them with numbers measured here.
 
 ``paper_results.csv`` (beside this file) holds every published row: network, method, bits,
 whether the downsampling convolutions are quantized, top-1 as published, and, for each released
@@ -98,7 +98,7 @@ class TableRow:
 
 
 def load_paper_results(path: Path = PAPER_RESULTS) -> List[PaperRow]:
-    """Every row of SPEC §7, in the paper's order."""
+    """Every row of the paper's published result tables, in the paper's order."""
     rows = []
     with open(path, newline="") as f:
         for r in csv.DictReader(f):

@@ -1,9 +1,10 @@
-"""Fetch the authors' full-precision initialisation files (SPEC §6) into ``models/`` with gdown.
+"""Fetch the authors' full-precision initialisation files into ``models/`` with gdown.
 
     python scripts/download_pretrained.py                       # every file
     python scripts/download_pretrained.py --arch resnet18 --quantize_downsample 1
 
-These are what ``train.py --pretrained authors`` loads (it also fetches a missing file itself).
+They are the starting point of the paper's training recipe (docs/SPEC.md, training recipe) and
+what ``train.py --pretrained authors`` loads (it also fetches a missing file itself).
 When a download fails (no network, Google Drive quota), the message names the file, where to
 put it and the address to fetch it by hand.
 """

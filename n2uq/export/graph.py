@@ -1,4 +1,5 @@
-"""The module-level dataflow graph of an N2UQ model, read from its module tree (SPEC §5).
+"""The module-level dataflow graph of an N2UQ model, read from its module tree
+(the architectures of docs/SPEC.md).
 
 The exporters never run a block's ``forward`` (it may be fused or reordered for speed); they walk
 the submodules by their reference names and build a list of :class:`Node` in execution order.
@@ -183,7 +184,7 @@ def _trace_mobilenetv2(model: nn.Module) -> Graph:
 
 
 def trace_graph(model: nn.Module) -> Graph:
-    """The float dataflow graph of an N2UQ ResNet-18/34/50 or MobileNetV2 (SPEC §5)."""
+    """The float dataflow graph of an N2UQ ResNet-18/34/50 or MobileNetV2 (docs/SPEC.md, architectures)."""
     if isinstance(getattr(model, "feature", None), nn.ModuleList):
         return _trace_mobilenetv2(model)
     if all(hasattr(model, f"layer{i}") for i in range(1, 5)):

@@ -4,7 +4,7 @@ Layout (little-endian)::
 
     b"N2UQPACK" | uint32 version | uint32 header length | header (UTF-8 JSON) | data
 
-The header lists the ops of the :class:`~n2uq.export.integer.IntegerModel` (type, name, inputs,
+The header lists the ops of the :class:`~n2uq.export.integer_model.IntegerModel` (type, name, inputs,
 output, attributes) and, for each of their tensors, dtype, shape, byte offset and length in the
 data section, and an encoding:
 
@@ -26,7 +26,8 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from n2uq.export.integer import OP_TYPES, IntConv, IntegerModel
+from n2uq.export.integer_model import OP_TYPES, IntegerModel
+from n2uq.export.integer_ops import IntConv
 
 __all__ = ["pack_bits", "unpack_bits", "save_packed", "load_packed", "PackStats", "size_table"]
 
@@ -142,8 +143,8 @@ def load_packed(path: str | os.PathLike[str]) -> IntegerModel:
                 np_dtype = torch.empty((), dtype=_DTYPES[e["dtype"]]).numpy().dtype
                 t = torch.from_numpy(np.frombuffer(chunk, dtype=np_dtype).copy())
             tensors[key] = t.reshape(e["shape"])
-        cls = OP_TYPES[spec["type"]]
-        ops.append(cls(spec["name"], tuple(spec["inputs"]), spec["output"], **spec["attrs"], **tensors))
+        op_type = OP_TYPES[spec["type"]]
+        ops.append(op_type.from_saved(spec["name"], spec["inputs"], spec["output"], spec["attrs"], tensors))
     return IntegerModel(ops, header["input"], header["output"], header.get("meta"))
 
 

@@ -52,12 +52,12 @@ def rprelu_ltq_chain(v: Tensor, b1: Optional[Tensor], w: Optional[Tensor], b2: O
 
 
 def ltq_count(xs: Tensor, thresholds: Tensor) -> Tensor:
-    """``#{i : xs > t[i]}`` (strict, SPEC §1) for any shape of ``xs``."""
+    """``#{i : xs > t[i]}`` (strict, as in the paper's activation quantizer) for any shape of ``xs``."""
     return torch.bucketize(xs, thresholds.to(xs.dtype), right=False)
 
 
 def pact_code(v: Tensor, clip_val: Tensor, n: int) -> Tensor:
-    """PACT's code ``round(clip(relu(v), c) · n/c)`` (SPEC §3), round half to even like torch."""
+    """PACT's code ``round(clip(relu(v), c) · n/c)`` (docs/SPEC.md, PACT), round half to even like torch."""
     v = torch.relu(v)
     v = torch.where(v < clip_val, v, clip_val)
     return torch.round(v * (n / clip_val))

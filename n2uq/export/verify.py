@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from n2uq.export.graph import QuantizerTrace, run_graph, trace_graph
-from n2uq.export.integer import IntegerModel, UnitRecord
+from n2uq.export.integer_model import IntegerModel, UnitRecord
 
 __all__ = ["CodeAgreement", "LogitAgreement", "Agreement", "compare_codes", "compare_logits",
            "fake_quant_trace", "check_against_fake_quant", "check_against_runtime"]
@@ -127,7 +127,8 @@ def fake_quant_trace(model: nn.Module, x: Tensor) -> Tuple[Tensor, Dict[str, Qua
     diff = float((direct - logits).abs().max())
     if diff > 1e-5 * float(direct.abs().max()) + 1e-6:
         raise RuntimeError(f"the module-by-module walk of the model does not reproduce model(x) (max |diff| "
-                           f"{diff:.3g}): its layout differs from SPEC §5 or its forward is not faithful")
+                           f"{diff:.3g}): its layout is not one of the supported N2UQ ResNet/MobileNetV2 "
+                           "layouts or its forward is not faithful")
     return direct, record
 
 

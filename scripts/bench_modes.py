@@ -1,0 +1,247 @@
+"""What ``scripts/benchmark.py`` measures: the quantizer, a training step and GPU throughput.
+
+* :func:`quantizer_mode` — LTQ forward+backward against ``nn.ReLU`` and the reference loop form;
+* :func:`step_mode` — one training step of N2UQ ResNet-18 students against full-precision
+  ResNet-18, teacher off and on, with the activation memory each keeps for backward;
+* :func:`gpu_mode` — training and eval images/s on CUDA, fp32 and bf16 + channels_last, with the
+  N2UQ kernels on and off.
+
+Each mode takes the parsed command line (``args``) and the device, and prints its table. Like the
+measurement helpers in ``scripts/bench_measure.py``, this stays out of the installed package: it
+builds the repository's ``resnet/`` models and the reference forms of ``tests/reference.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from n2uq import LTQ
+from n2uq.kernels import get_backend, use_backend
+from resnet.resnet import resnet18
+from scripts.bench_measure import SavedTensors, interleaved, median_ms, min_ms
+from tests.reference import reference_ltq
+
+__all__ = ["quantizer_mode", "step_mode", "gpu_mode", "kd_loss", "make_step", "saved_activation_bytes"]
+
+# ---------------------------------------------------------------------------------------------
+# Quantizer
+# ---------------------------------------------------------------------------------------------
+
+
+def _trained_like_ltq(n_bit: int, device: torch.device) -> LTQ:
+    """An LTQ with unequal intervals (one below eps), so every code path is exercised."""
+    q = LTQ(n_bit)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(n_bit)
+        q.start.fill_(-0.1)
+        q.a.copy_(torch.rand(q.n_val, generator=g) * 1.5 * q.interval + 0.25 * q.interval)
+        if q.n_val >= 3:
+            q.a[1] = 5e-4
+        q.scale1.fill_(1.1)
+        q.scale2.fill_(0.9)
+    return q.to(device)
+
+
+def quantizer_mode(args: argparse.Namespace, device: torch.device) -> None:
+    """LTQ vs ReLU (and the reference loop form) forward+backward at each of ``args.bits``."""
+    shape = tuple(args.shape)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 0.8 + 0.5).to(device).requires_grad_(True)
+    upstream = torch.randn(shape, generator=g).to(device)
+    in_bytes = x.numel() * x.element_size()
+    relu = nn.ReLU()
+    if device.type != "cpu" and not args.skip_reference:
+        print("(reference loop form from tests/reference.py is written for CPU tensors: column skipped)")
+        args.skip_reference = True
+
+    def fwd_bwd(forward: Callable[[Tensor], Tensor], params: List[Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            torch.autograd.grad(forward(x), [x, *params], upstream)
+        return run
+
+    def saved_per_input(forward: Callable[[Tensor], Tensor]) -> float:
+        with SavedTensors() as saved:
+            y = forward(x)
+            alive = saved.alive
+        del y
+        return alive / in_bytes
+
+    print(f"\n== quantizer: tensor {list(shape)} float32 on {device}, {args.rounds} interleaved rounds, "
+          f"kernels={get_backend()}, threads={torch.get_num_threads()}")
+    print("times: median over rounds (ratio of medians) and, in brackets, the ratio of the fastest rounds")
+    header = f"{'bits':>4} | {'ReLU ms':>8} | {'LTQ ms':>8} | {'LTQ/ReLU':>15} | {'ref ms':>8} | {'ref/ReLU':>8} |" \
+             f" {'saved/in LTQ':>12} | {'saved/in ref':>12}"
+    print(header)
+    print("-" * len(header))
+    for n_bit in args.bits:
+        q = _trained_like_ltq(n_bit, device)
+        params = [q.start, q.a, q.scale1, q.scale2]
+        ref_params = [p.detach().clone().requires_grad_(True) for p in params]
+
+        def reference(t: Tensor, ref_params=ref_params) -> Tensor:
+            return reference_ltq(t, *ref_params)
+
+        # LTQ and ReLU are interleaved on their own: the reference form allocates ~20 input-sized
+        # temporaries per call, and the allocator churn it leaves (pages returned to and faulted back
+        # from the OS) would land at random in the timing of whatever runs next.
+        times = interleaved({"relu": fwd_bwd(relu, []), "ltq": fwd_bwd(q, params)}, args.rounds, args.warmup,
+                            device)
+        relu_ms, ltq_ms = median_ms(times["relu"]), median_ms(times["ltq"])
+        best = min_ms(times["ltq"]) / min_ms(times["relu"])
+        ref_ms = ref_ratio = saved_ref = float("nan")
+        if not args.skip_reference:  # its own interleaved run against ReLU, fewer rounds (it is ~100x slower)
+            ref_times = interleaved({"relu": fwd_bwd(relu, []), "ref": fwd_bwd(reference, ref_params)},
+                                    max(3, args.rounds // 4), 1, device)
+            ref_ms = median_ms(ref_times["ref"])
+            ref_ratio = ref_ms / median_ms(ref_times["relu"])
+            saved_ref = saved_per_input(reference)
+        print(f"{n_bit:>4} | {relu_ms:8.2f} | {ltq_ms:8.2f} | {ltq_ms / relu_ms:5.2f}x [{best:5.2f}x] | {ref_ms:8.2f} |"
+              f" {ref_ratio:7.1f}x | {saved_per_input(q):11.2f}x | {saved_ref:11.2f}x")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training step
+# ---------------------------------------------------------------------------------------------
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """``mean_batch(-Σ_c softmax(teacher)_c · log_softmax(student)_c)``, the paper's distillation loss
+    (docs/SPEC.md, training recipe)."""
+    return -(F.softmax(teacher_logits, dim=1) * F.log_softmax(student_logits, dim=1)).sum(1).mean()
+
+
+def make_step(model: nn.Module, teacher: Optional[nn.Module], images: Tensor, labels: Tensor,
+              amp_dtype: Optional[torch.dtype] = None) -> Callable[[], None]:
+    """One training step: forward (and teacher forward), loss, backward, Adam step."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    device_type = images.device.type
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            logits = model(images)
+            if teacher is None:
+                loss = F.cross_entropy(logits.float(), labels)
+            else:
+                with torch.no_grad():
+                    target = teacher(images)
+                loss = kd_loss(logits.float(), target.float())
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _students(bits: List[int]) -> Dict[str, Callable[[], nn.Module]]:
+    builders: Dict[str, Callable[[], nn.Module]] = {"fp": lambda: torchvision.models.resnet18()}
+    for b in bits:
+        builders[f"w{b}a{b}"] = lambda b=b: resnet18(b, False, 1000)
+    return builders
+
+
+def saved_activation_bytes(model: nn.Module, images: Tensor) -> tuple[int, int]:
+    """(alive, packed) bytes saved for backward by one training forward of ``model``."""
+    with SavedTensors() as saved:
+        out = model(images)
+        alive, packed = saved.alive, saved.packed
+    del out
+    return alive, packed
+
+
+def step_mode(args: argparse.Namespace, device: torch.device) -> None:
+    """Saved activations and step time of the ``args.step_bits`` students against FP ResNet-18."""
+    torch.manual_seed(0)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    labels = torch.randint(0, 1000, (args.batch_size,), device=device)
+    models = {name: build().to(device).train() for name, build in _students(args.step_bits).items()}
+    print(f"\n== training step: ResNet-18, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
+          f"{device}, Adam, {args.rounds} interleaved rounds, kernels={get_backend()}, "
+          f"threads={torch.get_num_threads()}")
+
+    print("saved activations (one training forward; alive = distinct storages kept for backward):")
+    base_alive, base_packed = saved_activation_bytes(models["fp"], images)
+    for name, model in models.items():
+        alive, packed = saved_activation_bytes(model, images)
+        print(f"  {name:>6}: alive {alive / 2**20:8.1f} MiB ({alive / base_alive:.2f}x FP)   "
+              f"packed {packed / 2**20:8.1f} MiB ({packed / base_packed:.2f}x FP)")
+
+    teachers = {"off": None}
+    if args.teacher in ("on", "both"):
+        teachers["on"] = torchvision.models.resnet101().to(device).eval()
+    if args.teacher == "on":
+        teachers.pop("off")
+    for label, teacher in teachers.items():
+        fns = {name: make_step(model, teacher, images, labels) for name, model in models.items()}
+        times = interleaved(fns, args.rounds, args.warmup, device)
+        base, base_min = median_ms(times["fp"]), min_ms(times["fp"])
+        cells = "   ".join(f"{name} {median_ms(t):8.1f} ms ({median_ms(t) / base:.2f}x) "
+                           f"[min {min_ms(t):7.1f} ms, {min_ms(t) / base_min:.2f}x]" for name, t in times.items())
+        print(f"teacher {label:>3}: {cells}")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU throughput
+# ---------------------------------------------------------------------------------------------
+
+
+def gpu_mode(args: argparse.Namespace, device: torch.device) -> None:
+    """Training (with a ResNet-101 teacher) and eval images/s on CUDA; skipped elsewhere."""
+    if device.type != "cuda":
+        print("\n== gpu: skipped (no CUDA device)")
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    bs = args.batch_size
+    print(f"\n== gpu: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, batch {bs}, "
+          f"{args.rounds} interleaved rounds, ResNet-101 teacher (random init)")
+    teacher = torchvision.models.resnet101().to(device).eval()
+    labels = torch.randint(0, 1000, (bs,), device=device)
+    settings = [("fp32", None, False), ("bf16+channels_last", torch.bfloat16, True)]
+    for label, amp, channels_last in settings:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        images = torch.randn(bs, 3, args.image_size, args.image_size, device=device).to(memory_format=fmt)
+        t = teacher.to(memory_format=fmt)
+        fns, memory = {}, {}
+        for name, build in _students(args.step_bits).items():
+            model = build().to(device, memory_format=fmt).train()
+            fns[name] = make_step(model, t, images, labels, amp)
+            if name != "fp":
+                inner = fns[name]
+
+                def torch_only(inner=inner) -> None:
+                    with use_backend("torch"):
+                        inner()
+                fns[f"{name}[torch]"] = torch_only
+        for name, fn in fns.items():  # peak memory, one step each
+            fn()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            fn()
+            torch.cuda.synchronize()
+            memory[name] = torch.cuda.max_memory_allocated(device)
+        times = interleaved(fns, args.rounds, args.warmup, device)
+        base = bs / statistics.median(times["fp"])
+        print(f"train + teacher, {label}:")
+        for name, ts in times.items():
+            ips = bs / statistics.median(ts)
+            print(f"  {name:>14}: {ips:8.1f} img/s ({ips / base:.2f}x FP)   peak {memory[name] / 2**30:6.2f} GiB")
+        evals = {}
+        for name, build in _students(args.step_bits).items():
+            model = build().to(device, memory_format=fmt).eval()
+
+            def infer(model=model, images=images, amp=amp) -> None:
+                with torch.no_grad(), torch.autocast("cuda", dtype=amp or torch.bfloat16, enabled=amp is not None):
+                    model(images)
+            evals[name] = infer
+        times = interleaved(evals, args.rounds, args.warmup, device)
+        base = bs / statistics.median(times["fp"])
+        print(f"eval, {label}: " + "   ".join(
+            f"{name} {bs / statistics.median(ts):8.1f} img/s ({bs / statistics.median(ts) / base:.2f}x)"
+            for name, ts in times.items()))
