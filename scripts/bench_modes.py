@@ -1,6 +1,7 @@
 """What ``scripts/benchmark.py`` measures: the quantizer, a training step and GPU throughput.
 
-* :func:`quantizer_mode` — LTQ forward+backward against ``nn.ReLU`` and the reference loop form;
+* :func:`quantizer_mode` — LTQ forward+backward (the fast path, and the definition of
+  ``n2uq/quant.py``) against ``nn.ReLU`` and the specification's loop form;
 * :func:`step_mode` — one training step of N2UQ ResNet-18 students against full-precision
   ResNet-18, teacher off and on, with the activation memory each keeps for backward;
 * :func:`gpu_mode` — training and eval images/s on CUDA, fp32 and bf16 + channels_last, with the
@@ -23,7 +24,7 @@ import torchvision
 from torch import Tensor, nn
 
 from n2uq import LTQ
-from n2uq.kernels import get_backend, use_backend
+from n2uq.kernels import get_backend, ltq, use_backend
 from resnet.resnet import resnet18
 from scripts.bench_measure import SavedTensors, interleaved, median_ms, min_ms
 from tests.reference import reference_ltq
@@ -75,9 +76,11 @@ def quantizer_mode(args: argparse.Namespace, device: torch.device) -> None:
 
     print(f"\n== quantizer: tensor {list(shape)} float32 on {device}, {args.rounds} interleaved rounds, "
           f"kernels={get_backend()}, threads={torch.get_num_threads()}")
+    print("LTQ: the fast path (n2uq.kernels.ltq); def: the definition (n2uq.quant.LTQFunction); ref: the "
+          "specification's loop form (tests/reference.py)")
     print("times: median over rounds (ratio of medians) and, in brackets, the ratio of the fastest rounds")
-    header = f"{'bits':>4} | {'ReLU ms':>8} | {'LTQ ms':>8} | {'LTQ/ReLU':>15} | {'ref ms':>8} | {'ref/ReLU':>8} |" \
-             f" {'saved/in LTQ':>12} | {'saved/in ref':>12}"
+    header = f"{'bits':>4} | {'ReLU ms':>8} | {'LTQ ms':>8} | {'LTQ/ReLU':>15} | {'def/ReLU':>8} | {'ref/ReLU':>8} |" \
+             f" {'saved/in LTQ':>12} | {'saved/in def':>12} | {'saved/in ref':>12}"
     print(header)
     print("-" * len(header))
     for n_bit in args.bits:
@@ -85,25 +88,32 @@ def quantizer_mode(args: argparse.Namespace, device: torch.device) -> None:
         params = [q.start, q.a, q.scale1, q.scale2]
         ref_params = [p.detach().clone().requires_grad_(True) for p in params]
 
+        def fast(t: Tensor, q=q) -> Tensor:
+            return ltq(q, t)
+
         def reference(t: Tensor, ref_params=ref_params) -> Tensor:
             return reference_ltq(t, *ref_params)
 
-        # LTQ and ReLU are interleaved on their own: the reference form allocates ~20 input-sized
-        # temporaries per call, and the allocator churn it leaves (pages returned to and faulted back
-        # from the OS) would land at random in the timing of whatever runs next.
-        times = interleaved({"relu": fwd_bwd(relu, []), "ltq": fwd_bwd(q, params)}, args.rounds, args.warmup,
+        # LTQ and ReLU are interleaved on their own: the slower forms allocate many input-sized
+        # temporaries per call, and the allocator churn they leave (pages returned to and faulted
+        # back from the OS) would land at random in the timing of whatever runs next.
+        times = interleaved({"relu": fwd_bwd(relu, []), "ltq": fwd_bwd(fast, params)}, args.rounds, args.warmup,
                             device)
         relu_ms, ltq_ms = median_ms(times["relu"]), median_ms(times["ltq"])
         best = min_ms(times["ltq"]) / min_ms(times["relu"])
-        ref_ms = ref_ratio = saved_ref = float("nan")
-        if not args.skip_reference:  # its own interleaved run against ReLU, fewer rounds (it is ~100x slower)
-            ref_times = interleaved({"relu": fwd_bwd(relu, []), "ref": fwd_bwd(reference, ref_params)},
-                                    max(3, args.rounds // 4), 1, device)
-            ref_ms = median_ms(ref_times["ref"])
-            ref_ratio = ref_ms / median_ms(ref_times["relu"])
-            saved_ref = saved_per_input(reference)
-        print(f"{n_bit:>4} | {relu_ms:8.2f} | {ltq_ms:8.2f} | {ltq_ms / relu_ms:5.2f}x [{best:5.2f}x] | {ref_ms:8.2f} |"
-              f" {ref_ratio:7.1f}x | {saved_per_input(q):11.2f}x | {saved_ref:11.2f}x")
+        ratios = {"def": float("nan"), "ref": float("nan")}
+        saved = {"def": float("nan"), "ref": float("nan")}
+        slow_forms = {"def": (q, params)}
+        if not args.skip_reference:
+            slow_forms["ref"] = (reference, ref_params)
+        for key, (form, form_params) in slow_forms.items():  # each against ReLU, fewer rounds (slower)
+            slow_times = interleaved({"relu": fwd_bwd(relu, []), key: fwd_bwd(form, form_params)},
+                                     max(3, args.rounds // 4), 1, device)
+            ratios[key] = median_ms(slow_times[key]) / median_ms(slow_times["relu"])
+            saved[key] = saved_per_input(form)
+        print(f"{n_bit:>4} | {relu_ms:8.2f} | {ltq_ms:8.2f} | {ltq_ms / relu_ms:5.2f}x [{best:5.2f}x] |"
+              f" {ratios['def']:7.1f}x | {ratios['ref']:7.1f}x | {saved_per_input(fast):11.2f}x |"
+              f" {saved['def']:11.2f}x | {saved['ref']:11.2f}x")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +165,13 @@ def saved_activation_bytes(model: nn.Module, images: Tensor) -> tuple[int, int]:
     return alive, packed
 
 
+def _under_backend(name: str, fn: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        with use_backend(name):
+            fn()
+    return run
+
+
 def step_mode(args: argparse.Namespace, device: torch.device) -> None:
     """Saved activations and step time of the ``args.step_bits`` students against FP ResNet-18."""
     torch.manual_seed(0)
@@ -167,10 +184,16 @@ def step_mode(args: argparse.Namespace, device: torch.device) -> None:
 
     print("saved activations (one training forward; alive = distinct storages kept for backward):")
     base_alive, base_packed = saved_activation_bytes(models["fp"], images)
-    for name, model in models.items():
-        alive, packed = saved_activation_bytes(model, images)
-        print(f"  {name:>6}: alive {alive / 2**20:8.1f} MiB ({alive / base_alive:.2f}x FP)   "
-              f"packed {packed / 2**20:8.1f} MiB ({packed / base_packed:.2f}x FP)")
+    backends = [None, "reference"] if args.with_reference else [None]
+    for backend in backends:
+        for name, model in models.items():
+            if backend is not None and name == "fp":
+                continue
+            with use_backend(backend or get_backend()):
+                alive, packed = saved_activation_bytes(model, images)
+            label = name if backend is None else f"{name}[ref]"
+            print(f"  {label:>11}: alive {alive / 2**20:8.1f} MiB ({alive / base_alive:.2f}x FP)   "
+                  f"packed {packed / 2**20:8.1f} MiB ({packed / base_packed:.2f}x FP)")
 
     teachers = {"off": None}
     if args.teacher in ("on", "both"):
@@ -179,6 +202,9 @@ def step_mode(args: argparse.Namespace, device: torch.device) -> None:
         teachers.pop("off")
     for label, teacher in teachers.items():
         fns = {name: make_step(model, teacher, images, labels) for name, model in models.items()}
+        if args.with_reference:  # the same students run module by module through the definitions
+            for name in [n for n in fns if n != "fp"]:
+                fns[f"{name}[ref]"] = _under_backend("reference", fns[name])
         times = interleaved(fns, args.rounds, args.warmup, device)
         base, base_min = median_ms(times["fp"]), min_ms(times["fp"])
         cells = "   ".join(f"{name} {median_ms(t):8.1f} ms ({median_ms(t) / base:.2f}x) "
@@ -213,12 +239,7 @@ def gpu_mode(args: argparse.Namespace, device: torch.device) -> None:
             model = build().to(device, memory_format=fmt).train()
             fns[name] = make_step(model, t, images, labels, amp)
             if name != "fp":
-                inner = fns[name]
-
-                def torch_only(inner=inner) -> None:
-                    with use_backend("torch"):
-                        inner()
-                fns[f"{name}[torch]"] = torch_only
+                fns[f"{name}[torch]"] = _under_backend("torch", fns[name])
         for name, fn in fns.items():  # peak memory, one step each
             fn()
             torch.cuda.synchronize()

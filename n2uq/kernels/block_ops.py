@@ -160,13 +160,13 @@ def decode_codes(codes: Tensor, table: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _weight_value(weight: Tensor, clip_val: Tensor, n_bit: int) -> Tensor:
-    """The value of :meth:`n2uq.quant.HardQuantizeConv.quantized_weight`: one C pass on CPU float32."""
+def _weight_value(weight: Tensor, s: Tensor, clip_val: Tensor, n_bit: int) -> Tensor:
+    """The value of :meth:`n2uq.quant.HardQuantizeConv.quantized_weight` (``s``: its scale), in one C
+    pass on CPU float32, else through the definition."""
     with torch.no_grad():
         impl = select.implementation(weight, torch.float32)
         if hasattr(impl, "weight_ste") and weight.dtype == clip_val.dtype == torch.float32:
-            steps = (2**n_bit - 1) / clip_val
-            return impl.weight_ste(weight, weight_scale(weight, n_bit), clip_val / 2, steps)
+            return impl.weight_ste(weight, s, clip_val / 2, (2**n_bit - 1) / clip_val)
         q = quantize_weight(weight, n_bit, clip_val)
         return (q.quantized - q.scaled) + q.scaled
 
@@ -176,19 +176,19 @@ class _WeightSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, clip_val, n_bit):  # type: ignore[override]
-        ctx.save_for_backward(weight)
-        ctx.n_bit = n_bit
-        return _weight_value(weight, clip_val, n_bit)
+        s = weight_scale(weight, n_bit)  # [out, 1, 1, 1]
+        ctx.save_for_backward(s)
+        return _weight_value(weight, s, clip_val, n_bit)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        (weight,) = ctx.saved_tensors
-        return grad / weight_scale(weight, ctx.n_bit), None, None
+        (s,) = ctx.saved_tensors
+        return grad / s, None, None
 
 
 @torch.library.custom_op("n2uq::weight_ste", mutates_args=())
 def _weight_ste_op(weight: Tensor, clip_val: Tensor, n_bit: int) -> Tensor:
-    return _weight_value(weight, clip_val, n_bit)
+    return _weight_value(weight, weight_scale(weight, n_bit), clip_val, n_bit)
 
 
 @_weight_ste_op.register_fake
@@ -197,13 +197,13 @@ def _(weight, clip_val, n_bit):
 
 
 def _weight_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-    ctx.n_bit = inputs[2]
+    weight, _, n_bit = inputs
+    ctx.save_for_backward(weight_scale(weight, n_bit))
 
 
 def _weight_grad(ctx, grad):
-    (weight,) = ctx.saved_tensors
-    return grad / weight_scale(weight, ctx.n_bit), None, None
+    (s,) = ctx.saved_tensors
+    return grad / s, None, None
 
 
 _weight_ste_op.register_autograd(_weight_grad, setup_context=_weight_setup_context)
