@@ -1,4 +1,4 @@
-"""N2UQ MobileNetV2 (W4A4 in the paper), with the reference's layout and names (SPEC §5).
+"""N2UQ MobileNetV2 (W4A4 in the paper), with the reference's layout and names (docs/SPEC.md, architectures).
 
 ``feature.0`` is a full-precision 3×3/2 stem; ``feature.1..17`` are inverted-residual blocks
 whose three convolutions are quantized, each behind an RPReLU and an :class:`~n2uq.LTQ` (no
@@ -9,12 +9,15 @@ classifier.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from n2uq import PACT, HardQuantizeConv
 from n2uq.blocks import add_quant_stage, run_quant_stage
+from n2uq.methods import Quantizers
+from n2uq.quant import PACT
 
 __all__ = ["MobileNetV2", "InvertedResidual", "CHANNELS"]
 
@@ -41,12 +44,12 @@ class InvertedResidual(nn.Module):
     Submodules: stages 1-3, each ``bias{i}1, prelu{i}, bias{i}2, quan{i}, conv{i}, bn{i}``.
     """
 
-    def __init__(self, inp: int, oup: int, mid: int, stride: int, n_bit: int):
+    def __init__(self, inp: int, oup: int, mid: int, stride: int, quantizers: Quantizers):
         super().__init__()
         self.use_residual = inp == oup and stride == 1
-        add_quant_stage(self, 1, inp, mid, n_bit, 1)
-        add_quant_stage(self, 2, mid, mid, n_bit, 3, stride, groups=mid)
-        add_quant_stage(self, 3, mid, oup, n_bit, 1)
+        add_quant_stage(self, 1, inp, mid, quantizers, 1)
+        add_quant_stage(self, 2, mid, mid, quantizers, 3, stride, groups=mid)
+        add_quant_stage(self, 3, mid, oup, quantizers, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         out = run_quant_stage(self, 3, run_quant_stage(self, 2, run_quant_stage(self, 1, x)))
@@ -54,12 +57,13 @@ class InvertedResidual(nn.Module):
 
 
 class HeadBlock(nn.Module):
-    """``PACT → quantized conv 1×1 → BN → ReLU6`` (``feature.18``)."""
+    """``PACT → quantized conv 1×1 → BN → ReLU6`` (``feature.18``; the reference's PACT variant for
+    every method, the method's weight quantizer)."""
 
-    def __init__(self, inp: int, oup: int, n_bit: int):
+    def __init__(self, inp: int, oup: int, quantizers: Quantizers):
         super().__init__()
-        self.quan1 = PACT(n_bit)
-        self.conv1 = HardQuantizeConv(inp, oup, n_bit, 1, 1, 0)
+        self.quan1 = PACT(quantizers.n_bit)
+        self.conv1 = quantizers.conv(inp, oup, 1, 1, 0)
         self.bn1 = nn.BatchNorm2d(oup)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -67,20 +71,22 @@ class HeadBlock(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """N2UQ MobileNetV2. ``n_bit=4`` reproduces the paper (the reference hard-codes 4)."""
+    """N2UQ MobileNetV2. ``n_bit=4`` reproduces the paper (the reference hard-codes 4);
+    ``quantizers``: another method or an ablation (default N2UQ)."""
 
-    def __init__(self, n_bit: int = 4, num_classes: int = 1000):
+    def __init__(self, n_bit: int = 4, num_classes: int = 1000, quantizers: Optional[Quantizers] = None):
         super().__init__()
-        if not isinstance(n_bit, int) or not 1 <= n_bit <= 8:
-            raise ValueError(f"n_bit must be an integer in 1..8, got {n_bit!r}")
+        self.quantizers = quantizers if quantizers is not None else Quantizers(n_bit)
+        if self.quantizers.n_bit != n_bit:
+            raise ValueError(f"n_bit {n_bit} differs from the quantizers' {self.quantizers.n_bit}")
         self.n_bit = n_bit
         self.feature = nn.ModuleList([StemBlock(3, CHANNELS[0])])
         for i in range(1, len(CHANNELS)):
             inp, oup = CHANNELS[i - 1], CHANNELS[i]
             stride = 2 if (oup != inp and oup in _STRIDE2_TARGETS) else 1
             mid = 32 if i == 1 else 6 * inp
-            self.feature.append(InvertedResidual(inp, oup, mid, stride, n_bit))
-        self.feature.append(HeadBlock(CHANNELS[-1], 1280, n_bit))
+            self.feature.append(InvertedResidual(inp, oup, mid, stride, self.quantizers))
+        self.feature.append(HeadBlock(CHANNELS[-1], 1280, self.quantizers))
         self.pool1 = nn.AvgPool2d(7)
         self.fc = nn.Linear(1280, num_classes)
 

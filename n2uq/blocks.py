@@ -15,7 +15,8 @@ from typing import Optional
 from torch import Tensor, nn
 
 from n2uq.kernels import quant_stage, rprelu
-from n2uq.quant import LTQ, HardQuantizeConv, LearnableBias
+from n2uq.methods import Quantizers
+from n2uq.quant import LearnableBias
 
 __all__ = ["add_rprelu", "add_quant_stage", "run_quant_stage", "run_rprelu", "quantized_shortcut",
            "run_shortcut"]
@@ -28,13 +29,13 @@ def add_rprelu(block: nn.Module, index: int, channels: int) -> None:
     block.add_module(f"bias{index}2", LearnableBias(channels))
 
 
-def add_quant_stage(block: nn.Module, index: int, in_chn: int, out_chn: int, n_bit: int, kernel_size: int,
-                    stride: int = 1, groups: int = 1) -> None:
-    """Register stage ``index``: RPReLU, ``quan{index}`` (LTQ), ``conv{index}`` (padding ``k // 2``), ``bn{index}``."""
+def add_quant_stage(block: nn.Module, index: int, in_chn: int, out_chn: int, quantizers: Quantizers,
+                    kernel_size: int, stride: int = 1, groups: int = 1) -> None:
+    """Register stage ``index``: RPReLU, ``quan{index}`` (LTQ for N2UQ), ``conv{index}`` (padding
+    ``k // 2``; HardQuantizeConv for N2UQ), ``bn{index}``."""
     add_rprelu(block, index, in_chn)
-    block.add_module(f"quan{index}", LTQ(n_bit))
-    block.add_module(f"conv{index}", HardQuantizeConv(in_chn, out_chn, n_bit, kernel_size, stride,
-                                                      kernel_size // 2, groups))
+    block.add_module(f"quan{index}", quantizers.activation())
+    block.add_module(f"conv{index}", quantizers.conv(in_chn, out_chn, kernel_size, stride, kernel_size // 2, groups))
     block.add_module(f"bn{index}", nn.BatchNorm2d(out_chn))
 
 
@@ -52,16 +53,16 @@ def run_rprelu(block: nn.Module, index: int, x: Tensor, residual: Optional[Tenso
     return rprelu(x, m[f"bias{index}1"], m[f"prelu{index}"], m[f"bias{index}2"], residual=residual)
 
 
-def quantized_shortcut(in_chn: int, out_chn: int, n_bit: int, stride: int) -> nn.Sequential:
+def quantized_shortcut(in_chn: int, out_chn: int, quantizers: Quantizers, stride: int) -> nn.Sequential:
     """The quantized 1×1 shortcut ``LTQ → HardQuantizeConv → BN`` (keys ``downsample.0/1/2``)."""
-    return nn.Sequential(LTQ(n_bit), HardQuantizeConv(in_chn, out_chn, n_bit, kernel_size=1, stride=stride,
-                                                      padding=0), nn.BatchNorm2d(out_chn))
+    return nn.Sequential(quantizers.activation(), quantizers.conv(in_chn, out_chn, 1, stride, 0),
+                         nn.BatchNorm2d(out_chn))
 
 
 def run_shortcut(shortcut: Optional[nn.Module], x: Tensor) -> Tensor:
     """``shortcut(x)`` (identity when ``None``); a :func:`quantized_shortcut` runs as one stage."""
     if shortcut is None:
         return x
-    if isinstance(shortcut, nn.Sequential) and len(shortcut) == 3 and isinstance(shortcut[0], LTQ):
+    if isinstance(shortcut, nn.Sequential) and len(shortcut) == 3:
         return shortcut[2](quant_stage(x, None, None, None, shortcut[0], shortcut[1]))
     return shortcut(x)

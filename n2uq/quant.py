@@ -32,7 +32,7 @@ from n2uq.numerics import conv2d
 
 __all__ = ["LTQ", "LTQFunction", "HardQuantizeConv", "PACT", "LearnableBias", "ltq_forward_thresholds",
            "ltq_breakpoints", "ltq_level_table", "ltq_codes", "weight_scale", "quantize_weight",
-           "QuantizedWeight"]
+           "QuantizedWeight", "MaxAbsQuantizeConv"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,13 +211,12 @@ class QuantizedWeight(NamedTuple):
     quantized: Tensor  # W_q = s·(level/n_w - c/2) on the uniform grid
 
 
-def quantize_weight(weight: Tensor, n_bit: int, clip_val: Tensor) -> QuantizedWeight:
+def quantize_weight(weight: Tensor, s: Tensor, n_bit: int, clip_val: Tensor) -> QuantizedWeight:
     """``W_s = W/s``, clipped to ``±c/2`` and rounded to ``2^b`` uniform levels: ``W_q``.
 
     ``W_q = s·(round((W_c + c/2)·n_w)/n_w - c/2)`` with ``n_w = (2^b - 1)/c``. With ``c = 2`` the
     levels are the odd multiples ``k·s/n``, ``k ∈ {-n, -n+2, ..., n}``: symmetric, no zero.
     """
-    s = weight_scale(weight, n_bit)
     w_scaled = weight / s
     half = clip_val / 2
     w_clip = torch.where(w_scaled < half, w_scaled, half)
@@ -252,9 +251,13 @@ class HardQuantizeConv(nn.Module):
         self.zero = nn.Parameter(torch.tensor([0.0]), requires_grad=False)
         self.weight = nn.Parameter((torch.rand(self.shape) - 0.5) * 0.001)
 
+    def scale(self) -> Tensor:
+        """``s = γ·mean|W|`` per output channel (:func:`weight_scale`), detached."""
+        return weight_scale(self.weight, self.num_bits)
+
     def quantized_weight(self) -> Tensor:
         """The weight the convolution uses: value ``W_q``, gradient ``1/s`` (straight through)."""
-        q = quantize_weight(self.weight, self.num_bits, self.clip_val)
+        q = quantize_weight(self.weight, self.scale(), self.num_bits, self.clip_val)
         return (q.quantized.detach() - q.scaled.detach()) + q.scaled
 
     @torch.no_grad()
@@ -265,7 +268,7 @@ class HardQuantizeConv(nn.Module):
         Assumes ``clip_val = 2`` (the value every released model uses).
         """
         n = 2**self.num_bits - 1
-        q = quantize_weight(self.weight, self.num_bits, self.clip_val)
+        q = quantize_weight(self.weight, self.scale(), self.num_bits, self.clip_val)
         return (2 * q.level - n).to(torch.int64), (q.scale / n).reshape(-1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -274,6 +277,15 @@ class HardQuantizeConv(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_chn}, {self.out_chn}, num_bits={self.num_bits}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, groups={self.groups}")
+
+
+class MaxAbsQuantizeConv(HardQuantizeConv):
+    """Ablation of the entropy-preserving scale: ``s = max|W|`` per output channel instead of
+    ``γ·mean|W|``, so the uniform grid spans each channel's full range (everything else, state dict
+    included, as :class:`HardQuantizeConv`)."""
+
+    def scale(self) -> Tensor:
+        return self.weight.detach().abs().amax(dim=(1, 2, 3), keepdim=True)
 
 
 # ---------------------------------------------------------------------------------------------

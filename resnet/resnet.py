@@ -14,18 +14,25 @@ import torch
 from torch import Tensor, nn
 
 from n2uq.blocks import add_quant_stage, add_rprelu, quantized_shortcut, run_quant_stage, run_rprelu, run_shortcut
+from n2uq.methods import Quantizers
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "ARCHS"]
 
 
-def _downsample(inplanes: int, outplanes: int, stride: int, n_bit: int, quantize: bool) -> nn.Sequential:
-    """Shortcut projection: FP ``conv1x1 → BN`` ("N2UQ *" rows) or ``LTQ → quantized conv1x1 → BN``."""
-    if quantize:
-        return quantized_shortcut(inplanes, outplanes, n_bit, stride)
+def _downsample(inplanes: int, outplanes: int, stride: int, quantizers: Optional[Quantizers]) -> nn.Sequential:
+    """Shortcut projection: FP ``conv1x1 → BN`` ("N2UQ *" rows, ``quantizers=None``) or
+    ``LTQ → quantized conv1x1 → BN``."""
+    if quantizers is not None:
+        return quantized_shortcut(inplanes, outplanes, quantizers, stride)
     return nn.Sequential(
         nn.Conv2d(inplanes, outplanes, kernel_size=1, stride=stride, bias=False),
         nn.BatchNorm2d(outplanes),
     )
+
+
+def _as_quantizers(quantizers: Union[int, Quantizers]) -> Quantizers:
+    """A bit width alone means N2UQ at that width."""
+    return quantizers if isinstance(quantizers, Quantizers) else Quantizers(quantizers)
 
 
 class BasicBlock(nn.Module):
@@ -38,10 +45,11 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None, n_bit: int = 2):
+                 downsample: Optional[nn.Module] = None, quantizers: Union[int, Quantizers] = 2):
         super().__init__()
-        add_quant_stage(self, 1, inplanes, planes, n_bit, 3, stride)
-        add_quant_stage(self, 2, planes, planes, n_bit, 3)
+        quantizers = _as_quantizers(quantizers)
+        add_quant_stage(self, 1, inplanes, planes, quantizers, 3, stride)
+        add_quant_stage(self, 2, planes, planes, quantizers, 3)
         self.downsample = downsample
         add_rprelu(self, 3, planes)
 
@@ -60,11 +68,12 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None, n_bit: int = 2):
+                 downsample: Optional[nn.Module] = None, quantizers: Union[int, Quantizers] = 2):
         super().__init__()
-        add_quant_stage(self, 1, inplanes, planes, n_bit, 1)
-        add_quant_stage(self, 2, planes, planes, n_bit, 3, stride)
-        add_quant_stage(self, 3, planes, planes * self.expansion, n_bit, 1)
+        quantizers = _as_quantizers(quantizers)
+        add_quant_stage(self, 1, inplanes, planes, quantizers, 1)
+        add_quant_stage(self, 2, planes, planes, quantizers, 3, stride)
+        add_quant_stage(self, 3, planes, planes * self.expansion, quantizers, 1)
         self.downsample = downsample
         add_rprelu(self, 0, planes * self.expansion)
 
@@ -77,10 +86,11 @@ class ResNet(nn.Module):
     """torchvision-style ResNet stem and head around N2UQ blocks (docs/SPEC.md, architectures)."""
 
     def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], layers: List[int], n_bit: int = 2,
-                 quantize_downsample: bool = False, num_classes: int = 1000):
+                 quantize_downsample: bool = False, num_classes: int = 1000, quantizers: Optional[Quantizers] = None):
         super().__init__()
-        if not isinstance(n_bit, int) or not 1 <= n_bit <= 8:
-            raise ValueError(f"n_bit must be an integer in 1..8, got {n_bit!r}")
+        self.quantizers = quantizers if quantizers is not None else Quantizers(n_bit)
+        if self.quantizers.n_bit != n_bit:
+            raise ValueError(f"n_bit {n_bit} differs from the quantizers' {self.quantizers.n_bit}")
         self.n_bit = n_bit
         self.quantize_downsample = bool(quantize_downsample)
         self.inplanes = 64
@@ -105,11 +115,11 @@ class ResNet(nn.Module):
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = _downsample(self.inplanes, planes * block.expansion, stride, self.n_bit,
-                                     self.quantize_downsample)
-        layers = [block(self.inplanes, planes, stride, downsample, self.n_bit)]
+            downsample = _downsample(self.inplanes, planes * block.expansion, stride,
+                                     self.quantizers if self.quantize_downsample else None)
+        layers = [block(self.inplanes, planes, stride, downsample, self.quantizers)]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes, n_bit=self.n_bit) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, quantizers=self.quantizers) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -118,19 +128,22 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def resnet18(n_bit: int = 2, quantize_downsample: bool = False, num_classes: int = 1000) -> ResNet:
-    """N2UQ ResNet-18 (BasicBlock, [2, 2, 2, 2])."""
-    return ResNet(BasicBlock, [2, 2, 2, 2], n_bit, quantize_downsample, num_classes)
+def resnet18(n_bit: int = 2, quantize_downsample: bool = False, num_classes: int = 1000,
+             quantizers: Optional[Quantizers] = None) -> ResNet:
+    """N2UQ ResNet-18 (BasicBlock, [2, 2, 2, 2]); ``quantizers``: another method or an ablation (default N2UQ)."""
+    return ResNet(BasicBlock, [2, 2, 2, 2], n_bit, quantize_downsample, num_classes, quantizers)
 
 
-def resnet34(n_bit: int = 2, quantize_downsample: bool = False, num_classes: int = 1000) -> ResNet:
-    """N2UQ ResNet-34 (BasicBlock, [3, 4, 6, 3])."""
-    return ResNet(BasicBlock, [3, 4, 6, 3], n_bit, quantize_downsample, num_classes)
+def resnet34(n_bit: int = 2, quantize_downsample: bool = False, num_classes: int = 1000,
+             quantizers: Optional[Quantizers] = None) -> ResNet:
+    """N2UQ ResNet-34 (BasicBlock, [3, 4, 6, 3]); ``quantizers``: another method or an ablation (default N2UQ)."""
+    return ResNet(BasicBlock, [3, 4, 6, 3], n_bit, quantize_downsample, num_classes, quantizers)
 
 
-def resnet50(n_bit: int = 2, quantize_downsample: bool = False, num_classes: int = 1000) -> ResNet:
-    """N2UQ ResNet-50 (Bottleneck, [3, 4, 6, 3])."""
-    return ResNet(Bottleneck, [3, 4, 6, 3], n_bit, quantize_downsample, num_classes)
+def resnet50(n_bit: int = 2, quantize_downsample: bool = False, num_classes: int = 1000,
+             quantizers: Optional[Quantizers] = None) -> ResNet:
+    """N2UQ ResNet-50 (Bottleneck, [3, 4, 6, 3]); ``quantizers``: another method or an ablation (default N2UQ)."""
+    return ResNet(Bottleneck, [3, 4, 6, 3], n_bit, quantize_downsample, num_classes, quantizers)
 
 
 ARCHS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}

@@ -17,7 +17,7 @@ BACKENDS = ["auto", "torch"]
 
 def _block() -> BasicBlock:
     torch.manual_seed(0)
-    block = BasicBlock(16, 16, 1, n_bit=2)
+    block = BasicBlock(16, 16, 1, quantizers=2)
     with torch.no_grad():  # trained-looking RPReLU and LTQ parameters
         for name, p in block.named_parameters():
             if name.startswith("bias"):

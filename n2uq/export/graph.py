@@ -185,6 +185,10 @@ def _trace_mobilenetv2(model: nn.Module) -> Graph:
 
 def trace_graph(model: nn.Module) -> Graph:
     """The float dataflow graph of an N2UQ ResNet-18/34/50 or MobileNetV2 (docs/SPEC.md, architectures)."""
+    quantizers = getattr(model, "quantizers", None)
+    if quantizers is not None and quantizers.method != "n2uq":
+        raise GraphError(f"integer export covers N2UQ models (LTQ activations, HardQuantizeConv weights); this "
+                         f"model was built with --method {quantizers.method}, whose quantizers are not exported")
     if isinstance(getattr(model, "feature", None), nn.ModuleList):
         return _trace_mobilenetv2(model)
     if all(hasattr(model, f"layer{i}") for i in range(1, 5)):

@@ -36,7 +36,7 @@ from n2uq.export.streamline import (
     pact_code,
     rprelu_ltq_chain,
 )
-from n2uq.quant import LTQ, HardQuantizeConv, weight_scale
+from n2uq.quant import LTQ, HardQuantizeConv
 
 __all__ = ["convert"]
 
@@ -140,7 +140,7 @@ class _Lowering:
         n_w = 2**conv.num_bits - 1
         # Wq = k · s·c/(2n): with clip_val c = 2 the step is s/n (the paper's weight quantizer,
         # see docs/SPEC.md, weight quantizer).
-        s = weight_scale(conv.weight, conv.num_bits).reshape(-1).to(torch.float64)
+        s = conv.scale().reshape(-1).to(torch.float64)
         w_step = s * float(conv.clip_val) / (2 * n_w)
         k = conv.in_chn // conv.groups * conv.kernel_size * conv.kernel_size
         bound = k * src.n * n_w

@@ -167,7 +167,7 @@ def _weight_value(weight: Tensor, s: Tensor, clip_val: Tensor, n_bit: int) -> Te
         impl = select.implementation(weight, torch.float32)
         if hasattr(impl, "weight_ste") and weight.dtype == clip_val.dtype == torch.float32:
             return impl.weight_ste(weight, s, clip_val / 2, (2**n_bit - 1) / clip_val)
-        q = quantize_weight(weight, n_bit, clip_val)
+        q = quantize_weight(weight, s, n_bit, clip_val)
         return (q.quantized - q.scaled) + q.scaled
 
 

@@ -1,0 +1,101 @@
+"""Which quantizers a model is built with: N2UQ (the default), its ablations, or a compared method.
+
+The paper compares N2UQ with PACT, DoReFa-Net and LSQ; here they differ from N2UQ in the
+quantizers only. :class:`Quantizers` makes, for every quantized stage of a block, the activation
+quantizer (``quan{i}``, in place of :class:`~n2uq.quant.LTQ`) and the quantized convolution
+(``conv{i}``, in place of :class:`~n2uq.quant.HardQuantizeConv`); the skeleton around them — RPReLU,
+BatchNorm, full-precision first conv and classifier, the downsample choice — is the same for all.
+
+========== ========================================== =======================================
+method     activations (``quan{i}``)                  weights (``conv{i}``)
+========== ========================================== =======================================
+``n2uq``   :class:`~n2uq.quant.LTQ`                   :class:`~n2uq.quant.HardQuantizeConv`
+``lsq``    :class:`~n2uq.baselines.LSQActivation`     :class:`~n2uq.baselines.LSQConv`
+``pact``   :class:`~n2uq.baselines.PACTActivation`    :class:`~n2uq.baselines.DoReFaConv`
+``dorefa`` :class:`~n2uq.baselines.DoReFaActivation`  :class:`~n2uq.baselines.DoReFaConv`
+========== ========================================== =======================================
+
+N2UQ's ablations: ``learned_thresholds=False`` freezes every LTQ's interval lengths ``a`` at the
+uniform grid (uniform thresholds, uniform levels; ``start`` and the scales still learn), and
+``entropy_preserving=False`` scales the weights by ``max|W|`` (:class:`~n2uq.quant.MaxAbsQuantizeConv`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+from torch import nn
+
+from n2uq.baselines import DoReFaActivation, DoReFaConv, LSQActivation, LSQConv, PACTActivation
+from n2uq.quant import LTQ, HardQuantizeConv, MaxAbsQuantizeConv
+
+__all__ = ["METHODS", "Quantizers"]
+
+METHODS = ("n2uq", "lsq", "pact", "dorefa")
+
+_ACTIVATIONS = {"lsq": LSQActivation, "pact": PACTActivation, "dorefa": DoReFaActivation}
+_CONVS = {"lsq": LSQConv, "pact": DoReFaConv, "dorefa": DoReFaConv}
+
+
+@dataclass(frozen=True)
+class Quantizers:
+    """The quantizers of every stage: ``n_bit`` bits, ``method``, and N2UQ's two ablation switches."""
+
+    n_bit: int = 2
+    method: str = "n2uq"
+    learned_thresholds: bool = True
+    entropy_preserving: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_bit, int) or not 1 <= self.n_bit <= 8:
+            raise ValueError(f"n_bit must be an integer in 1..8, got {self.n_bit!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown quantization method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.method != "n2uq" and not (self.learned_thresholds and self.entropy_preserving):
+            raise ValueError(f"the uniform-threshold and max-abs-weight ablations are N2UQ's; they do not apply "
+                             f"to {self.method}")
+        if self.method == "lsq" and self.n_bit < 2:
+            raise ValueError("LSQ needs at least 2 bits (its signed 1-bit weight grid is empty)")
+
+    @property
+    def is_default(self) -> bool:
+        """Plain N2UQ: the paper's method, whose run folders and checkpoints keep the reference's names."""
+        return self == Quantizers(self.n_bit)
+
+    @property
+    def tag(self) -> str:
+        """``n2uq``, ``lsq``, ``pact``, ``dorefa``, or N2UQ with its ablations, e.g.
+        ``n2uq-uniform-thresholds`` / ``n2uq-maxabs-weights``: the name used in run folders and tables."""
+        parts = [self.method]
+        if not self.learned_thresholds:
+            parts.append("uniform-thresholds")
+        if not self.entropy_preserving:
+            parts.append("maxabs-weights")
+        return "-".join(parts)
+
+    def activation(self) -> nn.Module:
+        """The activation quantizer of one stage (``quan{i}``)."""
+        if self.method != "n2uq":
+            return _ACTIVATIONS[self.method](self.n_bit)
+        ltq = LTQ(self.n_bit)
+        if not self.learned_thresholds:
+            ltq.a.requires_grad_(False)  # a stays at the uniform interval: uniform thresholds
+        return ltq
+
+    def conv(self, in_chn: int, out_chn: int, kernel_size: int, stride: int = 1, padding: int = 0,
+             groups: int = 1) -> nn.Module:
+        """The quantized convolution of one stage (``conv{i}``)."""
+        if self.method != "n2uq":
+            return _CONVS[self.method](in_chn, out_chn, self.n_bit, kernel_size, stride, padding, groups)
+        kind = HardQuantizeConv if self.entropy_preserving else MaxAbsQuantizeConv
+        return kind(in_chn, out_chn, self.n_bit, kernel_size, stride, padding, groups)
+
+    def as_dict(self) -> dict:
+        """What a checkpoint records (``config['quantizers']``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Quantizers:
+        known = {k: values[k] for k in ("n_bit", "method", "learned_thresholds", "entropy_preserving") if k in values}
+        return cls(**known)
