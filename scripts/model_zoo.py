@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -16,7 +16,13 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from mobilenetv2.mobilenet_v2 import MobileNetV2  # noqa: E402
-from n2uq.checkpoint import ModelConfig  # noqa: E402
+from n2uq.checkpoint import (  # noqa: E402
+    CheckpointError,
+    ModelConfig,
+    infer_config,
+    load_state_dict_strict,
+    read_state_and_meta,
+)
 from resnet.resnet import ARCHS as RESNET_ARCHS  # noqa: E402
 
 ARCH_NAMES = (*RESNET_ARCHS, "mobilenetv2")
@@ -50,3 +56,15 @@ def build_full_precision(arch: str, num_classes: int) -> nn.Module:
     import torchvision
 
     return getattr(torchvision.models, arch)(num_classes=num_classes)
+
+
+def load_checkpoint_model(path: str) -> Tuple[nn.Module, str, Dict[str, Any]]:
+    """``(model with the file's weights loaded strictly, its tag, the file's other entries)``."""
+    state_dict, meta = read_state_and_meta(path)
+    try:
+        config = infer_config(state_dict)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    model = build_model(config)
+    load_state_dict_strict(model, state_dict, source=path)
+    return model, config.tag, meta
