@@ -17,6 +17,7 @@ import json
 import os
 import random
 from argparse import Namespace
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -69,17 +70,46 @@ def _plain_args(args: Namespace) -> Dict[str, Any]:
 
 def fit(build_model: Callable[[int], nn.Module], args: Namespace,
         alpha_patterns: Sequence[str] = RESNET_ALPHA_PATTERNS, run_name: str = "run",
-        config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        config: Optional[Dict[str, Any]] = None, reference_run_dir: Optional[str] = None) -> Dict[str, Any]:
     """Train ``build_model(num_classes)`` with the flags of :func:`n2uq.cli.build_train_parser`.
 
     ``run_name`` is the folder under ``--save``; ``config`` (arch, n_bit, ...) is stored in the
-    checkpoints. Returns ``{'run_dir', 'best_top1', 'last_val', 'next_epoch', 'step_in_epoch'}``.
+    checkpoints. ``reference_run_dir`` is the folder under ``--save`` where the reference's script
+    writes this model's checkpoints when that is not ``run_name`` (MobileNetV2: ``"."``, ``--save``
+    itself): ``--resume auto`` also looks there, and a run found there goes on writing there.
+    Returns ``{'run_dir', 'best_top1', 'last_val', 'next_epoch', 'step_in_epoch'}``.
     """
     env = init_distributed(args.device)
+    spec = RunSpec(run_name, dict(config or {}), tuple(alpha_patterns), os.path.join(args.save, run_name),
+                   os.path.normpath(os.path.join(args.save, reference_run_dir)) if reference_run_dir else None)
     try:
-        return _fit(env, build_model, args, tuple(alpha_patterns), run_name, dict(config or {}))
+        return _fit(env, build_model, args, spec)
     finally:
         cleanup()
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What the calling script says about its run: the folder name, the model's configuration, the
+    alpha-group rules, the run folder and the reference script's folder for this model (if other)."""
+
+    name: str
+    config: Dict[str, Any]
+    alpha_patterns: Tuple[str, ...]
+    run_dir: str
+    reference_dir: Optional[str] = None
+
+
+def _find_resume(args: Namespace, spec: RunSpec, env: DistEnv) -> Tuple[Optional[str], str]:
+    """The checkpoint to resume (or ``None``) and the run folder: ``spec.run_dir``, or the
+    reference's folder when ``--resume auto`` found the run there."""
+    resume_path = resolve_resume(args.resume, spec.run_dir, [spec.reference_dir] if spec.reference_dir else [])
+    if args.resume == "auto" and resume_path is not None and os.path.dirname(resume_path) != spec.run_dir:
+        run_dir = os.path.dirname(resume_path)
+        say(env, f"no checkpoint in {spec.run_dir}; the run's checkpoint is in {run_dir}, where the reference's "
+                 f"script writes it, and the run goes on there")
+        return resume_path, run_dir
+    return resume_path, spec.run_dir
 
 
 def _datasets(args: Namespace) -> Tuple[D.CheckedImageFolder, D.CheckedImageFolder]:
@@ -110,7 +140,7 @@ def _loaders(train_ds, val_ds, args: Namespace, env: DistEnv) -> TrainData:
 def _initialise(model: nn.Module, args: Namespace, config: Dict[str, Any], run_dir: str, env: DistEnv) -> None:
     """Full-precision initialisation (``--pretrained``) with its report on screen and in the run folder."""
     report = load_pretrained(model, args.pretrained, config.get("arch", ""),
-                             bool(config.get("quantize_downsample", False)), args.models_dir)
+                             bool(config.get("quantize_downsample", False)), args.models_dir, args.save)
     if report is not None and env.is_main:
         say(env, report.summary())
         os.makedirs(run_dir, exist_ok=True)
@@ -141,8 +171,7 @@ def _add_teacher_and_wrappers(parts: TrainingParts, args: Namespace, env: DistEn
     parts.teacher, parts.train_model = teacher, train_model
 
 
-def _fit(env: DistEnv, build_model, args: Namespace, alpha_patterns, run_name: str,
-         config: Dict[str, Any]) -> Dict[str, Any]:
+def _fit(env: DistEnv, build_model: Callable[[int], nn.Module], args: Namespace, spec: RunSpec) -> Dict[str, Any]:
     configure_threads(args.threads, env)
     _seed_everything(args.seed)
     device = env.device
@@ -153,14 +182,13 @@ def _fit(env: DistEnv, build_model, args: Namespace, alpha_patterns, run_name: s
     num_classes = len(train_ds.classes)
 
     model = build_model(num_classes)
-    config = {**config, "num_classes": num_classes}
-    run_dir = os.path.join(args.save, run_name)
+    config, run_name = {**spec.config, "num_classes": num_classes}, spec.name
+    resume_path, run_dir = _find_resume(args, spec, env)
     if env.is_main:
         for tmp in remove_stale_temps(run_dir, CHECKPOINT_FILES):
             say(env, f"removed {tmp}, left by a save that was interrupted")
     record = RunRecord(_plain_args(args), config, list(train_ds.classes),
                        {"world_size": env.world_size, "train_images": len(train_ds)})
-    resume_path = resolve_resume(args.resume, run_dir)
     ckpt = None
     if resume_path is not None:
         ckpt = read_resume(resume_path, args.resume == "auto")
@@ -172,13 +200,13 @@ def _fit(env: DistEnv, build_model, args: Namespace, alpha_patterns, run_name: s
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    parts = _training_parts(model, args, alpha_patterns)
+    parts = _training_parts(model, args, spec.alpha_patterns)
     progress = TrainProgress()
     if ckpt is not None:
-        progress = restore_training(parts, ckpt, resume_path)
+        progress, notes = restore_training(parts, ckpt, resume_path, spec.alpha_patterns)
         at = f", step {progress.step_in_epoch}" if progress.step_in_epoch else ""
         say(env, f"resumed from {resume_path}: next epoch {progress.next_epoch + 1}{at}, "
-                 f"best top-1 {progress.best_top1:.2f}")
+                 f"best top-1 {progress.best_top1:.2f}", *notes)
         del ckpt
     _add_teacher_and_wrappers(parts, args, env, num_classes)
 

@@ -1,19 +1,22 @@
 """Reading a checkpoint back to resume a run: which file, whether it fits this run, and restoring it.
 
-``--resume auto`` takes the run folder's ``checkpoint.pth.tar`` when there is one, ``none`` starts
+``--resume auto`` takes the run folder's ``checkpoint.pth.tar`` when there is one (else the one in
+the folder where the reference's script writes this model, when that differs), ``none`` starts
 over, any other value is a file. The file must hold the model this run trains (architecture, bits,
 downsample kind, classes) and, when it stopped inside an epoch, the data layout of this run (batch
 size, seed, process count, number of training images), or the run stops with one line saying so.
+Files of the reference's format are resumed too (:mod:`n2uq.reference_format`).
 """
 
 from __future__ import annotations
 
 import os
 from argparse import Namespace
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from n2uq.checkpoint import CheckpointError, infer_config, load_state_dict_strict, read_checkpoint
 from n2uq.cli import UsageError
+from n2uq.reference_format import is_reference_checkpoint, map_reference_adam_state, replay_schedule
 from n2uq.train_state import CHECKPOINT_NAME, SKIP_COUNTERS, TrainingParts, TrainProgress, restore_rng
 
 __all__ = ["resolve_resume", "read_training_checkpoint", "read_resume", "check_resume", "restore_training"]
@@ -21,13 +24,19 @@ __all__ = ["resolve_resume", "read_training_checkpoint", "read_resume", "check_r
 _CONFIG_KEYS = ("arch", "n_bit", "quantize_downsample", "num_classes", "full_precision")
 
 
-def resolve_resume(resume: str, run_dir: str) -> Optional[str]:
-    """The file ``--resume`` names: ``None`` for ``none`` or for ``auto`` without a checkpoint."""
+def resolve_resume(resume: str, run_dir: str, other_dirs: Sequence[str] = ()) -> Optional[str]:
+    """The file ``--resume`` names: ``None`` for ``none`` or for ``auto`` without a checkpoint.
+
+    ``auto`` looks in ``run_dir``, then in ``other_dirs`` (in order).
+    """
     if resume == "none":
         return None
     if resume == "auto":
-        path = os.path.join(run_dir, CHECKPOINT_NAME)
-        return path if os.path.isfile(path) else None
+        for folder in (run_dir, *other_dirs):
+            path = os.path.join(folder, CHECKPOINT_NAME)
+            if os.path.isfile(path):
+                return path
+        return None
     return resume
 
 
@@ -60,7 +69,11 @@ def check_resume(ckpt: Mapping[str, Any], source: str, config: Mapping[str, Any]
     if not saved:  # a reference checkpoint: what its state dict says
         try:
             saved = infer_config(ckpt["state_dict"]).as_dict()
-        except CheckpointError:
+        except CheckpointError as exc:
+            if not config.get("full_precision"):
+                raise UsageError(f"{source} is not a checkpoint of an N2UQ model ({str(exc).rstrip('.')}); pass a "
+                                 f"checkpoint of this run's model, or --resume none (or another --save) to start a "
+                                 f"new run") from None
             saved = {}
     diffs = [f"{k} {saved.get(k)} vs {config.get(k)}" for k in _CONFIG_KEYS
              if k in saved and saved.get(k) != config.get(k) and not (k == "full_precision" and not saved[k])]
@@ -87,15 +100,43 @@ def _check_layout(ckpt: Mapping[str, Any], source: str, args: Namespace, layout:
                          f"now), so samples would be repeated or skipped; resume with the same values")
 
 
-def restore_training(parts: TrainingParts, ckpt: Mapping[str, Any], source: str) -> TrainProgress:
-    """Load weights (strictly), optimizer, schedule, AMP scaler and RNG states; return the position."""
+def restore_training(parts: TrainingParts, ckpt: Mapping[str, Any], source: str,
+                     alpha_patterns: Sequence[str]) -> Tuple[TrainProgress, List[str]]:
+    """Load weights (strictly), optimizer, schedule, AMP scaler and RNG states; return the position
+    and the lines to print about what was restored.
+
+    A file of the reference's format has its Adam state mapped onto this run's groups (or skipped,
+    saying why) and its schedule replayed; ``alpha_patterns`` are the reference's alpha-group rules
+    of this architecture.
+    """
     load_state_dict_strict(parts.model, ckpt["state_dict"], source=source)
-    parts.optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scheduler"):
-        parts.scheduler.load_state_dict(ckpt["scheduler"])
-    if parts.scaler is not None and ckpt.get("scaler"):
-        parts.scaler.load_state_dict(ckpt["scaler"])
+    progress = TrainProgress(int(ckpt["next_epoch"]), int(ckpt["step_in_epoch"]),
+                             float(ckpt.get("best_top1_acc", 0.0)), dict(ckpt["skipped"]))
+    notes: List[str] = []
+    if is_reference_checkpoint(ckpt):
+        state, what = map_reference_adam_state(parts.optimizer, parts.model, ckpt.get("optimizer"), alpha_patterns)
+        if state is not None:
+            parts.optimizer.load_state_dict(state)
+        else:
+            what = f"Adam state not restored ({what}); Adam starts afresh"
+        finished = progress.next_epoch + (1 if progress.step_in_epoch else 0)
+        replay_schedule(parts.scheduler, finished)
+        notes.append(f"checkpoint of the reference's format: {what}; learning-rate schedule replayed over "
+                     f"{finished} finished epoch(s)")
+    else:
+        _load_optimizer(parts, ckpt["optimizer"], source)
+        if ckpt.get("scheduler"):
+            parts.scheduler.load_state_dict(ckpt["scheduler"])
+        if parts.scaler is not None and ckpt.get("scaler"):
+            parts.scaler.load_state_dict(ckpt["scaler"])
     if ckpt.get("rng"):
         restore_rng(ckpt["rng"])
-    return TrainProgress(int(ckpt["next_epoch"]), int(ckpt["step_in_epoch"]), float(ckpt.get("best_top1_acc", 0.0)),
-                         dict(ckpt["skipped"]))
+    return progress, notes
+
+
+def _load_optimizer(parts: TrainingParts, saved: Mapping[str, Any], source: str) -> None:
+    try:
+        parts.optimizer.load_state_dict(saved)
+    except ValueError as exc:
+        raise UsageError(f"{source}: its Adam state does not fit this run's parameter groups ({exc}); resume with "
+                         f"the --alpha_group it was trained with, or --resume none to start over") from None

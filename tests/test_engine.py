@@ -17,9 +17,9 @@ BASE_LR = 2e-3
 
 
 def _train(data, save, *extra):
-    argv = ["--data", str(data), "--save", str(save), "--epochs", "2", "--batch_size", "6",
-            "--image_size", "16", "--val_resize", "16", "--teacher", "none", "--pretrained", "none",
-            "--learning_rate", str(BASE_LR), "-j", "0", "--no_progress", "--seed", "3", *extra]
+    argv = ["--data", str(data), "--save", str(save), "--epochs", "2", "--quantize_downsample", "False",
+            "--batch_size", "6", "--image_size", "16", "--val_resize", "16", "--teacher", "none",
+            "--pretrained", "none", "--learning_rate", str(BASE_LR), "-j", "0", "--no_progress", "--seed", "3", *extra]
     assert resnet_train.main(argv) == 0
     return save / RUN
 

@@ -32,7 +32,10 @@ STEPS = 6  # 24 training images, batch 4
 
 
 def train_argv(data, save, *extra, epochs=1):
-    return ["--data", str(data), "--save", str(save), "--epochs", str(epochs), "--batch_size", "4",
+    """The tiny run; ``epochs=1`` is the first epoch of a two-epoch schedule (``--epochs 1`` alone would
+    train at lr 0, which is refused)."""
+    schedule = ["--epochs", "2", "--epochs_per_run", "1"] if epochs == 1 else ["--epochs", str(epochs)]
+    return ["--data", str(data), "--save", str(save), *schedule, "--quantize_downsample", "False", "--batch_size", "4",
             "--image_size", "16", "--val_resize", "16", "--teacher", "none", "--pretrained", "none", "-j", "0",
             "--no_progress", "--seed", "1", *extra]
 
@@ -248,7 +251,7 @@ def test_unreadable_train_image_stops_with_its_path_and_saves_the_position(tmp_p
         assert f"step {step + 1};" in line and f"(epoch 1 after step {step}) is saved" in line
     shutil.copy(data / "train" / "class_1" / "002.png", bad)
     code, out, _ = run_cli(resnet_train.main, train_argv(data, tmp_path / "m"), capsys)
-    assert code == 0 and "finished 1 epochs" in out
+    assert code == 0 and "epoch 1/2 lr" in out
 
 
 def test_skip_bad_images_counts_them_and_survives_batches_without_any_readable_image(tmp_path, capsys):
