@@ -7,7 +7,8 @@
 # DATA: ImageFolder root with train/ and val/ (default ./data/imagenet).
 # NPROC: processes (default: all visible GPUs; one CPU process when there is none).
 # TORCHRUN_ARGS: extra torchrun flags for several machines (see resnet/run.sh).
-# The log goes to log/mobilenetv2_<b>bit.txt (appended), checkpoints to ./models/mobilenetv2_<b>bit/.
+# The log goes to log/mobilenetv2_<b>bit.txt (appended), checkpoints to ./models/mobilenetv2_<b>bit/ (--save;
+# a run the reference's script started directly in ./models is resumed and continued there).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python3}"

@@ -1,9 +1,11 @@
-"""Train the N2UQ MobileNetV2 (W4A4 in the paper; SPEC §6 recipe) with the shared engine.
+"""Train the N2UQ MobileNetV2 (W4A4 in the paper) with the paper's recipe and the shared engine.
 
     torchrun --nproc_per_node=8 train.py --data /path/to/imagenet
     python train.py --data DIR ...            # one process, no torchrun
 
-The alpha (lr/10) group also takes ``quan3.a``, as the reference MobileNetV2 script.
+The alpha (lr/10) group also takes ``quan3.a``, as the reference MobileNetV2 script. Checkpoints
+go to ``<save>/mobilenetv2_<b>bit/``; the reference's script writes them directly into ``<save>``,
+and ``--resume auto`` finds a run there too (and goes on writing there).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from n2uq.recipe import MOBILENETV2_ALPHA_PATTERNS  # noqa: E402
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_train_parser(["mobilenetv2"], default_arch="mobilenetv2", default_bits=4,
-                                with_downsample=False, prog="mobilenetv2/train.py")
+                                with_downsample=False, prog="mobilenetv2/train.py",
+                                run_folder="SAVE/mobilenetv2_<b>bit/ (or SAVE itself, for a run the reference's "
+                                           "script started there)")
     args = parser.parse_args(argv)
     validate_train_args(args)
     if args.check_only:
@@ -31,7 +35,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.pretrained = "authors"
     config = {"arch": "mobilenetv2", "n_bit": args.n_bit, "quantize_downsample": False}
     engine.fit(lambda num_classes: MobileNetV2(args.n_bit, num_classes), args,
-               alpha_patterns=MOBILENETV2_ALPHA_PATTERNS, run_name=f"mobilenetv2_{args.n_bit}bit", config=config)
+               alpha_patterns=MOBILENETV2_ALPHA_PATTERNS, run_name=f"mobilenetv2_{args.n_bit}bit", config=config,
+               reference_run_dir=".")
     return 0
 
 

@@ -56,33 +56,47 @@ def _bits(value: str) -> int:
 
 
 def build_train_parser(archs: Sequence[str], default_arch: str, default_bits: int,
-                       with_downsample: bool = True, prog: Optional[str] = None) -> OneLineParser:
-    """The training flags; ``archs`` are the ``--student`` choices of the calling script."""
-    p = OneLineParser(prog=prog, description="N2UQ quantization-aware training (SPEC §6 recipe).",
+                       with_downsample: bool = True, prog: Optional[str] = None,
+                       run_folder: str = "SAVE/<run name>/") -> OneLineParser:
+    """The training flags; ``archs`` are the ``--student`` choices of the calling script, ``run_folder``
+    says in ``--save``'s help where its checkpoints go.
+
+    With ``with_downsample``, ``--quantize_downsample`` is absent from the parsed namespace unless
+    given: the calling script decides its default (the reference's ``True``, ``False`` for a
+    full-precision baseline).
+    """
+    p = OneLineParser(prog=prog, description="N2UQ quantization-aware training with the paper's recipe. "
+                      "Defaults that differ from the reference's scripts: docs/reference_differences.md.",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("reference flags")
     g.add_argument("--data", default="./data/imagenet", metavar="DIR", help="ImageFolder root with train/ and val/")
     g.add_argument("--batch_size", type=int, default=256, help="global batch size (all processes together)")
-    g.add_argument("--epochs", type=int, default=128)
+    g.add_argument("--epochs", type=int, default=128,
+                   help="epoch e trains at lr*(1-(e+1)/epochs), so the last one at lr 0; at least 2")
     g.add_argument("--learning_rate", type=float, default=1.25e-3, help="base lr (the alpha group uses lr/10)")
     g.add_argument("--momentum", type=float, default=0.9, help="Adam beta1")
     g.add_argument("--weight_decay", type=float, default=0.0, help="weight decay of the 4-D weights group")
-    g.add_argument("--save", default="./models", help="checkpoints go to SAVE/<run name>/")
+    g.add_argument("--save", default="./models",
+                   help=f"checkpoints go to {run_folder}; also searched for the full-precision init files")
     g.add_argument("--label_smooth", type=float, default=0.1, help="label smoothing when there is no teacher")
     g.add_argument("--teacher", default="resnet101", help="torchvision model name, or none")
     g.add_argument("--student", default=default_arch, choices=list(archs))
     g.add_argument("--n_bit", type=_bits, default=default_bits, help="weight and activation bits, 1..8")
     if with_downsample:
-        g.add_argument("--quantize_downsample", type=parse_bool, default=False,
-                       help="quantize the 1x1 shortcut convs (0/1/True/False)")
+        g.add_argument("--quantize_downsample", type=parse_bool, default=argparse.SUPPRESS,
+                       help="quantize the 1x1 shortcut convs (0/1/True/False; default: True, as in the reference; "
+                            "False with --full_precision)")
     g.add_argument("-j", "--workers", type=int, default=None,
                    help="data loading workers per process (default: cores per process, at most 8)")
 
     g = p.add_argument_group("engine")
     g.add_argument("--teacher_weights", default="imagenet", help="imagenet | FILE | none (none: no KD)")
     g.add_argument("--pretrained", default="auto",
-                   help="full-precision init: auto (SPEC §6 choice) | torchvision | authors | none | FILE")
-    g.add_argument("--models_dir", default="models", help="where the authors' init files are kept")
+                   help="full-precision init: auto (the paper's choice: torchvision's weights with a full-precision "
+                        "downsample, the authors' files otherwise) | torchvision | authors | none | FILE")
+    g.add_argument("--models_dir", default="models",
+                   help="where the full-precision init files are kept (--save is searched too, as the reference "
+                        "does; missing authors' files are fetched into this folder)")
     g.add_argument("--alpha_group", choices=("reference", "all_ltq"), default="reference",
                    help="reference name rules, or every LTQ 'a' in the lr/10 group")
     g.add_argument("--image_size", type=int, default=224, help="train crop and val crop size")
@@ -144,6 +158,10 @@ def validate_train_args(args: argparse.Namespace, world_size: Optional[int] = No
                  {"--workers": args.workers, "--epochs_per_run": args.epochs_per_run,
                   "--steps_per_run": args.steps_per_run, "--save_every_steps": args.save_every_steps,
                   "--threads": args.threads, "--weight_decay": args.weight_decay})
+    if args.epochs == 1:
+        raise UsageError("--epochs 1 would train its only epoch at lr 0 and learn nothing (epoch e trains at "
+                         "lr*(1-(e+1)/epochs), so the last one always at lr 0); pass --epochs 2 or more (for a "
+                         "one-epoch try: --epochs 2 --epochs_per_run 1, which trains at half the lr)")
     if args.batch_size % world_size:
         raise UsageError(f"--batch_size {args.batch_size} is not divisible by the {world_size} processes; "
                          f"use a multiple of {world_size}")

@@ -1,20 +1,23 @@
-"""torch.distributed set-up for torchrun (env://) and plain single-process runs.
+"""torch.distributed set-up for torchrun (env://) and plain single-process runs, and every
+collective the training and evaluation code uses.
 
 ``torchrun`` exports ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``; when they are
 present the process group is initialised from them (NCCL on CUDA, gloo on CPU), otherwise the run
-is a single process and every collective below is a no-op.
+is a single process and every collective below is a no-op (or returns its input).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 __all__ = ["DistEnv", "env_world_size", "init_distributed", "cleanup", "barrier", "all_reduce_sum",
-           "is_distributed"]
+           "all_ranks_sum", "gather_lists", "broadcast_buffers", "is_distributed"]
 
 
 @dataclass(frozen=True)
@@ -87,3 +90,31 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def all_ranks_sum(values: Sequence[float], device: Optional[torch.device] = None) -> List[float]:
+    """``values`` summed element-wise over all processes (as given in a single process).
+
+    The way ranks agree on a per-step decision (skip a batch, stop with an error) so none of them
+    is left waiting in a collective the others never enter.
+    """
+    if not is_distributed():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device or torch.device("cpu"))
+    return all_reduce_sum(t).tolist()
+
+
+def gather_lists(items: List[Any]) -> List[Any]:
+    """Concatenation of every process's ``items`` (rank order), on every process; call on all ranks."""
+    if not is_distributed():
+        return list(items)
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, list(items))
+    return [x for part in out for x in part]
+
+
+def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s buffers (BatchNorm running statistics), the state rank 0 saves."""
+    if is_distributed():
+        for buf in model.buffers():
+            dist.broadcast(buf, src=src)

@@ -2,9 +2,12 @@
 
 Sources (``--pretrained``):
 
-* ``torchvision`` — torchvision's ImageNet weights (``IMAGENET1K_V1``) of the same ResNet;
-* ``authors`` — the authors' full-precision files, fetched with gdown into ``models/``
-  (:data:`AUTHORS_FILES`);
+* ``torchvision`` — torchvision's ImageNet weights (``IMAGENET1K_V1``) of the same ResNet: the file
+  (``resnet18-f37072fd.pth``, ...) from ``--models_dir`` or ``--save`` when it is there, else from
+  the torch hub cache (downloaded once);
+* ``authors`` — the authors' full-precision files (:data:`AUTHORS_FILES`), looked for in
+  ``--models_dir`` and, as the reference does, in ``--save``, else fetched with gdown into
+  ``--models_dir``;
 * a path to a state-dict file;
 * ``none`` — random init.
 
@@ -23,13 +26,13 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
 from n2uq.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
 
-__all__ = ["PretrainedError", "AUTHORS_FILES", "TORCHVISION_WEIGHTS", "LoadReport", "authors_file",
+__all__ = ["PretrainedError", "AUTHORS_FILES", "TORCHVISION_WEIGHTS", "LoadReport", "authors_file", "find_file",
            "fetch_authors_file", "fetch_torchvision_weights", "torchvision_state_dict", "remap_torchvision_downsample",
            "load_matching", "load_pretrained"]
 
@@ -104,17 +107,27 @@ def authors_file(arch: str, quantize_downsample: bool, models_dir: str) -> Tuple
     return os.path.join(models_dir, name), file_id
 
 
-def fetch_authors_file(arch: str, quantize_downsample: bool, models_dir: str) -> str:
-    """The local path of the authors' file, downloading it with gdown when it is missing."""
-    path, file_id = authors_file(arch, quantize_downsample, models_dir)
-    if os.path.isfile(path) and os.path.getsize(path) > 0:
-        return path
-    url = f"https://drive.google.com/uc?id={file_id}"
-    hint = f"download {url} by hand and save it as {path}"
+def find_file(name: str, folders: Sequence[Optional[str]]) -> Optional[str]:
+    """``folder/name`` for the first of ``folders`` holding a non-empty file of that name, else ``None``."""
+    for folder in folders:
+        if folder is None:
+            continue
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and os.path.getsize(path) > 0:
+            return path
+    return None
+
+
+class _FetchFailed(Exception):
+    """gdown gave no file; the message is the reason."""
+
+
+def _gdown(file_id: str, path: str) -> None:
+    """Download Google Drive file ``file_id`` to ``path`` (through ``path.part``), or raise :class:`_FetchFailed`."""
     try:
         import gdown
 
-        os.makedirs(models_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = path + ".part"
         out = gdown.download(id=file_id, output=tmp, quiet=True)
         if not out or not os.path.isfile(tmp) or os.path.getsize(tmp) == 0:
@@ -122,7 +135,45 @@ def fetch_authors_file(arch: str, quantize_downsample: bool, models_dir: str) ->
         os.replace(tmp, path)
     except Exception as exc:  # gdown raises many kinds (network, quota, HTML pages)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PretrainedError(f"could not fetch {os.path.basename(path)} ({reason}); {hint}") from None
+        raise _FetchFailed(reason) from None
+
+
+def fetch_authors_file(arch: str, quantize_downsample: bool, models_dir: str) -> str:
+    """The local path of the authors' file, downloading it with gdown when it is missing."""
+    path, file_id = authors_file(arch, quantize_downsample, models_dir)
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+        return path
+    try:
+        _gdown(file_id, path)
+    except _FetchFailed as exc:
+        raise PretrainedError(f"could not fetch {os.path.basename(path)} ({exc}); download "
+                              f"https://drive.google.com/uc?id={file_id} by hand and save it as {path}") from None
+    return path
+
+
+def _places(models_dir: str, save_dir: Optional[str]) -> str:
+    """``models (--models_dir)`` and, when it is another folder, ``nor in X (--save)``."""
+    if save_dir is None or os.path.realpath(save_dir) == os.path.realpath(models_dir):
+        return f"{models_dir} (--models_dir, also --save)" if save_dir is not None else f"{models_dir} (--models_dir)"
+    return f"{models_dir} (--models_dir) nor in {save_dir} (--save)"
+
+
+def _authors_path(arch: str, quantize_downsample: bool, models_dir: str, save_dir: Optional[str]) -> str:
+    """The authors' file from ``models_dir`` or ``save_dir``, else fetched into ``models_dir``."""
+    path, file_id = authors_file(arch, quantize_downsample, models_dir)
+    name = os.path.basename(path)
+    found = find_file(name, [models_dir, save_dir])
+    if found is not None:
+        return found
+    try:
+        _gdown(file_id, path)
+    except _FetchFailed as exc:
+        qd = "" if arch == "mobilenetv2" else f" --quantize_downsample {int(bool(quantize_downsample))}"
+        raise PretrainedError(
+            f"{name} is not in {_places(models_dir, save_dir)}, and fetching it failed ({exc}); fetch it with "
+            f"`python scripts/download_pretrained.py --arch {arch}{qd} --models_dir {models_dir}` (or download "
+            f"https://drive.google.com/uc?id={file_id} into one of these folders), or pass --pretrained none"
+        ) from None
     return path
 
 
@@ -144,14 +195,14 @@ def fetch_torchvision_weights(weights, alternatives: str) -> Dict[str, Tensor]:
         ) from None
 
 
-def torchvision_state_dict(arch: str) -> Dict[str, Tensor]:
+def torchvision_state_dict(arch: str, alternatives: str = "--pretrained PATH or none") -> Dict[str, Tensor]:
     """torchvision's ImageNet weights for ``arch`` (downloaded into the torch hub cache once)."""
     if arch not in TORCHVISION_WEIGHTS:
         raise PretrainedError(f"torchvision has no weights in the N2UQ layout of {arch}; use "
                               f"--pretrained authors, a file path, or none")
     from torchvision.models import get_weight
 
-    return fetch_torchvision_weights(get_weight(TORCHVISION_WEIGHTS[arch]), "--pretrained PATH or none")
+    return fetch_torchvision_weights(get_weight(TORCHVISION_WEIGHTS[arch]), alternatives)
 
 
 _TV_DOWNSAMPLE = re.compile(r"^(.*\.downsample)\.([01])\.(.+)$")
@@ -204,13 +255,25 @@ def load_matching(model: nn.Module, state_dict: Mapping[str, Tensor], source: st
 
 
 def load_pretrained(model: nn.Module, source: str, arch: str, quantize_downsample: bool,
-                    models_dir: str = "models") -> Optional[LoadReport]:
-    """Initialise ``model`` from ``source`` (torchvision | authors | PATH | none); ``None`` for none."""
+                    models_dir: str = "models", save_dir: Optional[str] = None) -> Optional[LoadReport]:
+    """Initialise ``model`` from ``source`` (torchvision | authors | PATH | none); ``None`` for none.
+
+    Files named as the reference names them are looked for in ``models_dir`` and ``save_dir``
+    (``--save``, where the reference keeps them).
+    """
     if source == "none":
         return None
     if source == "torchvision":
-        return load_matching(model, torchvision_state_dict(arch), f"torchvision {TORCHVISION_WEIGHTS.get(arch)}")
-    path = fetch_authors_file(arch, quantize_downsample, models_dir) if source == "authors" else source
+        local = None
+        if arch in TORCHVISION_WEIGHTS:
+            local = find_file(AUTHORS_FILES[(arch, False)][0], [models_dir, save_dir])
+        if local is None:
+            places = models_dir if save_dir is None else f"{models_dir} or {save_dir}"
+            alternatives = f"--pretrained PATH or none (or put the file into {places})"
+            return load_matching(model, torchvision_state_dict(arch, alternatives),
+                                 f"torchvision {TORCHVISION_WEIGHTS.get(arch)}")
+        source = local
+    path = _authors_path(arch, quantize_downsample, models_dir, save_dir) if source == "authors" else source
     if not os.path.exists(path):
         raise PretrainedError(f"--pretrained file not found: {path} (use torchvision, authors, none or an "
                               f"existing file)")

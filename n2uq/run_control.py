@@ -13,14 +13,13 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from typing import Any, List, Optional, Sequence
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from n2uq.distributed import all_reduce_sum, is_distributed
 
-__all__ = ["RunControl", "all_ranks_sum", "gather_lists"]
+__all__ = ["RunControl", "REPEAT_WINDOW_S"]
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 REPEAT_WINDOW_S = 2.0
@@ -78,24 +77,3 @@ class RunControl:
 
     def reason(self) -> str:
         return f"{self.signal_name} received" if self.signal_name else "budget of this invocation spent"
-
-
-def all_ranks_sum(values: Sequence[float], device: Optional[torch.device] = None) -> List[float]:
-    """``values`` summed element-wise over all processes (as given in a single process).
-
-    The way ranks agree on a per-step decision (skip a batch, stop with an error) so none of them
-    is left waiting in a collective the others never enter.
-    """
-    if not is_distributed():
-        return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device or torch.device("cpu"))
-    return all_reduce_sum(t).tolist()
-
-
-def gather_lists(items: List[Any]) -> List[Any]:
-    """Concatenation of every process's ``items`` (rank order), on every process; call on all ranks."""
-    if not is_distributed():
-        return list(items)
-    out: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, list(items))
-    return [x for part in out for x in part]

@@ -1,4 +1,4 @@
-"""Training checkpoints: the reference's layout plus everything an exact resume needs (SPEC §6).
+"""What a training checkpoint holds: the reference's layout plus everything an exact resume needs.
 
 Directory: ``<save>/<arch>_<b>bit_quantize_downsample_<True|False>/`` holding ``checkpoint.pth.tar``
 (every epoch) and ``model_best.pth.tar`` (on a new best top-1). Contents::
@@ -12,44 +12,28 @@ Directory: ``<save>/<arch>_<b>bit_quantize_downsample_<True|False>/`` holding ``
     skipped          unreadable images / left-out batches so far in the epoch in progress
     world_size, train_images    the data layout a mid-epoch position refers to
 
-Files are written atomically: a temporary file in the same directory is written, flushed and
-fsynced, then renamed over the target (``os.replace``, atomic on POSIX and Windows) and the folder
-is fsynced. ``checkpoint.pth.tar`` is therefore at every instant either the previous complete file
-or the new complete file; a kill during a save leaves only a ``checkpoint.pth.tar.*.tmp`` file,
-which :func:`remove_stale_temps` deletes when the next run starts. A failed write (no space left,
-quota, I/O error) removes its temporary file, keeps the previous checkpoint and raises
-:class:`CheckpointSaveError`.
+Writing the file is :mod:`n2uq.atomic_io`'s job, reading it back for a resume :mod:`n2uq.resume`'s.
 """
 
 from __future__ import annotations
 
-import errno
-import glob
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 
-from n2uq.checkpoint import CheckpointError, read_checkpoint, strip_prefixes
+from n2uq.checkpoint import strip_prefixes
 
-__all__ = ["CHECKPOINT_NAME", "BEST_NAME", "CheckpointSaveError", "TrainProgress", "run_name", "atomic_save",
-           "remove_stale_temps", "capture_rng", "restore_rng", "model_state_for_save", "build_checkpoint",
-           "read_training_checkpoint"]
+__all__ = ["CHECKPOINT_NAME", "BEST_NAME", "CHECKPOINT_FILES", "SKIP_COUNTERS", "TrainProgress", "TrainingParts",
+           "RunRecord", "run_name", "capture_rng", "restore_rng", "model_state_for_save", "build_checkpoint"]
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 BEST_NAME = "model_best.pth.tar"
-
+CHECKPOINT_FILES = (CHECKPOINT_NAME, BEST_NAME)
 
 SKIP_COUNTERS = ("bad_images", "nonfinite_batches", "short_batches")
-
-
-class CheckpointSaveError(RuntimeError):
-    """A checkpoint could not be written (the previous one is kept)."""
 
 
 @dataclass
@@ -65,87 +49,53 @@ class TrainProgress:
     best_top1: float = 0.0
     skipped: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_COUNTERS, 0))
 
+    def describe(self) -> str:
+        """``epoch 2 after step 3``, ``end of epoch 1`` or ``before epoch 1``."""
+        if self.step_in_epoch:
+            return f"epoch {self.next_epoch + 1} after step {self.step_in_epoch}"
+        return f"end of epoch {self.next_epoch}" if self.next_epoch else "before epoch 1"
+
+
+@dataclass
+class TrainingParts:
+    """The objects a training run steps and saves.
+
+    ``model`` is the student as saved and evaluated; ``train_model`` the module the training steps
+    run (its DistributedDataParallel or ``torch.compile`` wrapper; ``None``: ``model`` itself).
+    ``teacher`` is the frozen KD teacher (``None``: label-smoothed cross-entropy).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: Optional[torch.amp.GradScaler] = None
+    teacher: Optional[nn.Module] = None
+    train_model: Optional[nn.Module] = None
+
+    @property
+    def stepped(self) -> nn.Module:
+        """The module the training steps run."""
+        return self.model if self.train_model is None else self.train_model
+
+
+@dataclass
+class RunRecord:
+    """What every checkpoint of a run says about the run besides its position.
+
+    ``args``: the flags (plain values); ``config``: the model (arch, n_bit, ...); ``classes``: the
+    class folder names; ``layout``: ``world_size`` and ``train_images``, which a mid-epoch position
+    refers to.
+    """
+
+    args: Dict[str, Any] = field(default_factory=dict)
+    config: Dict[str, Any] = field(default_factory=dict)
+    classes: List[str] = field(default_factory=list)
+    layout: Dict[str, int] = field(default_factory=dict)
+
 
 def run_name(arch: str, n_bit: int, quantize_downsample: bool) -> str:
     """The reference's run folder name, e.g. ``resnet18_2bit_quantize_downsample_False``."""
     return f"{arch}_{n_bit}bit_quantize_downsample_{bool(quantize_downsample)}"
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temp file beside ``path``, fsync, then ``os.replace`` (and fsync the dir).
-
-    On any failure the temp file is removed, ``path`` is left as it was, and
-    :class:`CheckpointSaveError` says why and what to do.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except (OSError, RuntimeError) as exc:
-        raise CheckpointSaveError(_save_failure(path, directory, exc)) from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-    _fsync_dir(directory)
-
-
-def _save_failure(path: str, directory: str, exc: BaseException) -> str:
-    try:
-        free = shutil.disk_usage(directory).free
-    except OSError:
-        free = None
-    # torch's zip writer reports a failed write as a RuntimeError whose context is the OSError
-    os_error: Optional[BaseException] = exc
-    while os_error is not None and not (isinstance(os_error, OSError) and os_error.errno):
-        os_error = os_error.__context__
-    if isinstance(os_error, OSError) and os_error.errno in (errno.ENOSPC, errno.EDQUOT):
-        reason = "no space left on the device"
-    elif isinstance(os_error, OSError):
-        reason = os_error.strerror or str(os_error)
-    else:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if free is not None and free < 1 << 20:
-            reason += ", the device is full"
-    where = f"{directory} ({free / 2**20:.1f} MiB free)" if free is not None else directory
-    kept = "the previous checkpoint there is kept" if os.path.exists(path) else "nothing was written"
-    return (f"cannot write checkpoint {path}: {reason}; {kept}. Free space on {where} or pass another --save "
-            f"folder, then run again to resume")
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
-def remove_stale_temps(run_dir: str) -> List[str]:
-    """Delete ``<checkpoint name>.*.tmp`` files that a killed :func:`atomic_save` left in ``run_dir``.
-
-    Call it before this run's first save (on one process); returns the removed paths.
-    """
-    removed = []
-    for name in (CHECKPOINT_NAME, BEST_NAME):
-        for tmp in glob.glob(os.path.join(glob.escape(run_dir), glob.escape(name) + ".*.tmp")):
-            try:
-                os.unlink(tmp)
-                removed.append(tmp)
-            except FileNotFoundError:
-                pass
-    return removed
 
 
 def capture_rng() -> Dict[str, Any]:
@@ -185,38 +135,26 @@ def model_state_for_save(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {f"module.{k}": v.detach().cpu().clone() for k, v in own.items()}
 
 
-def build_checkpoint(model: nn.Module, optimizer, scheduler, scaler, progress: TrainProgress, *,
-                     args: Optional[Mapping[str, Any]] = None, config: Optional[Mapping[str, Any]] = None,
-                     classes=None, val: Optional[Mapping[str, float]] = None,
-                     extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-    """The checkpoint dictionary described in the module docstring (plus the entries of ``extra``)."""
+def build_checkpoint(parts: TrainingParts, progress: TrainProgress, record: Optional[RunRecord] = None,
+                     val: Optional[Mapping[str, float]] = None) -> Dict[str, Any]:
+    """The checkpoint dictionary described in the module docstring."""
+    record = record or RunRecord()
     ckpt: Dict[str, Any] = {
         "epoch": progress.next_epoch - 1,
-        "state_dict": model_state_for_save(model),
+        "state_dict": model_state_for_save(parts.model),
         "best_top1_acc": progress.best_top1,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
         "rng": capture_rng(),
         "next_epoch": progress.next_epoch,
         "step_in_epoch": progress.step_in_epoch,
-        "args": dict(args or {}),
-        "config": dict(config or {}),
-        "classes": list(classes or []),
+        "args": dict(record.args),
+        "config": dict(record.config),
+        "classes": list(record.classes),
         "skipped": dict(progress.skipped),
-        **dict(extra or {}),
+        **dict(record.layout),
     }
     if val:
         ckpt.update({f"val_{k}": float(v) for k, v in val.items() if k in ("top1", "top5")})
-    return ckpt
-
-
-def read_training_checkpoint(path: str) -> Dict[str, Any]:
-    """Read a checkpoint for resuming (safe load); ``next_epoch`` is filled in for reference files."""
-    ckpt = read_checkpoint(path)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path} is not a training checkpoint (no 'state_dict' entry)")
-    ckpt.setdefault("next_epoch", int(ckpt.get("epoch", -1)) + 1)
-    ckpt.setdefault("step_in_epoch", 0)
-    ckpt["skipped"] = {k: int((ckpt.get("skipped") or {}).get(k, 0)) for k in SKIP_COUNTERS}
     return ckpt

@@ -5,7 +5,8 @@
 #   bash run.sh resnet18 2 0                       # W2A2 ResNet-18, full-precision downsample
 #   DATA=/data/imagenet NPROC=4 bash run.sh resnet50 4 1 --amp bf16
 #
-# ARCH: resnet18 | resnet34 | resnet50; BITS: 1..8; QD (quantize downsample): 0 | 1 | True | False.
+# ARCH: resnet18 | resnet34 | resnet50; BITS: 1..8; QD (quantize downsample): 0 | 1 | True | False,
+# always passed to train.py (whose own default is True, as in the reference).
 # DATA: ImageFolder root with train/ and val/ (default ./data/imagenet).
 # NPROC: processes (default: all visible GPUs; one CPU process when there is none).
 # TORCHRUN_ARGS: extra torchrun flags for several machines, e.g.

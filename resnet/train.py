@@ -1,9 +1,11 @@
-"""Train an N2UQ ResNet-18/34/50 (SPEC §6 recipe) with the shared engine.
+"""Train an N2UQ ResNet-18/34/50 with the paper's recipe and the shared engine.
 
     torchrun --nproc_per_node=8 train.py --data /path/to/imagenet --n_bit 2 --quantize_downsample False
     python train.py --data DIR ...            # one process, no torchrun
 
-Flags: ``python train.py --help`` (the reference's names; ``--batch_size`` is global).
+Flags: ``python train.py --help`` (the reference's names; ``--batch_size`` is global). As in the
+reference, ``--quantize_downsample`` defaults to True; checkpoints go to
+``<save>/<arch>_<b>bit_quantize_downsample_<True|False>/``, the reference's folder.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from resnet.resnet import ARCHS  # noqa: E402
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_train_parser(list(ARCHS), default_arch="resnet18", default_bits=2, prog="resnet/train.py")
+    parser = build_train_parser(list(ARCHS), default_arch="resnet18", default_bits=2, prog="resnet/train.py",
+                                run_folder="SAVE/<arch>_<b>bit_quantize_downsample_<True|False>/")
     parser.add_argument("--full_precision", action="store_true",
                         help="train torchvision's full-precision ResNet instead (a baseline; not N2UQ)")
     args = parser.parse_args(argv)
+    if not hasattr(args, "quantize_downsample"):  # not given: the reference's default (no such layer in torchvision's)
+        args.quantize_downsample = not args.full_precision
     validate_train_args(args)
     if args.full_precision and args.quantize_downsample:
         raise UsageError("--full_precision trains torchvision's full-precision ResNet, which has no quantized "

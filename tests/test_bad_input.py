@@ -21,15 +21,19 @@ import torchvision
 
 from mobilenetv2 import train as mobilenet_train
 from n2uq.cli import error_line, run_main
+from n2uq.recipe import RESNET_ALPHA_PATTERNS
 from resnet import train as resnet_train
 from resnet.resnet import resnet18
 from scripts import evaluate, export, prepare_demo_data, reproduce_tables
 from tests.conftest import REPO_ROOT, make_image_folder
+from tests.reference_training_file import write_reference_checkpoint
 
 MAINS = {"train": resnet_train.main, "mbv2": mobilenet_train.main, "evaluate": evaluate.main,
          "reproduce": reproduce_tables.main, "export": export.main, "demo": prepare_demo_data.main}
-T = ["--data", "{data}", "--save", "{save}", "--epochs", "1", "--batch_size", "4", "--image_size", "16",
-     "--val_resize", "16", "--teacher", "none", "--pretrained", "none", "-j", "0", "--no_progress"]
+TM = ["--data", "{data}", "--save", "{save}", "--epochs", "2", "--epochs_per_run", "1", "--batch_size", "4",
+      "--image_size", "16", "--val_resize", "16", "--teacher", "none", "--pretrained", "none", "-j", "0",
+      "--no_progress"]
+T = [*TM, "--quantize_downsample", "False"]
 E = ["--data", "{data}", "--batch_size", "4", "-j", "0", "--image_size", "16", "--val_resize", "16"]
 R = ["--data", "{data}", "--out", "{save}", "--batch_size", "4", "-j", "0", "--image_size", "16", "--val_resize", "16"]
 D = ["--out", "{save}", "--source", "{idx}", "--train_per_class", "2", "--val_per_class", "1", "--size", "8"]
@@ -52,7 +56,7 @@ CASES = [
          "has 24 images, fewer than one batch of 32; lower --batch_size"),
     case("train-unknown-arch", "train", [*T, "--student", "resnet19"], 2, "invalid choice: 'resnet19'"),
     case("train-bits-out-of-range", "train", [*T, "--n_bit", "9"], 2, "bits must be in 1..8, got 9"),
-    case("train-bits-mobilenet", "mbv2", [*T, "--n_bit", "0"], 2, "bits must be in 1..8, got 0"),
+    case("train-bits-mobilenet", "mbv2", [*TM, "--n_bit", "0"], 2, "bits must be in 1..8, got 0"),
     case("train-quantize-downsample-value", "train", [*T, "--quantize_downsample", "2"], 2,
          "expected 0, 1, True or False, got '2'"),
     case("train-batch-size-zero", "train", [*T, "--batch_size", "0"], 2, "--batch_size must be positive, got 0"),
@@ -88,6 +92,12 @@ CASES = [
          "stopped inside epoch 1 (step 1) and this run differs (--batch_size 4 vs 8"),
     case("train-auto-resume-corrupt", "train", [*T, "--save", "{corrupt_run}"], 1,
          "(truncated or corrupt?)"),
+    case("train-resume-reference-other-bits", "train", [*T, "--resume", "{ref_w4a4}"], 2,
+         "--resume {ref_w4a4} holds another model (n_bit 4 vs 2: checkpoint vs this run)"),
+    case("train-resume-reference-full-precision", "train", [*T, "--resume", "{ref_fp}"], 2,
+         "--resume {ref_fp} is not a checkpoint of an N2UQ model (ResNet state dict has no 'layer1.0.quan1.a'"),
+    case("train-one-epoch-at-lr-0", "train", [*T, "--epochs", "1"], 2,
+         "--epochs 1 would train its only epoch at lr 0 and learn nothing"),
     case("train-pretrained-missing", "train", [*T, "--pretrained", "{tmp}/init.pth"], 2,
          "--pretrained file not found"),
     case("train-pretrained-not-a-checkpoint", "train", [*T, "--pretrained", "{notckpt}"], 1,
@@ -217,6 +227,10 @@ def inputs(tmp_path_factory):
     shutil.copy(p["truncated"], p["corrupt_run"] / "resnet18_2bit_quantize_downsample_False" / "checkpoint.pth.tar")
     p["w4a4"] = root / "w4a4.pth.tar"
     torch.save({"state_dict": resnet18(4, False, 3).state_dict()}, p["w4a4"])
+    p["ref_w4a4"] = root / "reference_w4a4.pth.tar"  # as the reference's training script writes it
+    write_reference_checkpoint(resnet18(4, False, 3), p["ref_w4a4"], RESNET_ALPHA_PATTERNS, epoch=3, image_size=16)
+    p["ref_fp"] = root / "reference_fp.pth.tar"
+    write_reference_checkpoint(torchvision.models.resnet18(num_classes=3), p["ref_fp"], (), epoch=3, image_size=16)
     p["classes10"] = root / "classes10.pth.tar"
     torch.save({"state_dict": resnet18(2, False, 10).state_dict()}, p["classes10"])
     p["fp"] = root / "torchvision_resnet18.pth"

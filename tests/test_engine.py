@@ -17,9 +17,9 @@ BASE_LR = 2e-3
 
 
 def _train(data, save, *extra):
-    argv = ["--data", str(data), "--save", str(save), "--epochs", "2", "--batch_size", "6",
-            "--image_size", "16", "--val_resize", "16", "--teacher", "none", "--pretrained", "none",
-            "--learning_rate", str(BASE_LR), "-j", "0", "--no_progress", "--seed", "3", *extra]
+    argv = ["--data", str(data), "--save", str(save), "--epochs", "2", "--quantize_downsample", "False",
+            "--batch_size", "6", "--image_size", "16", "--val_resize", "16", "--teacher", "none",
+            "--pretrained", "none", "--learning_rate", str(BASE_LR), "-j", "0", "--no_progress", "--seed", "3", *extra]
     assert resnet_train.main(argv) == 0
     return save / RUN
 
@@ -102,10 +102,10 @@ def test_sigterm_saves_and_the_next_run_resumes(tiny_imagefolder, tmp_path, unin
     import os
     import signal
 
-    from n2uq import engine
+    from n2uq import loop
 
     calls = []
-    real_loss = engine.label_smooth_ce
+    real_loss = loop.label_smooth_ce
 
     def loss_that_gets_terminated(*a, **k):
         calls.append(1)
@@ -113,12 +113,12 @@ def test_sigterm_saves_and_the_next_run_resumes(tiny_imagefolder, tmp_path, unin
             os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, during the first step
         return real_loss(*a, **k)
 
-    monkeypatch.setattr(engine, "label_smooth_ce", loss_that_gets_terminated)
+    monkeypatch.setattr(loop, "label_smooth_ce", loss_that_gets_terminated)
     run = _train(tiny_imagefolder, tmp_path)
     ckpt = read_checkpoint(run / "checkpoint.pth.tar")
     assert (ckpt["next_epoch"], ckpt["step_in_epoch"]) == (0, 1) and len(calls) == 1
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
-    monkeypatch.setattr(engine, "label_smooth_ce", real_loss)
+    monkeypatch.setattr(loop, "label_smooth_ce", real_loss)
     _train(tiny_imagefolder, tmp_path)
     _assert_same_weights(uninterrupted, run)
 
@@ -129,7 +129,8 @@ def test_kd_from_a_frozen_teacher(tiny_imagefolder, tmp_path, monkeypatch):
     statistics included."""
     import torchvision
 
-    import n2uq.engine as engine
+    import n2uq.loop as loop
+    import n2uq.trainer as trainer
 
     teacher_file = tmp_path / "teacher.pth"
     torch.manual_seed(0)
@@ -141,19 +142,19 @@ def test_kd_from_a_frozen_teacher(tiny_imagefolder, tmp_path, monkeypatch):
     torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, teacher_file)
 
     seen = {"teachers": [], "kd_calls": 0}
-    real_kd, real_epoch = engine.kd_loss, engine.train_one_epoch
+    real_kd, real_epoch = loop.kd_loss, trainer.train_one_epoch
 
     def kd_spy(student_logits, teacher_logits):
         seen["kd_calls"] += 1
         assert not teacher_logits.requires_grad
         return real_kd(student_logits, teacher_logits)
 
-    def epoch_spy(model, teacher, *args, **kwargs):
-        seen["teachers"].append(teacher)
-        return real_epoch(model, teacher, *args, **kwargs)
+    def epoch_spy(parts, *args, **kwargs):
+        seen["teachers"].append(parts.teacher)
+        return real_epoch(parts, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "kd_loss", kd_spy)
-    monkeypatch.setattr(engine, "train_one_epoch", epoch_spy)
+    monkeypatch.setattr(loop, "kd_loss", kd_spy)
+    monkeypatch.setattr(trainer, "train_one_epoch", epoch_spy)
     _train(tiny_imagefolder, tmp_path / "kd", "--teacher", "resnet18", "--teacher_weights", str(teacher_file))
 
     assert len(seen["teachers"]) == 2 and seen["kd_calls"] == 4  # 2 epochs × 12 images / batch 6

@@ -13,7 +13,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_one_epoch_on_cuda_with_amp(tiny_imagefolder, tmp_path, amp):
-    argv = ["--data", str(tiny_imagefolder), "--save", str(tmp_path), "--epochs", "2", "--batch_size", "4",
+    argv = ["--data", str(tiny_imagefolder), "--save", str(tmp_path), "--epochs", "2", "--quantize_downsample", "False",
+            "--batch_size", "4",
             "--image_size", "32", "--val_resize", "32", "--teacher", "none", "--pretrained", "none", "-j", "0",
             "--no_progress", "--device", "cuda", "--amp", amp, "--channels_last"]
     assert resnet_train.main(argv) == 0

@@ -67,3 +67,57 @@ def test_unavailable_torchvision_weights_say_where_to_put_them():
     msg = str(exc.value)
     assert "resnet18-f37072fd.pth" in msg and "hub/checkpoints" in msg and "--pretrained none" in msg
     assert "\n" not in msg
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """gdown fails as without network; the calls are counted."""
+    from n2uq import pretrained
+
+    calls = []
+
+    def no_network(file_id, path):
+        calls.append(path)
+        raise pretrained._FetchFailed("no network")
+
+    monkeypatch.setattr(pretrained, "_gdown", no_network)
+    return calls
+
+
+def test_authors_file_is_found_in_save_as_the_reference_keeps_it(tv_file, tmp_path, offline):
+    """real_res18.pth.tar under --save (where the reference looks), none under --models_dir."""
+    save, models = tmp_path / "runs", tmp_path / "models"
+    save.mkdir()
+    torch.save({"state_dict": torch.load(tv_file, weights_only=True)}, save / "real_res18.pth.tar")
+    report = load_pretrained(resnet18(2, True, 10), "authors", "resnet18", True, str(models), str(save))
+    assert report.source == str(save / "real_res18.pth.tar") and report.loaded and not offline
+    (models).mkdir()
+    torch.save({"state_dict": torch.load(tv_file, weights_only=True)}, models / "real_res18.pth.tar")
+    report = load_pretrained(resnet18(2, True, 10), "authors", "resnet18", True, str(models), str(save))
+    assert report.source == str(models / "real_res18.pth.tar")  # --models_dir first
+
+
+def test_torchvision_file_beside_the_runs_is_used_without_download(tv_file, tmp_path, offline, monkeypatch):
+    from n2uq import pretrained
+
+    monkeypatch.setattr(pretrained, "torchvision_state_dict", lambda *a: pytest.fail("downloaded"))
+    (tmp_path / "resnet18-f37072fd.pth").write_bytes(tv_file.read_bytes())
+    report = load_pretrained(resnet18(2, False, 10), "torchvision", "resnet18", False, str(tmp_path / "m"),
+                             str(tmp_path))
+    assert report.source == str(tmp_path / "resnet18-f37072fd.pth") and "layer1.0.conv1.weight" in report.loaded
+
+
+def test_missing_init_file_names_both_folders_and_the_command(tmp_path, offline):
+    save, models = tmp_path / "runs", tmp_path / "models"
+    with pytest.raises(PretrainedError) as exc:
+        load_pretrained(resnet18(2, True, 10), "authors", "resnet18", True, str(models), str(save))
+    msg = str(exc.value)
+    assert msg.startswith(f"real_res18.pth.tar is not in {models} (--models_dir) nor in {save} (--save), and "
+                          f"fetching it failed (no network)")
+    assert (f"`python scripts/download_pretrained.py --arch resnet18 --quantize_downsample 1 --models_dir {models}`"
+            in msg)
+    assert "drive.google.com/uc?id=1BfWhr1hzaS_5zHpQDREVRiPOCmXEWC7q" in msg and "\n" not in msg
+    assert offline == [str(models / "real_res18.pth.tar")]  # fetched into --models_dir
+    with pytest.raises(PretrainedError, match=r"real_mbv2.pth.tar is not in .* \(--models_dir, also --save\).*"
+                                              r"--arch mobilenetv2 --models_dir"):
+        load_pretrained(resnet18(2, True, 10), "authors", "mobilenetv2", False, str(models), str(models))

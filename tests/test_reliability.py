@@ -1,13 +1,8 @@
 """Fault tolerance of the engine: atomic saves, a full disk, non-finite losses, unreadable images,
 and the agreement of all ranks on these under torchrun (docs/reliability.md).
 
-``python -m tests.test_reliability TRAIN-ARGS`` is ``resnet/train.py`` with faults injected from the
-environment (used by the subprocess tests here and in ``test_reliability_kill.py``):
-
-* ``N2UQ_TEST_NAN=RANK:CALL[,CALL]`` the loss of rank RANK is NaN at those calls (1-based);
-* ``N2UQ_TEST_PHASES=FILE`` each step, save and evaluation appends its name to FILE;
-* ``N2UQ_TEST_PAUSE_AT=PHASE:N`` the N-th announcement of PHASE waits (up to 60 s) for ``FILE.go``,
-  half-way through its work (a save has written half of its temp file), so a signal lands there.
+The subprocess tests here and in ``test_reliability_kill.py`` run ``python -m tests.instrumented_train
+TRAIN-ARGS``: ``resnet/train.py`` with faults injected from the environment.
 """
 
 from __future__ import annotations
@@ -24,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from n2uq import atomic_io, loop, train_state, trainer
 from n2uq import data as D
-from n2uq import engine, train_state
 from n2uq.checkpoint import read_checkpoint
 from n2uq.cli import run_main
 from n2uq.metrics import read_metrics
@@ -37,7 +32,10 @@ STEPS = 6  # 24 training images, batch 4
 
 
 def train_argv(data, save, *extra, epochs=1):
-    return ["--data", str(data), "--save", str(save), "--epochs", str(epochs), "--batch_size", "4",
+    """The tiny run; ``epochs=1`` is the first epoch of a two-epoch schedule (``--epochs 1`` alone would
+    train at lr 0, which is refused)."""
+    schedule = ["--epochs", "2", "--epochs_per_run", "1"] if epochs == 1 else ["--epochs", str(epochs)]
+    return ["--data", str(data), "--save", str(save), *schedule, "--quantize_downsample", "False", "--batch_size", "4",
             "--image_size", "16", "--val_resize", "16", "--teacher", "none", "--pretrained", "none", "-j", "0",
             "--no_progress", "--seed", "1", *extra]
 
@@ -112,11 +110,11 @@ def _full_disk_after(monkeypatch, saves_that_fit: int, budget: int = 4096):
 
 def test_atomic_save_failure_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth.tar"
-    train_state.atomic_save({"state_dict": {"w": torch.ones(3)}}, str(path))
+    atomic_io.atomic_save({"state_dict": {"w": torch.ones(3)}}, str(path))
     _full_disk_after(monkeypatch, saves_that_fit=0)
-    with pytest.raises(train_state.CheckpointSaveError, match="no space left on the device; the previous "
+    with pytest.raises(atomic_io.CheckpointSaveError, match="no space left on the device; the previous "
                                                               "checkpoint there is kept. Free space on"):
-        train_state.atomic_save({"state_dict": {"w": torch.zeros(10_000)}}, str(path))
+        atomic_io.atomic_save({"state_dict": {"w": torch.zeros(10_000)}}, str(path))
     assert torch.equal(read_checkpoint(path)["state_dict"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth.tar"]  # the temp file is gone
 
@@ -124,10 +122,10 @@ def test_atomic_save_failure_keeps_the_previous_file(tmp_path, monkeypatch):
 def test_stale_temp_files_are_removed_and_only_they(tmp_path):
     for name in ("checkpoint.pth.tar.abc123.tmp", "model_best.pth.tar.x_1.tmp", "notes.tmp", "checkpoint.pth.tar"):
         (tmp_path / name).write_bytes(b"x")
-    removed = sorted(Path(p).name for p in train_state.remove_stale_temps(str(tmp_path)))
+    removed = sorted(Path(p).name for p in atomic_io.remove_stale_temps(str(tmp_path), train_state.CHECKPOINT_FILES))
     assert removed == ["checkpoint.pth.tar.abc123.tmp", "model_best.pth.tar.x_1.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth.tar", "notes.tmp"]
-    assert train_state.remove_stale_temps(str(tmp_path / "missing")) == []
+    assert atomic_io.remove_stale_temps(str(tmp_path / "missing"), train_state.CHECKPOINT_FILES) == []
 
 
 def test_no_space_while_saving_stops_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch, capsys):
@@ -189,14 +187,14 @@ def test_a_repeated_sigint_within_the_window_is_the_same_ctrl_c(monkeypatch):
 
 
 def _nan_loss_at(monkeypatch, *calls):
-    real, count = engine.label_smooth_ce, [0]
+    real, count = loop.label_smooth_ce, [0]
 
     def loss(*args, **kwargs):
         count[0] += 1
         value = real(*args, **kwargs)
         return value * float("nan") if count[0] in calls else value
 
-    monkeypatch.setattr(engine, "label_smooth_ce", loss)
+    monkeypatch.setattr(loop, "label_smooth_ce", loss)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
@@ -214,8 +212,8 @@ def test_nonfinite_weights_are_never_saved():
     model = torch.nn.Linear(2, 2)
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
-    with pytest.raises(engine.NonFiniteError, match="non-finite weights at the save of epoch 2 after step 3"):
-        engine._check_finite_weights(model, train_state.TrainProgress(1, 3), torch.device("cpu"))
+    with pytest.raises(loop.NonFiniteError, match="non-finite weights at the save of epoch 2 after step 3"):
+        trainer.check_finite_weights(model, train_state.TrainProgress(1, 3), torch.device("cpu"))
 
 
 def test_skip_nonfinite_skips_the_step_and_counts_it_across_a_resume(data, tmp_path, monkeypatch, capsys):
@@ -253,7 +251,7 @@ def test_unreadable_train_image_stops_with_its_path_and_saves_the_position(tmp_p
         assert f"step {step + 1};" in line and f"(epoch 1 after step {step}) is saved" in line
     shutil.copy(data / "train" / "class_1" / "002.png", bad)
     code, out, _ = run_cli(resnet_train.main, train_argv(data, tmp_path / "m"), capsys)
-    assert code == 0 and "finished 1 epochs" in out
+    assert code == 0 and "epoch 1/2 lr" in out
 
 
 def test_skip_bad_images_counts_them_and_survives_batches_without_any_readable_image(tmp_path, capsys):
@@ -302,7 +300,7 @@ def child_env(**extra) -> dict:
 
 def torchrun(argv, env, timeout=240):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "tests.test_reliability", *argv]
+           "-m", "tests.instrumented_train", *argv]
     return subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -331,77 +329,3 @@ def test_skips_agree_across_ranks(tmp_path):
     # the whole step with rank 1's NaN is left out on both ranks (8 images), and the unreadable one
     assert epochs[0]["train"]["images"] in (24 - 8, 24 - 8 - 1) and epochs[1]["train"]["images"] == 23
     assert_finite_checkpoint(tmp_path / "m" / RUN / "checkpoint.pth.tar")
-
-
-# ------------------------------------------------------------------------------------------------
-# The instrumented training entry point for subprocesses
-# ------------------------------------------------------------------------------------------------
-
-
-def _child() -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    nan = os.environ.get("N2UQ_TEST_NAN")
-    if nan:
-        nan_rank, calls = nan.split(":")
-        if int(nan_rank) == rank:
-            real, count, at = engine.label_smooth_ce, [0], {int(c) for c in calls.split(",")}
-
-            def nan_loss(*args, **kwargs):
-                count[0] += 1
-                value = real(*args, **kwargs)
-                return value * float("nan") if count[0] in at else value
-
-            engine.label_smooth_ce = nan_loss
-    if os.environ.get("N2UQ_TEST_PHASES"):
-        _announce_phases(os.environ["N2UQ_TEST_PHASES"], os.environ.get("N2UQ_TEST_PAUSE_AT", ""))
-    run_main(resnet_train.main, sys.argv[1:])
-
-
-def _announce_phases(path: str, pause_at: str) -> None:
-    """Steps, saves and evaluations append their name to ``path``; one of them may pause (see above)."""
-    seen: dict = {}
-    pause_phase, _, pause_n = pause_at.partition(":")
-
-    def announce(phase: str) -> None:
-        seen[phase] = seen.get(phase, 0) + 1
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(f"{phase}\n")
-        if phase == pause_phase and seen[phase] == int(pause_n):
-            deadline = time.time() + 60
-            while not os.path.exists(path + ".go") and time.time() < deadline:
-                time.sleep(0.02)
-
-    real_loss, real_eval, real_save = engine.label_smooth_ce, engine.evaluate, torch.save
-
-    def loss(*args, **kwargs):
-        value = real_loss(*args, **kwargs)
-        announce("step")  # forward done, backward and optimizer step to come
-        return value
-
-    def evaluate(model, loader, *args, **kwargs):
-        class Announcing:
-            def __len__(self):
-                return len(loader)
-
-            def __iter__(self):
-                for i, batch in enumerate(loader):
-                    yield batch
-                    if i == 0:
-                        announce("eval")  # one batch evaluated, the rest to come
-
-        return real_eval(model, Announcing(), *args, **kwargs)
-
-    def save(obj, f, *args, **kwargs):
-        buf = io.BytesIO()
-        real_save(obj, buf, *args, **kwargs)
-        data = buf.getvalue()
-        f.write(data[: len(data) // 2])
-        f.flush()
-        announce("save")  # half of the temp file written
-        f.write(data[len(data) // 2:])
-
-    engine.label_smooth_ce, engine.evaluate, torch.save = loss, evaluate, save
-
-
-if __name__ == "__main__":
-    _child()

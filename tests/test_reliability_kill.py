@@ -3,8 +3,8 @@
 A 3-epoch CPU run (ResNet-18 W2A2 on generated images, a mid-epoch checkpoint every 2 steps, one
 loader worker) is started as a process group and signalled at seeded random moments chosen among
 "during a training step" (forward done), "during a save" (half of the temp file written) and
-"during evaluation" (one validation batch done); the instrumented entry point of
-``tests/test_reliability.py`` announces these phases and waits in the chosen one, so the signal
+"during evaluation" (one validation batch done); the instrumented entry point
+``tests/instrumented_train.py`` announces these phases and waits in the chosen one, so the signal
 lands there. After every signal the checkpoint files present must be readable, and every run
 resumes automatically. SIGKILL (like a node failure or the OOM killer) and SIGTERM to the whole
 process group (like a scheduler or Ctrl-C: the run must save and exit 0) are both tested.
@@ -38,7 +38,7 @@ def _argv(data, save):
 
 def _start(argv, phases: Path, pause_at: str = "") -> subprocess.Popen:
     env = child_env(N2UQ_TEST_PHASES=phases, N2UQ_TEST_PAUSE_AT=pause_at)
-    return subprocess.Popen([sys.executable, "-m", "tests.test_reliability", *argv], env=env, cwd=REPO_ROOT,
+    return subprocess.Popen([sys.executable, "-m", "tests.instrumented_train", *argv], env=env, cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -116,7 +116,7 @@ def _assert_same_run(reference: Path, resumed: Path) -> None:
 @pytest.mark.slow
 def test_killed_and_terminated_runs_end_bit_identical(tmp_path):
     data = fresh_data(tmp_path / "data")
-    reference = subprocess.run([sys.executable, "-m", "tests.test_reliability", *_argv(data, tmp_path / "ref"),
+    reference = subprocess.run([sys.executable, "-m", "tests.instrumented_train", *_argv(data, tmp_path / "ref"),
                                 "-j", "0"], env=child_env(), cwd=REPO_ROOT, capture_output=True, text=True,
                                timeout=300)
     assert reference.returncode == 0, reference.stderr
@@ -129,7 +129,7 @@ def test_killed_and_terminated_runs_end_bit_identical(tmp_path):
         log.append(_interrupt(argv, run_dir, tmp_path, sig, phase, nth))
         if sig == signal.SIGKILL and phase == "save":
             assert log[-1]["temps"], "the kill did not land inside a save"
-    final = subprocess.run([sys.executable, "-m", "tests.test_reliability", *argv], env=child_env(), cwd=REPO_ROOT,
+    final = subprocess.run([sys.executable, "-m", "tests.instrumented_train", *argv], env=child_env(), cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=300)
     assert final.returncode == 0 and f"finished {EPOCHS} epochs" in final.stdout, final.stderr
 

@@ -18,8 +18,8 @@ from resnet import train as resnet_train
 from tests.conftest import REPO_ROOT
 
 RUN = "resnet18_2bit_quantize_downsample_False"
-TINY = ["--epochs", "1", "--batch_size", "4", "--image_size", "16", "--val_resize", "16", "--teacher", "none",
-        "-j", "0", "--no_progress"]
+TINY = ["--epochs", "2", "--epochs_per_run", "1", "--batch_size", "4", "--image_size", "16", "--val_resize", "16",
+        "--teacher", "none", "-j", "0", "--no_progress"]
 
 
 def _run(cmd, env, cwd, timeout=300):
@@ -47,7 +47,7 @@ def test_run_sh_trains_and_evaluates_one_epoch(trained):
     epoch = read_metrics(str(run / "metrics.jsonl"), "epoch")[-1]
     assert epoch["val"]["count"] == 7 and epoch["train"]["images"] == 12
     log = (work / "log" / f"{RUN}.txt").read_text()
-    assert "epoch 1/1" in log and "val top-1" in log
+    assert "epoch 1/2" in log and "val top-1" in log
     # --pretrained report: what was loaded and what was left at init
     assert "pretrained init from" in out and "left at init" in out and "*.a x" in out
     report = json.loads((run / "pretrained_report.json").read_text())
@@ -87,7 +87,7 @@ def test_mobilenetv2_run_sh_trains_and_evaluate_agrees(tiny_imagefolder, tmp_pat
     run = tmp_path / "models" / "mobilenetv2_4bit"
     logged = read_metrics(str(run / "metrics.jsonl"), "epoch")[-1]["val"]
     assert logged["count"] == 7
-    assert "epoch 1/1" in (tmp_path / "log" / "mobilenetv2_4bit.txt").read_text()
+    assert "epoch 1/2" in (tmp_path / "log" / "mobilenetv2_4bit.txt").read_text()
     result = _evaluate([sys.executable], run / "model_best.pth.tar", tiny_imagefolder, env, tmp_path)
     assert result["config"] == "mobilenetv2_w4a4"
     assert result["top1"] == pytest.approx(logged["top1"]) and result["top5"] == pytest.approx(logged["top5"])
@@ -111,7 +111,7 @@ def test_two_process_training_counts_every_val_image(tiny_imagefolder, tmp_path)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO_ROOT / "resnet" / "train.py"), "--data", str(tiny_imagefolder), *TINY, "--pretrained",
-           "none", "--save", str(tmp_path)]
+           "none", "--quantize_downsample", "False", "--save", str(tmp_path)]
     proc = _run(cmd, env, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rec = read_metrics(str(tmp_path / RUN / "metrics.jsonl"), "epoch")[-1]
@@ -158,3 +158,25 @@ def test_run_sh_rejects_bad_arguments_before_starting(tmp_path):
                        (["resnet18", "2", "yes"], "QD must be"), (["resnet18", "2", "0"], "data directory not found")):
         proc = _run(["bash", script, *args], env, tmp_path, timeout=60)
         assert proc.returncode == 2 and text in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_defaults_follow_the_reference_scripts(tiny_imagefolder, monkeypatch):
+    """Without --quantize_downsample the ResNet is fully quantized (the reference's default True) and
+    initialised from the authors' file; --full_precision turns it off; MobileNetV2 also resumes runs
+    the reference's script wrote directly into --save."""
+    from mobilenetv2 import train as mobilenet_train
+    from n2uq import engine
+
+    seen = []
+    monkeypatch.setattr(engine, "fit", lambda build, args, **kw: seen.append((args, kw)))
+    data = ["--data", str(tiny_imagefolder)]
+    for argv in (data, [*data, "--full_precision"], [*data, "--quantize_downsample", "false"]):
+        assert resnet_train.main(argv) == 0
+    (default, d_kw), (fp, fp_kw), (off, off_kw) = seen
+    assert default.quantize_downsample is True and default.pretrained == "authors"
+    assert d_kw["run_name"] == "resnet18_2bit_quantize_downsample_True"
+    assert (default.batch_size, default.epochs, default.learning_rate) == (256, 128, 1.25e-3)  # the paper's run.sh
+    assert fp.quantize_downsample is False and fp_kw["run_name"] == "resnet18_fp" and fp.pretrained == "torchvision"
+    assert off.quantize_downsample is False and off_kw["run_name"] == RUN
+    assert mobilenet_train.main(data) == 0
+    assert seen[-1][1]["run_name"] == "mobilenetv2_4bit" and seen[-1][1]["reference_run_dir"] == "."

@@ -1,0 +1,142 @@
+"""Reading a checkpoint back to resume a run: which file, whether it fits this run, and restoring it.
+
+``--resume auto`` takes the run folder's ``checkpoint.pth.tar`` when there is one (else the one in
+the folder where the reference's script writes this model, when that differs), ``none`` starts
+over, any other value is a file. The file must hold the model this run trains (architecture, bits,
+downsample kind, classes) and, when it stopped inside an epoch, the data layout of this run (batch
+size, seed, process count, number of training images), or the run stops with one line saying so.
+Files of the reference's format are resumed too (:mod:`n2uq.reference_format`).
+"""
+
+from __future__ import annotations
+
+import os
+from argparse import Namespace
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from n2uq.checkpoint import CheckpointError, infer_config, load_state_dict_strict, read_checkpoint
+from n2uq.cli import UsageError
+from n2uq.reference_format import is_reference_checkpoint, map_reference_adam_state, replay_schedule
+from n2uq.train_state import CHECKPOINT_NAME, SKIP_COUNTERS, TrainingParts, TrainProgress, restore_rng
+
+__all__ = ["resolve_resume", "read_training_checkpoint", "read_resume", "check_resume", "restore_training"]
+
+_CONFIG_KEYS = ("arch", "n_bit", "quantize_downsample", "num_classes", "full_precision")
+
+
+def resolve_resume(resume: str, run_dir: str, other_dirs: Sequence[str] = ()) -> Optional[str]:
+    """The file ``--resume`` names: ``None`` for ``none`` or for ``auto`` without a checkpoint.
+
+    ``auto`` looks in ``run_dir``, then in ``other_dirs`` (in order).
+    """
+    if resume == "none":
+        return None
+    if resume == "auto":
+        for folder in (run_dir, *other_dirs):
+            path = os.path.join(folder, CHECKPOINT_NAME)
+            if os.path.isfile(path):
+                return path
+        return None
+    return resume
+
+
+def read_training_checkpoint(path: str) -> Dict[str, Any]:
+    """Read a checkpoint for resuming (safe load); ``next_epoch`` is filled in for reference files."""
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a training checkpoint (no 'state_dict' entry)")
+    ckpt.setdefault("next_epoch", int(ckpt.get("epoch", -1)) + 1)
+    ckpt.setdefault("step_in_epoch", 0)
+    ckpt["skipped"] = {k: int((ckpt.get("skipped") or {}).get(k, 0)) for k in SKIP_COUNTERS}
+    return ckpt
+
+
+def read_resume(path: str, auto: bool) -> Dict[str, Any]:
+    """:func:`read_training_checkpoint`, its errors saying what to do instead (``auto``: found by --resume auto)."""
+    try:
+        return read_training_checkpoint(path)
+    except CheckpointError as exc:
+        hint = ("move it away or pass --resume none to start over (model_best.pth.tar beside it holds the "
+                "best epoch)") if auto else "pass another --resume file, or --resume none to start over"
+        raise CheckpointError(f"cannot resume: {str(exc).rstrip('.')}; {hint}") from None
+
+
+def check_resume(ckpt: Mapping[str, Any], source: str, config: Mapping[str, Any], args: Namespace,
+                 layout: Mapping[str, int]) -> None:
+    """The checkpoint to resume (``source`` names it) must be of this run's model, and a mid-epoch
+    one of this run's data layout; raises :class:`~n2uq.cli.UsageError` otherwise."""
+    saved = ckpt.get("config") or {}
+    if not saved:  # a reference checkpoint: what its state dict says
+        try:
+            saved = infer_config(ckpt["state_dict"]).as_dict()
+        except CheckpointError as exc:
+            if not config.get("full_precision"):
+                raise UsageError(f"{source} is not a checkpoint of an N2UQ model ({str(exc).rstrip('.')}); pass a "
+                                 f"checkpoint of this run's model, or --resume none (or another --save) to start a "
+                                 f"new run") from None
+            saved = {}
+    diffs = [f"{k} {saved.get(k)} vs {config.get(k)}" for k in _CONFIG_KEYS
+             if k in saved and saved.get(k) != config.get(k) and not (k == "full_precision" and not saved[k])]
+    if config.get("full_precision") and not saved.get("full_precision") and saved:
+        diffs.append("a quantized model vs a full-precision run")
+    if diffs:
+        raise UsageError(f"{source} holds another model ({', '.join(diffs)}: checkpoint vs this run); "
+                         f"pass the flags it was trained with, or --resume none (or another --save) to start "
+                         f"a new run")
+    if int(ckpt["step_in_epoch"]) > 0:
+        _check_layout(ckpt, source, args, layout)
+
+
+def _check_layout(ckpt: Mapping[str, Any], source: str, args: Namespace, layout: Mapping[str, int]) -> None:
+    saved_args = ckpt.get("args") or {}
+    before = {"--batch_size": saved_args.get("batch_size"), "--seed": saved_args.get("seed"),
+              "process count": ckpt.get("world_size"), "train images": ckpt.get("train_images")}
+    now = {"--batch_size": args.batch_size, "--seed": args.seed, "process count": layout["world_size"],
+           "train images": layout["train_images"]}
+    diffs = [f"{k} {before[k]} vs {now[k]}" for k in before if before[k] is not None and before[k] != now[k]]
+    if diffs:
+        raise UsageError(f"{source} stopped inside epoch {int(ckpt['next_epoch']) + 1} (step "
+                         f"{ckpt['step_in_epoch']}) and this run differs ({', '.join(diffs)}: checkpoint vs "
+                         f"now), so samples would be repeated or skipped; resume with the same values")
+
+
+def restore_training(parts: TrainingParts, ckpt: Mapping[str, Any], source: str,
+                     alpha_patterns: Sequence[str]) -> Tuple[TrainProgress, List[str]]:
+    """Load weights (strictly), optimizer, schedule, AMP scaler and RNG states; return the position
+    and the lines to print about what was restored.
+
+    A file of the reference's format has its Adam state mapped onto this run's groups (or skipped,
+    saying why) and its schedule replayed; ``alpha_patterns`` are the reference's alpha-group rules
+    of this architecture.
+    """
+    load_state_dict_strict(parts.model, ckpt["state_dict"], source=source)
+    progress = TrainProgress(int(ckpt["next_epoch"]), int(ckpt["step_in_epoch"]),
+                             float(ckpt.get("best_top1_acc", 0.0)), dict(ckpt["skipped"]))
+    notes: List[str] = []
+    if is_reference_checkpoint(ckpt):
+        state, what = map_reference_adam_state(parts.optimizer, parts.model, ckpt.get("optimizer"), alpha_patterns)
+        if state is not None:
+            parts.optimizer.load_state_dict(state)
+        else:
+            what = f"Adam state not restored ({what}); Adam starts afresh"
+        finished = progress.next_epoch + (1 if progress.step_in_epoch else 0)
+        replay_schedule(parts.scheduler, finished)
+        notes.append(f"checkpoint of the reference's format: {what}; learning-rate schedule replayed over "
+                     f"{finished} finished epoch(s)")
+    else:
+        _load_optimizer(parts, ckpt["optimizer"], source)
+        if ckpt.get("scheduler"):
+            parts.scheduler.load_state_dict(ckpt["scheduler"])
+        if parts.scaler is not None and ckpt.get("scaler"):
+            parts.scaler.load_state_dict(ckpt["scaler"])
+    if ckpt.get("rng"):
+        restore_rng(ckpt["rng"])
+    return progress, notes
+
+
+def _load_optimizer(parts: TrainingParts, saved: Mapping[str, Any], source: str) -> None:
+    try:
+        parts.optimizer.load_state_dict(saved)
+    except ValueError as exc:
+        raise UsageError(f"{source}: its Adam state does not fit this run's parameter groups ({exc}); resume with "
+                         f"the --alpha_group it was trained with, or --resume none to start over") from None
