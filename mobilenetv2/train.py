@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mobilenetv2.mobilenet_v2 import MobileNetV2  # noqa: E402
 from n2uq import engine  # noqa: E402
-from n2uq.cli import build_train_parser, run_main, validate_train_args  # noqa: E402
+from n2uq.cli import build_train_parser, quantizers_from_args, run_main, validate_train_args  # noqa: E402
 from n2uq.recipe import MOBILENETV2_ALPHA_PATTERNS  # noqa: E402
 
 
@@ -26,17 +26,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_train_parser(["mobilenetv2"], default_arch="mobilenetv2", default_bits=4,
                                 with_downsample=False, prog="mobilenetv2/train.py",
                                 run_folder="SAVE/mobilenetv2_<b>bit/ (or SAVE itself, for a run the reference's "
-                                           "script started there)")
+                                           "script started there; SAVE/mobilenetv2_<method>_<b>bit/ with another "
+                                           "--method or an ablation)")
     args = parser.parse_args(argv)
     validate_train_args(args)
     if args.check_only:
         return 0
     if args.pretrained == "auto":
         args.pretrained = "authors"
-    config = {"arch": "mobilenetv2", "n_bit": args.n_bit, "quantize_downsample": False}
-    engine.fit(lambda num_classes: MobileNetV2(args.n_bit, num_classes), args,
-               alpha_patterns=MOBILENETV2_ALPHA_PATTERNS, run_name=f"mobilenetv2_{args.n_bit}bit", config=config,
-               reference_run_dir=".")
+    quantizers = quantizers_from_args(args)
+    method = "" if quantizers.is_default else f"{quantizers.tag}_"
+    config = {"arch": "mobilenetv2", "n_bit": args.n_bit, "quantize_downsample": False, "method": quantizers.tag,
+              "quantizers": quantizers.as_dict()}
+    engine.fit(lambda num_classes: MobileNetV2(args.n_bit, num_classes, quantizers), args,
+               alpha_patterns=MOBILENETV2_ALPHA_PATTERNS, run_name=f"mobilenetv2_{method}{args.n_bit}bit",
+               config=config, reference_run_dir="." if quantizers.is_default else None)
     return 0
 
 

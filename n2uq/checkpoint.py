@@ -57,11 +57,24 @@ class ModelConfig:
     n_bit: int
     quantize_downsample: bool
     num_classes: int
+    method: str = "n2uq"  # n2uq | lsq | pact | dorefa (n2uq.methods)
+    learned_thresholds: bool = True  # N2UQ ablations (recorded in this project's checkpoints)
+    entropy_preserving: bool = True
+
+    @property
+    def method_tag(self) -> str:
+        """``n2uq``, ``lsq``, ... or N2UQ with its ablations (``n2uq-uniform-thresholds``, ...)."""
+        parts = [self.method]
+        parts += [] if self.learned_thresholds else ["uniform-thresholds"]
+        parts += [] if self.entropy_preserving else ["maxabs-weights"]
+        return "-".join(parts)
 
     @property
     def tag(self) -> str:
-        """Short name, e.g. ``resnet18_w2a2_qd0`` or ``mobilenetv2_w4a4``."""
+        """Short name, e.g. ``resnet18_w2a2_qd0``, ``mobilenetv2_w4a4`` or ``resnet18_lsq_w2a2_qd0``."""
         bits = f"w{self.n_bit}a{self.n_bit}"
+        if self.method_tag != "n2uq":
+            bits = f"{self.method_tag}_{bits}"
         if self.arch == "mobilenetv2":
             return f"{self.arch}_{bits}"
         return f"{self.arch}_{bits}_qd{int(self.quantize_downsample)}"
@@ -210,27 +223,54 @@ def _bits_from_levels(n_val: int, key: str) -> int:
     return n_bit
 
 
-def infer_config(state_dict: Mapping[str, Tensor]) -> ModelConfig:
-    """Infer ``(arch, n_bit, quantize_downsample, num_classes)`` from keys and shapes alone.
+def _method_of(sd: Mapping[str, Tensor], first_quan: str) -> str:
+    """The quantization method, from the state of the first quantized stage (``first_quan`` is its
+    LTQ's ``a`` key, e.g. ``layer1.0.quan1.a``)."""
+    prefix = first_quan[: -len("a")]
+    if first_quan in sd:
+        return "n2uq"
+    if prefix + "step" in sd:
+        return "lsq"
+    if prefix + "clip_alpha" in sd:
+        return "pact"
+    conv = prefix.replace("quan", "conv")
+    if conv + "weight" in sd and conv + "clip_val" not in sd:
+        return "dorefa"
+    return ""
 
-    ResNet: blocks per stage (``layerS.B.``), bottleneck when blocks have ``conv3``, bits from
-    ``len(quan1.a) = 2^b - 1``, quantized downsample when ``downsample.0.a`` exists.
-    MobileNetV2: ``feature.`` keys. Raises :class:`CheckpointError` when the layout is unknown.
+
+def _recorded(meta: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The quantizer choice a checkpoint of this project records (``config['quantizers']``)."""
+    config = (meta or {}).get("config")
+    quantizers = config.get("quantizers") if isinstance(config, Mapping) else None
+    return dict(quantizers) if isinstance(quantizers, Mapping) else {}
+
+
+def infer_config(state_dict: Mapping[str, Tensor], meta: Optional[Mapping[str, Any]] = None) -> ModelConfig:
+    """Infer ``(arch, n_bit, quantize_downsample, num_classes, method)`` from keys and shapes.
+
+    ResNet: blocks per stage (``layerS.B.``), bottleneck when blocks have ``conv3``, quantized
+    downsample when ``downsample.0`` is a quantizer; MobileNetV2: ``feature.`` keys. N2UQ's bits come
+    from ``len(quan1.a) = 2^b - 1``. The compared methods' quantizers hold no bit width, and N2UQ's
+    ablations change no key: for those, ``meta`` (the checkpoint's other entries) must record them
+    (``config['quantizers']``, as this project's checkpoints do). Raises :class:`CheckpointError`
+    when the layout is unknown.
     """
     sd = strip_prefixes(state_dict)
     if "fc.weight" not in sd or sd["fc.weight"].dim() != 2:
         raise CheckpointError("unrecognised state dict: no 2-D 'fc.weight' (not an N2UQ ResNet/MobileNetV2)")
     num_classes = int(sd["fc.weight"].shape[0])
+    recorded = _recorded(meta)
 
     if any(k.startswith("feature.") for k in sd):
         blocks = {int(m.group(1)) for k in sd if (m := re.match(r"feature\.(\d+)\.", k))}
-        if blocks != set(range(_MBV2_BLOCKS)) or "feature.1.quan1.a" not in sd:
+        method = _method_of(sd, "feature.1.quan1.a")
+        if blocks != set(range(_MBV2_BLOCKS)) or not method:
             raise CheckpointError(
                 f"unrecognised MobileNetV2-like state dict: feature blocks {sorted(blocks)[:5]}..., "
-                f"expected feature.0..18 with LTQ quantizers"
+                f"expected feature.0..18 with quantized stages"
             )
-        n_bit = _bits_from_levels(sd["feature.1.quan1.a"].numel(), "feature.1.quan1.a")
-        return ModelConfig("mobilenetv2", n_bit, False, num_classes)
+        return _config("mobilenetv2", False, num_classes, (sd, "feature.1.quan1.a", method), recorded)
 
     counts: Counter = Counter()
     for k in sd:
@@ -246,12 +286,28 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> ModelConfig:
     if arch is None:
         known = ", ".join(f"{v} ({k[0]} {list(k[1])})" for k, v in _RESNET_LAYOUTS.items())
         raise CheckpointError(f"unrecognised ResNet layout: {kind} blocks {list(layers)}; known: {known}")
-    if "layer1.0.quan1.a" not in sd:
-        raise CheckpointError("ResNet state dict has no 'layer1.0.quan1.a': not an N2UQ quantized model "
+    method = _method_of(sd, "layer1.0.quan1.a")
+    if not method:
+        raise CheckpointError("ResNet state dict has no quantizer in 'layer1.0': not an N2UQ quantized model "
                               "(a full-precision checkpoint?)")
-    n_bit = _bits_from_levels(sd["layer1.0.quan1.a"].numel(), "layer1.0.quan1.a")
-    quantize_downsample = any(k.endswith("downsample.0.a") for k in sd)
-    return ModelConfig(arch, n_bit, quantize_downsample, num_classes)
+    quantize_downsample = any(re.search(r"downsample\.2\.", k) for k in sd)
+    return _config(arch, quantize_downsample, num_classes, (sd, "layer1.0.quan1.a", method), recorded)
+
+
+def _config(arch: str, quantize_downsample: bool, num_classes: int, quantizer, recorded: Dict[str, Any]) -> ModelConfig:
+    sd, a_key, method = quantizer
+    if method == "n2uq":
+        n_bit = _bits_from_levels(sd[a_key].numel(), a_key)
+    elif "n_bit" in recorded:
+        n_bit = int(recorded["n_bit"])
+    else:
+        raise CheckpointError(f"a {method} model whose bit width the file does not record (its quantizers hold "
+                              f"none); pass a checkpoint written by this project's training")
+    if recorded and (recorded.get("method", method) != method or int(recorded.get("n_bit", n_bit)) != n_bit):
+        raise CheckpointError(f"the file records {recorded.get('method')} at {recorded.get('n_bit')} bits but its "
+                              f"weights are of a {method} model at {n_bit} bits")
+    return ModelConfig(arch, n_bit, quantize_downsample, num_classes, method,
+                       bool(recorded.get("learned_thresholds", True)), bool(recorded.get("entropy_preserving", True)))
 
 
 def load_model_state(path: str | os.PathLike[str]) -> Tuple[Dict[str, Tensor], ModelConfig, Dict[str, Any]]:
@@ -262,7 +318,7 @@ def load_model_state(path: str | os.PathLike[str]) -> Tuple[Dict[str, Tensor], M
     """
     state_dict, meta = read_state_and_meta(path)
     try:
-        config = infer_config(state_dict)
+        config = infer_config(state_dict, meta)
     except CheckpointError as exc:
         raise CheckpointError(f"{os.fspath(path)}: {exc}") from None
     return state_dict, config, meta
@@ -286,4 +342,5 @@ def describe(config: Optional[ModelConfig]) -> str:
         qd = "quantized downsample, " if config.quantize_downsample else "FP downsample, "
     else:
         qd = ""  # MobileNetV2 has no downsample branch
-    return f"{config.arch} W{config.n_bit}A{config.n_bit}, {qd}{config.num_classes} classes"
+    method = "" if config.method_tag == "n2uq" else f"{config.method_tag}, "
+    return f"{config.arch} W{config.n_bit}A{config.n_bit}, {method}{qd}{config.num_classes} classes"

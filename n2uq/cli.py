@@ -16,10 +16,13 @@ from typing import Callable, List, Optional, Sequence
 from n2uq.checkpoint import CheckpointError
 from n2uq.data import DataError, check_data_dir
 from n2uq.distributed import env_world_size
+from n2uq.methods import METHODS, Quantizers
 from n2uq.pretrained import PretrainedError
+from n2uq.recipe import PACT_ALPHA_DECAY
 from n2uq.teacher import TeacherError
 
-__all__ = ["UsageError", "OneLineParser", "parse_bool", "build_train_parser", "validate_train_args",
+__all__ = ["UsageError", "OneLineParser", "parse_bool", "build_train_parser", "quantizers_from_args",
+           "validate_train_args",
            "check_ranges", "check_output_dir", "error_line", "run_main"]
 
 
@@ -89,6 +92,17 @@ def build_train_parser(archs: Sequence[str], default_arch: str, default_bits: in
     g.add_argument("-j", "--workers", type=int, default=None,
                    help="data loading workers per process (default: cores per process, at most 8)")
 
+    g = p.add_argument_group("quantizers (only they differ between methods: docs/comparison.md)")
+    g.add_argument("--method", choices=METHODS, default="n2uq",
+                   help="n2uq (LTQ + entropy-preserving weights), or a compared method: lsq, pact (DoReFa "
+                        "weights, as in its paper), dorefa")
+    g.add_argument("--uniform_thresholds", action="store_true",
+                   help="N2UQ ablation: every LTQ's intervals frozen at the uniform grid (uniform thresholds)")
+    g.add_argument("--maxabs_weights", action="store_true",
+                   help="N2UQ ablation: weight scale max|W| instead of the L1 entropy-preserving scale")
+    g.add_argument("--pact_alpha_decay", type=float, default=None,
+                   help=f"--method pact: L2 weight decay on the clipping levels alpha (default {PACT_ALPHA_DECAY})")
+
     g = p.add_argument_group("engine")
     g.add_argument("--teacher_weights", default="imagenet", help="imagenet | FILE | none (none: no KD)")
     g.add_argument("--pretrained", default="auto",
@@ -126,6 +140,22 @@ def build_train_parser(archs: Sequence[str], default_arch: str, default_bits: in
     return p
 
 
+def quantizers_from_args(args: argparse.Namespace) -> Quantizers:
+    """The quantizers the flags ask for; a flag that does not apply to ``--method`` is a usage error."""
+    if args.method != "n2uq":
+        for flag in ("uniform_thresholds", "maxabs_weights"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag} is an ablation of N2UQ; it does not apply to --method {args.method}")
+    if args.pact_alpha_decay is not None and args.method != "pact":
+        raise UsageError(f"--pact_alpha_decay applies to --method pact only (not {args.method})")
+    if args.pact_alpha_decay is not None and args.pact_alpha_decay < 0:
+        raise UsageError(f"--pact_alpha_decay must be >= 0, got {args.pact_alpha_decay}")
+    if args.method == "lsq" and args.n_bit < 2:
+        raise UsageError("--method lsq needs --n_bit 2 or more (its signed 1-bit weight grid is empty)")
+    return Quantizers(args.n_bit, args.method, learned_thresholds=not args.uniform_thresholds,
+                      entropy_preserving=not args.maxabs_weights)
+
+
 def check_ranges(positive: Optional[dict] = None, non_negative: Optional[dict] = None) -> None:
     """Raise :class:`UsageError` for the first flag out of range; ``None`` values (unset) pass."""
     for flag, value in (positive or {}).items():
@@ -151,6 +181,7 @@ def check_output_dir(path: str, flag: str) -> None:
 def validate_train_args(args: argparse.Namespace, world_size: Optional[int] = None) -> None:
     """Cross-flag checks argparse cannot do; raises :class:`UsageError` / :class:`DataError`."""
     world_size = env_world_size() if world_size is None else world_size
+    quantizers_from_args(args)
     check_data_dir(args.data)
     check_ranges({"--batch_size": args.batch_size, "--epochs": args.epochs, "--image_size": args.image_size,
                   "--val_resize": args.val_resize, "--learning_rate": args.learning_rate,

@@ -21,7 +21,7 @@ from n2uq.train_state import CHECKPOINT_NAME, SKIP_COUNTERS, TrainingParts, Trai
 
 __all__ = ["resolve_resume", "read_training_checkpoint", "read_resume", "check_resume", "restore_training"]
 
-_CONFIG_KEYS = ("arch", "n_bit", "quantize_downsample", "num_classes", "full_precision")
+_CONFIG_KEYS = ("arch", "n_bit", "quantize_downsample", "num_classes", "full_precision", "method")
 
 
 def resolve_resume(resume: str, run_dir: str, other_dirs: Sequence[str] = ()) -> Optional[str]:

@@ -117,6 +117,10 @@ def load_paper_results(path: Path = PAPER_RESULTS) -> List[PaperRow]:
     return rows
 
 
+#: The paper's row name of each compared method (``--method``).
+METHOD_ROWS = {"lsq": "LSQ", "pact": "PACT", "dorefa": "DoReFa-Net"}
+
+
 def cell_of(config: ModelConfig) -> Tuple[str, str, int]:
     """``(network, method, bits)`` of the table cell a configuration belongs to.
 
@@ -124,6 +128,8 @@ def cell_of(config: ModelConfig) -> Tuple[str, str, int]:
     downsampling 1×1 convolutions in full precision. MobileNetV2 has only the "N2UQ *" row.
     """
     network = NETWORK_OF_ARCH.get(config.arch, config.arch)
+    if config.method_tag != "n2uq":  # a compared method, or an ablation of N2UQ
+        return network, METHOD_ROWS.get(config.method_tag, config.method_tag), config.n_bit
     if config.arch == "mobilenetv2":
         return network, "N2UQ *", config.n_bit
     return network, "N2UQ" if config.quantize_downsample else "N2UQ *", config.n_bit

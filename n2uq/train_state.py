@@ -93,9 +93,11 @@ class RunRecord:
     layout: Dict[str, int] = field(default_factory=dict)
 
 
-def run_name(arch: str, n_bit: int, quantize_downsample: bool) -> str:
-    """The reference's run folder name, e.g. ``resnet18_2bit_quantize_downsample_False``."""
-    return f"{arch}_{n_bit}bit_quantize_downsample_{bool(quantize_downsample)}"
+def run_name(arch: str, n_bit: int, quantize_downsample: bool, method_tag: str = "n2uq") -> str:
+    """The reference's run folder name, e.g. ``resnet18_2bit_quantize_downsample_False``; another
+    method or an N2UQ ablation puts its tag after the architecture (``resnet18_lsq_2bit_...``)."""
+    method = "" if method_tag == "n2uq" else f"{method_tag}_"
+    return f"{arch}_{method}{n_bit}bit_quantize_downsample_{bool(quantize_downsample)}"
 
 
 def capture_rng() -> Dict[str, Any]:

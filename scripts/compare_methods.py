@@ -58,7 +58,7 @@ class RunSpec:
     def folder(self) -> str:
         if self.quantizers is None:
             return "resnet18_fp"
-        return run_name("resnet18", self.quantizers.n_bit, False, self.quantizers)
+        return run_name("resnet18", self.quantizers.n_bit, False, self.quantizers.tag)
 
     def flags(self) -> List[str]:
         if self.quantizers is None:

@@ -4,8 +4,9 @@
         --data /path/to/imagenet
     torchrun --nproc_per_node=8 scripts/evaluate.py --checkpoint CKPT --data DIR     # sharded, same numbers
 
-The architecture, bit width, downsample kind and class count are read from the checkpoint's
-state dict (``n2uq.checkpoint.infer_config``); the weights are loaded strictly. A torchvision
+The architecture, bit width, quantization method (N2UQ, LSQ, PACT, DoReFa-Net, N2UQ's ablations),
+downsample kind and class count are read from the checkpoint (``n2uq.checkpoint.infer_config``:
+its state dict, and the choices this project's checkpoints record); the weights are loaded strictly. A torchvision
 ResNet state dict (the ``--full_precision`` baseline, or torchvision's weights) is evaluated as
 that full-precision model. Image size,
 resize and AMP default to what the training run used (stored in the checkpoint), else 224/256/none.
@@ -61,7 +62,7 @@ def _read(path: str) -> Tuple[Dict[str, Tensor], Tuple[str, str, int, Callable[[
     """State dict, ``(tag, description, classes, model factory)`` and the file's other entries."""
     state_dict, meta = read_state_and_meta(path)
     try:
-        config = infer_config(state_dict)
+        config = infer_config(state_dict, meta)
     except CheckpointError as exc:
         full_precision = full_precision_resnet(state_dict)
         if full_precision is None:

@@ -181,6 +181,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise DataError(f"--data {args.data} has no val/ folder (expected an ImageFolder tree val/<class>/*)")
 
     state_dict, config, meta = load_model_state(args.checkpoint)
+    if config.method != "n2uq":
+        raise UsageError(f"{args.checkpoint} is a {config.method} model: integer export covers N2UQ models (LTQ "
+                         f"activations, HardQuantizeConv weights) and their ablations, not the compared methods")
     train_args = meta.get("args") if isinstance(meta.get("args"), dict) else {}
     image_size = args.image_size or int(train_args.get("image_size", 224))
     val_resize = args.val_resize or int(train_args.get("val_resize", max(256, image_size)))

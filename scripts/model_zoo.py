@@ -23,17 +23,19 @@ from n2uq.checkpoint import (  # noqa: E402
     load_state_dict_strict,
     read_state_and_meta,
 )
+from n2uq.methods import Quantizers  # noqa: E402
 from resnet.resnet import ARCHS as RESNET_ARCHS  # noqa: E402
 
 ARCH_NAMES = (*RESNET_ARCHS, "mobilenetv2")
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    """The model with the architecture, bit width, downsample kind and classes of ``config``."""
+    """The model with the architecture, bit width, quantizers, downsample kind and classes of ``config``."""
+    quantizers = Quantizers(config.n_bit, config.method, config.learned_thresholds, config.entropy_preserving)
     if config.arch in RESNET_ARCHS:
-        return RESNET_ARCHS[config.arch](config.n_bit, config.quantize_downsample, config.num_classes)
+        return RESNET_ARCHS[config.arch](config.n_bit, config.quantize_downsample, config.num_classes, quantizers)
     if config.arch == "mobilenetv2":
-        return MobileNetV2(config.n_bit, config.num_classes)
+        return MobileNetV2(config.n_bit, config.num_classes, quantizers)
     raise ValueError(f"unknown architecture {config.arch!r}; known: {', '.join(ARCH_NAMES)}")
 
 
@@ -62,7 +64,7 @@ def load_checkpoint_model(path: str) -> Tuple[nn.Module, str, Dict[str, Any]]:
     """``(model with the file's weights loaded strictly, its tag, the file's other entries)``."""
     state_dict, meta = read_state_and_meta(path)
     try:
-        config = infer_config(state_dict)
+        config = infer_config(state_dict, meta)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     model = build_model(config)
