@@ -71,7 +71,8 @@ log_reason() {
 # ---------------------------------------------------------------- options
 BITS=2 ARCH=resnet18 QD=0 EPOCHS="" TRAIN_PC="" VAL_PC="" QUICK=0 FRESH=0
 ENV_MODE="${N2UQ_DEMO_ENV:-auto}"
-SOURCE="${N2UQ_DEMO_SOURCE:-/usr/share/datasets/fashion-mnist}"
+PKG_DIR="${N2UQ_DEMO_SOURCE:-/usr/share/datasets/fashion-mnist}"  # where the Debian package puts them
+SOURCE="$PKG_DIR"
 EXTRA=()
 while [ $# -gt 0 ]; do
     if [[ "$1" == --*=* ]]; then set -- "${1%%=*}" "${1#*=}" "${@:2}"; fi
@@ -230,7 +231,7 @@ else
     fi
     need_space "data" 300
     : >"$DATA_LOG"
-    if ! has_idx "$SOURCE" && [ "$SOURCE" = /usr/share/datasets/fashion-mnist ] && apt_usable; then
+    if ! has_idx "$SOURCE" && [ "$SOURCE" = "$PKG_DIR" ] && apt_usable; then
         say "data: installing the Debian package dataset-fashion-mnist with $APT"
         apt_install "$DATA_LOG" dataset-fashion-mnist ||
             say "data: $APT could not install dataset-fashion-mnist ($(log_reason "$DATA_LOG"))"
@@ -238,11 +239,12 @@ else
     args=(--out "$DATA" --train_per_class "$TRAIN_PC" --val_per_class "$VAL_PC" --size 32 --overwrite)
     if has_idx "$SOURCE"; then
         args+=(--source "$SOURCE")
+    elif [ "$SOURCE" != "$PKG_DIR" ]; then
+        fail "data" "no Fashion-MNIST idx files in $SOURCE (--source); $NO_DATA" "" 3
     else
-        apt_usable && how="$APT did not provide them" || how="no apt-get to install them"
-        [ "$SOURCE" = /usr/share/datasets/fashion-mnist ] || how="--source given"
-        [ "${N2UQ_DEMO_DOWNLOAD:-1}" != 0 ] || fail "data" "no Fashion-MNIST idx files in $SOURCE ($how; download off); $NO_DATA" "" 3
-        [ "$SOURCE" = /usr/share/datasets/fashion-mnist ] || fail "data" "no Fashion-MNIST idx files in $SOURCE; $NO_DATA" "" 3
+        if apt_usable; then how="$APT did not provide them"; else how="no apt-get to install them"; fi
+        [ "${N2UQ_DEMO_DOWNLOAD:-1}" != 0 ] ||
+            fail "data" "no Fashion-MNIST idx files in $SOURCE ($how; N2UQ_DEMO_DOWNLOAD=0); $NO_DATA" "" 3
         say "data: no Fashion-MNIST files in $SOURCE ($how); downloading them with torchvision"
     fi
     say "data: building $DATA ($N_TRAIN train / $N_VAL val images, 32x32 PNG; log: $DATA_LOG)"
@@ -339,24 +341,25 @@ else
         ${EXPORT_ARGS[@]+"${EXPORT_ARGS[@]}"} >>"$EXPORT_LOG" 2>&1 || fail "export" "$(log_reason "$EXPORT_LOG")" "$EXPORT_LOG"
 fi
 ONNX_LINE="$(grep -a '^val top-1 over' "$EXPORT_LOG" | sed -E 's/^val top-1 over ([0-9]+) images: /\1 val images: /' || true)"
+ONNX_TOP1="$(sed -nE 's/.*ONNX \(onnxruntime\) ([0-9.]+%).*/\1/p' <<<"$ONNX_LINE")"
 [ -z "$ONNX_LINE" ] || say "export: top-1 on $ONNX_LINE"
 T_EXPORT=$((SECONDS - T))
 
 # ---------------------------------------------------------------- summary
-if [ "$ENV_MODE" = venv ]; then PYCMD=.venv/bin/python; else PYCMD=python3; fi
+if [ "$ENV_MODE" = venv ]; then PYCMD=.venv/bin/python TBCMD=.venv/bin/tensorboard; else PYCMD=python3 TBCMD=tensorboard; fi
 files=""
 for f in "$EXPORTS"/*; do [ -f "$f" ] && files+="${files:+, }$(basename "$f") ($(du -h "$f" | cut -f1))"; done
 {
     say ""
     say "Done in $(elapsed $((SECONDS - T0))) (setup $(elapsed "$T_SETUP"), data $(elapsed "$T_DATA"), train $(elapsed "$T_TRAIN"), evaluate $(elapsed "$T_EVAL"), export $(elapsed "$T_EXPORT"))."
-    say "W${BITS}A${BITS} $ARCH, Fashion-MNIST $N_TRAIN train / $N_VAL val images, $EPOCHS_TEXT: top-1 $TOP1%, top-5 $TOP5%"
+    say "W${BITS}A${BITS} $ARCH, Fashion-MNIST $N_TRAIN train / $N_VAL val images, $EPOCHS_TEXT: top-1 $TOP1%, top-5 $TOP5%${ONNX_TOP1:+ (integer ONNX model in onnxruntime: $ONNX_TOP1)}"
     say "  checkpoint   $BEST (and checkpoint.pth.tar, metrics.jsonl beside it)"
     say "  logs         $LOGDIR/ (train.log, evaluate.log, export.log)"
-    say "  TensorBoard  $RUNDIR/tb (tensorboard --logdir $RUNDIR/tb)"
+    say "  TensorBoard  $TBCMD --logdir $RUNDIR/tb"
     say "  exports      $EXPORTS/: $files"
     say "Next:"
-    say "  bash demo.sh --bits 4                       W4A4 (also --bits 3, --arch resnet34, --quantize-downsample, --epochs 12)"
-    say "  $PYCMD -m pytest -q                      the tests (after: $PYCMD -m pip install -e \".[dev]\")"
-    say "  DATA=/data/imagenet bash resnet/run.sh resnet18 2 0   the paper's ImageNet training (GPUs; docs/training.md)"
-    say "  $PYCMD scripts/reproduce_tables.py --models models/ --data /data/imagenet   the released checkpoints (models/README.md)"
+    say "  bash demo.sh --bits 4    # W4A4; also --bits 3, --arch resnet34, --quantize-downsample, --epochs 12"
+    say "  $PYCMD -m pip install -e \".[dev]\" && $PYCMD -m pytest -q    # the tests"
+    say "  DATA=/data/imagenet bash resnet/run.sh resnet18 2 0    # the paper's ImageNet training (docs/training.md)"
+    say "  $PYCMD scripts/reproduce_tables.py --models models/ --data /data/imagenet    # the released checkpoints (models/README.md)"
 } | tee "$LOGDIR/summary.txt"
