@@ -5,7 +5,8 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 T0=$SECONDS
-trap 'echo "demo.sh: stopped by an unexpected error at line $LINENO of demo.sh (exit status $?); the step logs are in log/demo/" >&2' ERR
+trap 'echo "demo.sh: stopped by an unexpected error at line $LINENO of demo.sh (exit status $?);" \
+    "the step logs are in log/demo/" >&2' ERR
 
 usage() {
     cat <<'EOF'
@@ -39,9 +40,9 @@ reuses the data and a finished run and resumes an interrupted one; --fresh start
 Outputs: data/fashion_mnist*/, models/demo/<data>_<E>ep/<run>/ (checkpoints, metrics.jsonl, tb/),
 exports/demo/<data>_<E>ep/<run>/, step logs in log/demo/<data>_<E>ep/<run>/ (setup and data logs
 in log/demo/). Exit status: 0 done, 1 a step failed, 2 bad usage, 3 no demo data could be found.
-Environment: N2UQ_DEMO_WORKDIR (where data/, models/, log/, exports/ go; default this folder),
-N2UQ_DEMO_APT_GET (apt-get command; none: never use apt), N2UQ_DEMO_DOWNLOAD=0 (no torchvision
-download), N2UQ_KERNELS, and PIP_* for pip.
+Environment: N2UQ_DEMO_WORKDIR (where data/, models/, log/, exports/ and .venv/ go; default
+this folder), N2UQ_DEMO_APT_GET (apt-get command; none: never use apt), N2UQ_DEMO_DOWNLOAD=0 (no
+torchvision download), N2UQ_KERNELS (torch: the plain-PyTorch kernels), PIP_* for pip.
 EOF
 }
 
@@ -59,12 +60,14 @@ fail() {
     exit "${4:-1}"
 }
 
-# The most telling line of a log: the last one mentioning an error, else the last one.
+# The most telling line of a log: the last "error: ..." line (the scripts' and pip's), else the last
+# one mentioning an error, else the last line.
 log_reason() {
     local line
-    line="$(grep -aiE 'error|no space left|failed|not found|denied' "$1" | tail -n 1 || true)"
+    line="$(grep -aE '(^|[[:space:]])(error|ERROR): ' "$1" | grep -av 'subprocess-exited-with-error' | tail -n 1 || true)"
+    [ -n "$line" ] || line="$(grep -aiE 'error|no space left|failed|not found|denied' "$1" | tail -n 1 || true)"
     [ -n "$line" ] || line="$(grep -av '^[[:space:]]*$' "$1" | tail -n 1 || true)"
-    line="${line#*error: }"
+    line="$(sed -E 's/^.*(error|ERROR): //; s/^[[:space:]]+//' <<<"$line")"
     printf '%s' "${line:0:300}"
 }
 
@@ -118,7 +121,8 @@ N_TRAIN=$((10 * TRAIN_PC)) N_VAL=$((10 * VAL_PC)) EPOCHS_TEXT="$EPOCHS epochs"
 [ "$EPOCHS" != 1 ] || EPOCHS_TEXT="1 epoch"
 
 trap 'echo; echo "demo.sh: interrupted; run bash demo.sh again to go on from where it stopped" >&2; exit 130' INT TERM
-mkdir -p log/demo 2>/dev/null || fail "start" "cannot create $WORK/log/demo (permission denied?); run from a folder you can write to"
+mkdir -p log/demo 2>/dev/null ||
+    fail "start" "cannot create $WORK/log/demo (permission denied?); run from a folder you can write to"
 if [ "$FRESH" = 1 ]; then
     rm -rf -- "$RUNDIR" "$LOGDIR" "$EXPORTS"
 fi
@@ -136,7 +140,8 @@ say "N2UQ demo: W${BITS}A${BITS} $ARCH on Fashion-MNIST ($N_TRAIN train / $N_VAL
 SETUP_LOG=log/demo/setup.log
 : >"$SETUP_LOG"
 BASE_PY="${PYTHON:-python3}"
-command -v "$BASE_PY" >/dev/null || fail "setup" "no $BASE_PY found; install Python >= 3.9 (apt-get install -y python3 python3-venv)"
+command -v "$BASE_PY" >/dev/null ||
+    fail "setup" "no $BASE_PY found; install Python >= 3.9 (apt-get install -y python3 python3-venv)"
 "$BASE_PY" -c 'import sys; sys.exit(sys.version_info < (3, 9))' ||
     fail "setup" "Python >= 3.9 is needed, $BASE_PY is $("$BASE_PY" -V 2>&1); set PYTHON=/path/to/python3.9+"
 # has PYTHON MODULE...: all importable (found without importing them, which takes seconds)
@@ -157,7 +162,7 @@ externally_managed() {
     "$1" -c 'import os, sys, sysconfig; p = os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")
 sys.exit(0 if sys.prefix == sys.base_prefix and os.path.exists(p) else 1)' 2>/dev/null
 }
-VENV="$REPO/.venv"
+VENV="$WORK/.venv"
 if [ "$ENV_MODE" = auto ]; then
     if [ -x "$VENV/bin/python" ]; then ENV_MODE=venv WHY="./.venv exists"
     elif has_reqs "$BASE_PY"; then ENV_MODE=active WHY="it has the requirements"
@@ -169,25 +174,28 @@ else
     WHY="--env $ENV_MODE"
 fi
 if [ "$ENV_MODE" = venv ]; then
+    PY="$VENV/bin/python"
+    say "python: $PY ($("$BASE_PY" -V 2>&1), a local ./.venv; $WHY; --env active for $BASE_PY)"
     if [ ! -x "$VENV/bin/python" ]; then
         say "setup: creating ./.venv with $BASE_PY -m venv"
         if ! "$BASE_PY" -m venv "$VENV" >>"$SETUP_LOG" 2>&1; then
             rm -rf -- "$VENV"
-            if ! { apt_usable && say "setup: installing python3-venv with apt-get" && apt_install "$SETUP_LOG" python3-venv; }; then
-                fail "setup" "$BASE_PY -m venv cannot create ./.venv; apt-get install -y python3-venv, or use --env active" "$SETUP_LOG"
+            if ! { apt_usable && say "setup: installing python3-venv with apt-get" &&
+                    apt_install "$SETUP_LOG" python3-venv; }; then
+                fail "setup" "$BASE_PY -m venv cannot create ./.venv; apt-get install -y python3-venv, or use --env active" \
+                    "$SETUP_LOG"
             fi
-            "$BASE_PY" -m venv "$VENV" >>"$SETUP_LOG" 2>&1 ||
-                fail "setup" "$BASE_PY -m venv cannot create ./.venv ($(log_reason "$SETUP_LOG")); use --env active" "$SETUP_LOG"
+            "$BASE_PY" -m venv "$VENV" >>"$SETUP_LOG" 2>&1 || fail "setup" \
+                "$BASE_PY -m venv cannot create ./.venv ($(log_reason "$SETUP_LOG")); use --env active" "$SETUP_LOG"
         fi
     fi
-    PY="$VENV/bin/python"
-    say "python: $PY ($("$PY" -V 2>&1), a local ./.venv; $WHY; --env active for $BASE_PY)"
 else
     PY="$("$BASE_PY" -c 'import sys; print(sys.executable)')"
     say "python: $PY ($("$PY" -V 2>&1), the active environment; $WHY; --env venv for a local ./.venv)"
 fi
 if has_reqs "$PY"; then
-    say "setup: torch $("$PY" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null || echo '?') and the other requirements are installed"
+    version="$("$PY" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null || echo '?')"
+    say "setup: torch $version and the other requirements are installed"
 else
     need_space "setup" 3000
     "$PY" -m pip --version >>"$SETUP_LOG" 2>&1 ||
@@ -197,18 +205,21 @@ else
         if grep -aq externally-managed-environment "$SETUP_LOG"; then
             fail "setup" "$PY is managed by the system (PEP 668) and pip may not install into it; use --env venv" "$SETUP_LOG"
         fi
-        fail "setup" "pip install -e . failed ($(log_reason "$SETUP_LOG")); check the network or proxy (PIP_INDEX_URL), then run again" "$SETUP_LOG"
+        fail "setup" "pip install -e . failed ($(log_reason "$SETUP_LOG")); check the network or proxy (PIP_INDEX_URL), then run again" \
+            "$SETUP_LOG"
     fi
-    "$PY" -c 'import torch, torchvision' >>"$SETUP_LOG" 2>&1 || fail "setup" "the requirements still do not import after pip install ($(log_reason "$SETUP_LOG"))" "$SETUP_LOG"
+    "$PY" -c 'import torch, torchvision' >>"$SETUP_LOG" 2>&1 ||
+        fail "setup" "the requirements do not import after pip install ($(log_reason "$SETUP_LOG"))" "$SETUP_LOG"
 fi
 if ! has "$PY" onnx onnxruntime; then
     say "setup: installing onnx and onnxruntime (for the ONNX export) with pip"
     "$PY" -m pip install onnx onnxruntime >>"$SETUP_LOG" 2>&1 ||
-        say "setup: onnx/onnxruntime could not be installed ($(log_reason "$SETUP_LOG")); the export writes the packed format only"
+        say "setup: onnx/onnxruntime could not be installed ($(log_reason "$SETUP_LOG")); no ONNX export"
 fi
 if [ -z "${N2UQ_KERNELS:-}" ] && ! command -v "${CC:-cc}" >/dev/null; then
     export N2UQ_KERNELS=torch
-    say "note: no C compiler (${CC:-cc}): the plain-PyTorch kernels are used (same numbers, slower); apt-get install -y gcc for the fast ones"
+    say "note: no C compiler (${CC:-cc}): the plain-PyTorch kernels are used (same numbers, slower);" \
+        "apt-get install -y gcc for the fast ones"
 fi
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 T_SETUP=$((SECONDS - T0))
@@ -221,7 +232,8 @@ has_idx() {
     { [ -e "$1/train-images-idx3-ubyte.gz" ] || [ -e "$1/train-images-idx3-ubyte" ]; } &&
         { [ -e "$1/t10k-images-idx3-ubyte.gz" ] || [ -e "$1/t10k-images-idx3-ubyte" ]; }
 }
-NO_DATA="install the Debian/Ubuntu package dataset-fashion-mnist, or put the four Fashion-MNIST idx files in a folder and pass --source DIR"
+NO_DATA="install the Debian/Ubuntu package dataset-fashion-mnist, or put the four Fashion-MNIST idx files"
+NO_DATA+=" in a folder and pass --source DIR"
 n_tr="$(count_png "$DATA/train")" n_va="$(count_png "$DATA/val")"
 if [ "$FRESH" = 0 ] && [ "$n_tr" = "$N_TRAIN" ] && [ "$n_va" = "$N_VAL" ]; then
     say "data: reusing $DATA ($n_tr train / $n_va val images; --fresh rebuilds it)"
@@ -250,7 +262,8 @@ else
     say "data: building $DATA ($N_TRAIN train / $N_VAL val images, 32x32 PNG; log: $DATA_LOG)"
     if ! "$PY" "$REPO/scripts/prepare_demo_data.py" "${args[@]}" >>"$DATA_LOG" 2>&1; then
         if grep -aq "download failed" "$DATA_LOG"; then
-            fail "data" "no Fashion-MNIST idx files in $SOURCE, $how, and the download failed (offline?); $NO_DATA" "$DATA_LOG" 3
+            fail "data" "no Fashion-MNIST idx files in $SOURCE, $how, and the download failed (offline?); $NO_DATA" \
+                "$DATA_LOG" 3
         fi
         fail "data" "$(log_reason "$DATA_LOG")" "$DATA_LOG"
     fi
@@ -351,8 +364,10 @@ files=""
 for f in "$EXPORTS"/*; do [ -f "$f" ] && files+="${files:+, }$(basename "$f") ($(du -h "$f" | cut -f1))"; done
 {
     say ""
-    say "Done in $(elapsed $((SECONDS - T0))) (setup $(elapsed "$T_SETUP"), data $(elapsed "$T_DATA"), train $(elapsed "$T_TRAIN"), evaluate $(elapsed "$T_EVAL"), export $(elapsed "$T_EXPORT"))."
-    say "W${BITS}A${BITS} $ARCH, Fashion-MNIST $N_TRAIN train / $N_VAL val images, $EPOCHS_TEXT: top-1 $TOP1%, top-5 $TOP5%${ONNX_TOP1:+ (integer ONNX model in onnxruntime: $ONNX_TOP1)}"
+    say "Done in $(elapsed $((SECONDS - T0))) (setup $(elapsed "$T_SETUP"), data $(elapsed "$T_DATA")," \
+        "train $(elapsed "$T_TRAIN"), evaluate $(elapsed "$T_EVAL"), export $(elapsed "$T_EXPORT"))."
+    say "W${BITS}A${BITS} $ARCH, Fashion-MNIST $N_TRAIN train / $N_VAL val images, $EPOCHS_TEXT:" \
+        "top-1 $TOP1%, top-5 $TOP5%${ONNX_TOP1:+ (integer ONNX model in onnxruntime: $ONNX_TOP1)}"
     say "  checkpoint   $BEST (and checkpoint.pth.tar, metrics.jsonl beside it)"
     say "  logs         $LOGDIR/ (train.log, evaluate.log, export.log)"
     say "  TensorBoard  $TBCMD --logdir $RUNDIR/tb"
@@ -361,5 +376,6 @@ for f in "$EXPORTS"/*; do [ -f "$f" ] && files+="${files:+, }$(basename "$f") ($
     say "  bash demo.sh --bits 4    # W4A4; also --bits 3, --arch resnet34, --quantize-downsample, --epochs 12"
     say "  $PYCMD -m pip install -e \".[dev]\" && $PYCMD -m pytest -q    # the tests"
     say "  DATA=/data/imagenet bash resnet/run.sh resnet18 2 0    # the paper's ImageNet training (docs/training.md)"
-    say "  $PYCMD scripts/reproduce_tables.py --models models/ --data /data/imagenet    # the released checkpoints (models/README.md)"
+    say "  $PYCMD scripts/reproduce_tables.py --models models/ --data /data/imagenet" \
+        "   # the released checkpoints (models/README.md)"
 } | tee "$LOGDIR/summary.txt"

@@ -85,6 +85,20 @@ def test_no_apt_and_no_data_is_one_line_exit_3(tmp_path):
     assert not (tmp_path / "models").exists()
 
 
+def test_venv_is_stated_and_a_failed_install_is_one_line(tmp_path):
+    # pip without an index: creating ./.venv works, installing the requirements into it fails
+    proc = run_demo(["--env", "venv", "--quick"], tmp_path, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(tmp_path))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert (tmp_path / ".venv" / "bin" / "python").exists()
+    out = proc.stdout.splitlines()
+    assert out[1].startswith(f"python: {tmp_path}/.venv/bin/python (") and "a local ./.venv; --env venv;" in out[1]
+    lines = error_lines(proc)
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("demo.sh: setup failed: pip install -e . failed (No matching distribution found for ")
+    assert "check the network" in lines[0]
+    assert lines[0].endswith("(full log: log/demo/setup.log)")
+
+
 def test_source_without_idx_files_is_exit_3(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
