@@ -255,8 +255,13 @@ else
         fail "data" "no Fashion-MNIST idx files in $SOURCE (--source); $NO_DATA" "" 3
     else
         if apt_usable; then how="$APT did not provide them"; else how="no apt-get to install them"; fi
-        [ "${N2UQ_DEMO_DOWNLOAD:-1}" != 0 ] ||
+        if [ "${N2UQ_DEMO_DOWNLOAD:-1}" = 0 ]; then
             fail "data" "no Fashion-MNIST idx files in $SOURCE ($how; N2UQ_DEMO_DOWNLOAD=0); $NO_DATA" "" 3
+        fi
+        if [ -d "$SOURCE" ]; then args+=(--source "$SOURCE")  # prepare_demo_data.py downloads when it has none
+        elif [ "$SOURCE" != /usr/share/datasets/fashion-mnist ]; then
+            fail "data" "no Fashion-MNIST idx files in $SOURCE ($how; no such folder); $NO_DATA" "" 3
+        fi
         say "data: no Fashion-MNIST files in $SOURCE ($how); downloading them with torchvision"
     fi
     say "data: building $DATA ($N_TRAIN train / $N_VAL val images, 32x32 PNG; log: $DATA_LOG)"
