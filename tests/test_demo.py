@@ -1,0 +1,189 @@
+"""demo.sh: option handling, its one-line failures, and reusing what exists.
+
+The script is pointed at a temporary work folder (``N2UQ_DEMO_WORKDIR``), an idx-file folder of
+the test's choosing (``N2UQ_DEMO_SOURCE``), no apt (``N2UQ_DEMO_APT_GET=none``) and no download
+(``N2UQ_DEMO_DOWNLOAD=0``), and runs with the test's own Python (``--env active``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO_ROOT, make_image_folder
+
+DEMO = REPO_ROOT / "demo.sh"
+
+
+def _env(work: Path, source: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("N2UQ_DEMO_")}
+    env.update(N2UQ_DEMO_WORKDIR=str(work), N2UQ_DEMO_SOURCE=str(source), N2UQ_DEMO_APT_GET="none",
+               N2UQ_DEMO_DOWNLOAD="0", PYTHON=sys.executable, **extra)
+    return env
+
+
+def run_demo(args: List[str], work: Path, source: Optional[Path] = None, timeout: float = 300,
+             **extra: str) -> subprocess.CompletedProcess:
+    source = source if source is not None else work / "no_source"
+    return subprocess.run(["bash", str(DEMO), *args], env=_env(work, source, **extra), cwd=work,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> List[str]:
+    return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--frobnicate"], "unknown option '--frobnicate'"),
+    (["--bits", "9"], "--bits must be an integer in 1..8, got '9'"),
+    (["--bits=two"], "--bits must be an integer in 1..8, got 'two'"),
+    (["--bits"], "--bits needs a value"),
+    (["--arch", "vgg16"], "--arch must be resnet18, resnet34, resnet50 or mobilenetv2"),
+    (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--train-per-class", "7000"], "--train-per-class must be an integer in 1..6000"),
+    (["--env", "conda"], "--env must be auto, active or venv"),
+    (["--arch", "mobilenetv2", "--quantize-downsample"], "--quantize-downsample is for the ResNets"),
+])
+def test_bad_options_give_one_line_and_exit_2(tmp_path, args, expected):
+    proc = run_demo(args, tmp_path, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    lines = error_lines(proc)
+    assert len(lines) == 1 and lines[0].startswith("demo.sh: error: ") and expected in lines[0], proc.stderr
+    assert proc.stdout == ""
+    assert not (tmp_path / "log").exists()  # nothing was started
+
+
+def test_help_lists_the_options(tmp_path):
+    proc = run_demo(["--help"], tmp_path, timeout=30)
+    assert proc.returncode == 0
+    for option in ("--bits", "--arch", "--quick", "--fresh", "--env", "--source", "active", "venv"):
+        assert option in proc.stdout
+
+
+def test_no_apt_and_no_data_is_one_line_exit_3(tmp_path):
+    empty = tmp_path / "empty_source"
+    empty.mkdir()
+    proc = run_demo(["--env", "active", "--quick"], tmp_path, source=empty, CC="no-such-compiler-n2uq")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    lines = error_lines(proc)
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("demo.sh: data failed: no Fashion-MNIST idx files in " + str(empty)), lines[0]
+    assert "no apt-get to install them" in lines[0] and "dataset-fashion-mnist" in lines[0]
+    assert "--source DIR" in lines[0]
+    # the chosen environment is stated first; a missing compiler is said once
+    out = proc.stdout.splitlines()
+    assert out[1].startswith(f"python: {sys.executable} (") and "the active environment; --env active" in out[1]
+    assert sum("no C compiler" in line for line in out) == 1
+    assert not (tmp_path / "models").exists()
+
+
+def test_venv_is_stated_and_a_failed_install_is_one_line(tmp_path):
+    # pip without an index: creating ./.venv works, installing the requirements into it fails
+    proc = run_demo(["--env", "venv", "--quick"], tmp_path, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(tmp_path))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert (tmp_path / ".venv" / "bin" / "python").exists()
+    out = proc.stdout.splitlines()
+    assert out[1].startswith(f"python: {tmp_path}/.venv/bin/python (") and "a local ./.venv; --env venv;" in out[1]
+    lines = error_lines(proc)
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("demo.sh: setup failed: pip install -e . failed (No matching distribution found for ")
+    assert "check the network" in lines[0]
+    assert lines[0].endswith("(full log: log/demo/setup.log)")
+
+
+def test_source_without_idx_files_is_exit_3(tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    proc = run_demo(["--env", "active", "--source", str(other), "--quick"], tmp_path)
+    assert proc.returncode == 3
+    lines = error_lines(proc)
+    assert len(lines) == 1 and f"no Fashion-MNIST idx files in {other} (--source)" in lines[0], proc.stderr
+
+
+def test_fresh_removes_the_run_and_rebuilds_the_data(tmp_path):
+    make_image_folder(tmp_path / "data" / "fashion_mnist_50x20", classes=10, train_per_class=50,
+                      val_per_class=20, size=8)
+    run = tmp_path / "models" / "demo" / "fashion_mnist_50x20_2ep" / "resnet18_2bit_quantize_downsample_False"
+    run.mkdir(parents=True)
+    (run / "checkpoint.pth.tar").write_bytes(b"old run")
+    proc = run_demo(["--env", "active", "--quick", "--fresh"], tmp_path)
+    # the old run is gone; the complete data set is not reused but rebuilt, for which there is no source here
+    assert not run.exists()
+    assert proc.returncode == 3 and "data: reusing" not in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_unreadable_checkpoint_is_one_line(tmp_path):
+    make_image_folder(tmp_path / "data" / "fashion_mnist_50x20", classes=10, train_per_class=50,
+                      val_per_class=20, size=8)
+    run = tmp_path / "models" / "demo" / "fashion_mnist_50x20_2ep" / "resnet18_2bit_quantize_downsample_False"
+    run.mkdir(parents=True)
+    (run / "checkpoint.pth.tar").write_bytes(b"truncated")
+    proc = run_demo(["--env", "active", "--quick"], tmp_path)
+    assert proc.returncode == 1
+    assert "data: reusing data/fashion_mnist_50x20 (500 train / 200 val images" in proc.stdout
+    lines = error_lines(proc)
+    assert len(lines) == 1 and lines[0].startswith("demo.sh: train failed: ") and "--fresh" in lines[0], proc.stderr
+
+
+def test_script_style():
+    text = DEMO.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
+    assert len(text.splitlines()) <= 400
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed")
+    proc = subprocess.run(["shellcheck", str(DEMO)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def _write_idx(folder: Path, images: str, labels: str, per_class: int, seed: int) -> None:
+    """Fashion-MNIST-format idx.gz files: ``per_class`` 28x28 images of each of 10 classes."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(10, dtype=np.uint8), per_class)
+    x = (rng.integers(0, 60, size=(len(y), 28, 28)) + y[:, None, None] * 19).astype(np.uint8)
+    with gzip.open(folder / f"{images}.gz", "wb") as f:
+        f.write((0x803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in x.shape) + x.tobytes())
+    with gzip.open(folder / f"{labels}.gz", "wb") as f:
+        f.write((0x801).to_bytes(4, "big") + len(y).to_bytes(4, "big") + y.tobytes())
+
+
+@pytest.mark.slow
+def test_end_to_end_then_reuse(tmp_path):
+    """A tiny end-to-end run (data from idx files, 1 epoch, evaluate, export); the second call
+    rebuilds, retrains and re-exports nothing."""
+    source = tmp_path / "idx"
+    source.mkdir()
+    _write_idx(source, "train-images-idx3-ubyte", "train-labels-idx1-ubyte", 13, 0)
+    _write_idx(source, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 3, 1)
+    args = ["--env", "active", "--epochs", "1", "--train-per-class", "13", "--val-per-class", "3"]
+    first = run_demo(args, tmp_path, source=source)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "data: building data/fashion_mnist_13x3 (130 train / 30 val images" in first.stdout
+    assert "  epoch 1/1 lr 0 | train loss" in first.stdout
+    run = tmp_path / "models" / "demo" / "fashion_mnist_13x3_1ep" / "resnet18_2bit_quantize_downsample_False"
+    exports = tmp_path / "exports" / "demo" / "fashion_mnist_13x3_1ep" / "resnet18_2bit_quantize_downsample_False"
+    assert (run / "model_best.pth.tar").is_file() and (run / "tb").is_dir()
+    assert (exports / "resnet18_w2a2_qd0.n2uq").is_file()
+    assert any(line.startswith("W2A2 resnet18, Fashion-MNIST 130 train / 30 val images, 1 epoch: top-1 ")
+               and "(integer ONNX model in onnxruntime: " in line for line in first.stdout.splitlines())
+    logs = tmp_path / "log" / "demo" / "fashion_mnist_13x3_1ep" / "resnet18_2bit_quantize_downsample_False"
+    assert (logs / "summary.txt").read_text() in first.stdout
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "checkpoint.pth.tar", run / "model_best.pth.tar",
+                                                 *exports.iterdir(), *(tmp_path / "data").rglob("*.png"))}
+
+    second = run_demo(args, tmp_path, source=tmp_path / "gone")  # the source is not needed any more
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "data: reusing data/fashion_mnist_13x3 (130 train / 30 val images" in second.stdout
+    assert "train: reusing the finished run models/demo/fashion_mnist_13x3_1ep/" in second.stdout
+    assert "evaluate: up to date" in second.stdout and "export: up to date" in second.stdout
+    assert "epoch 1/1" not in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    top1 = [line for line in first.stdout.splitlines() if line.startswith("evaluate: top-1")]
+    assert top1 and top1 == [line for line in second.stdout.splitlines() if line.startswith("evaluate: top-1")]
