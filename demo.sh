@@ -101,7 +101,8 @@ EPOCHS="${EPOCHS:-8}" TRAIN_PC="${TRAIN_PC:-1000}" VAL_PC="${VAL_PC:-200}"
 case "$ARCH" in resnet18|resnet34|resnet50|mobilenetv2) ;;
     *) usage_error "--arch must be resnet18, resnet34, resnet50 or mobilenetv2, got '$ARCH'";; esac
 [ "$ARCH$QD" != mobilenetv21 ] || usage_error "--quantize-downsample is for the ResNets"
-[[ "$EPOCHS" =~ ^[1-9][0-9]{0,3}$ ]] || usage_error "--epochs must be a positive integer, got '$EPOCHS'"
+{ [[ "$EPOCHS" =~ ^[1-9][0-9]{0,3}$ ]] && [ "$EPOCHS" -ge 2 ]; } ||
+    usage_error "--epochs must be an integer of at least 2 (the paper's schedule trains the last epoch at lr 0), got '$EPOCHS'"
 { [[ "$TRAIN_PC" =~ ^[1-9][0-9]*$ ]] && [ "$TRAIN_PC" -le 6000 ]; } ||
     usage_error "--train-per-class must be an integer in 1..6000, got '$TRAIN_PC'"
 { [[ "$VAL_PC" =~ ^[1-9][0-9]*$ ]] && [ "$VAL_PC" -le 1000 ]; } ||
@@ -118,7 +119,6 @@ else RUN="${ARCH}_${BITS}bit_quantize_downsample_$([ "$QD" = 1 ] && echo True ||
 SAVE="models/demo/$SETTING" RUNDIR="models/demo/$SETTING/$RUN"
 LOGDIR="log/demo/$SETTING/$RUN" EXPORTS="exports/demo/$SETTING/$RUN"
 N_TRAIN=$((10 * TRAIN_PC)) N_VAL=$((10 * VAL_PC)) EPOCHS_TEXT="$EPOCHS epochs"
-[ "$EPOCHS" != 1 ] || EPOCHS_TEXT="1 epoch"
 
 trap 'echo; echo "demo.sh: interrupted; run bash demo.sh again to go on from where it stopped" >&2; exit 130' INT TERM
 mkdir -p log/demo 2>/dev/null ||

@@ -47,7 +47,8 @@ def error_lines(proc: subprocess.CompletedProcess) -> List[str]:
     (["--bits=two"], "--bits must be an integer in 1..8, got 'two'"),
     (["--bits"], "--bits needs a value"),
     (["--arch", "vgg16"], "--arch must be resnet18, resnet34, resnet50 or mobilenetv2"),
-    (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--epochs", "0"], "--epochs must be an integer of at least 2"),
+    (["--epochs", "1"], "the paper's schedule trains the last epoch at lr 0"),
     (["--train-per-class", "7000"], "--train-per-class must be an integer in 1..6000"),
     (["--env", "conda"], "--env must be auto, active or venv"),
     (["--arch", "mobilenetv2", "--quantize-downsample"], "--quantize-downsample is for the ResNets"),
@@ -156,24 +157,24 @@ def _write_idx(folder: Path, images: str, labels: str, per_class: int, seed: int
 
 @pytest.mark.slow
 def test_end_to_end_then_reuse(tmp_path):
-    """A tiny end-to-end run (data from idx files, 1 epoch, evaluate, export); the second call
+    """A tiny end-to-end run (data from idx files, 2 epochs, evaluate, export); the second call
     rebuilds, retrains and re-exports nothing."""
     source = tmp_path / "idx"
     source.mkdir()
     _write_idx(source, "train-images-idx3-ubyte", "train-labels-idx1-ubyte", 13, 0)
     _write_idx(source, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 3, 1)
-    args = ["--env", "active", "--epochs", "1", "--train-per-class", "13", "--val-per-class", "3"]
+    args = ["--env", "active", "--epochs", "2", "--train-per-class", "13", "--val-per-class", "3"]
     first = run_demo(args, tmp_path, source=source)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "data: building data/fashion_mnist_13x3 (130 train / 30 val images" in first.stdout
-    assert "  epoch 1/1 lr 0 | train loss" in first.stdout
-    run = tmp_path / "models" / "demo" / "fashion_mnist_13x3_1ep" / "resnet18_2bit_quantize_downsample_False"
-    exports = tmp_path / "exports" / "demo" / "fashion_mnist_13x3_1ep" / "resnet18_2bit_quantize_downsample_False"
+    assert "  epoch 2/2 lr 0 | train loss" in first.stdout
+    run = tmp_path / "models" / "demo" / "fashion_mnist_13x3_2ep" / "resnet18_2bit_quantize_downsample_False"
+    exports = tmp_path / "exports" / "demo" / "fashion_mnist_13x3_2ep" / "resnet18_2bit_quantize_downsample_False"
     assert (run / "model_best.pth.tar").is_file() and (run / "tb").is_dir()
     assert (exports / "resnet18_w2a2_qd0.n2uq").is_file()
-    assert any(line.startswith("W2A2 resnet18, Fashion-MNIST 130 train / 30 val images, 1 epoch: top-1 ")
+    assert any(line.startswith("W2A2 resnet18, Fashion-MNIST 130 train / 30 val images, 2 epochs: top-1 ")
                and "(integer ONNX model in onnxruntime: " in line for line in first.stdout.splitlines())
-    logs = tmp_path / "log" / "demo" / "fashion_mnist_13x3_1ep" / "resnet18_2bit_quantize_downsample_False"
+    logs = tmp_path / "log" / "demo" / "fashion_mnist_13x3_2ep" / "resnet18_2bit_quantize_downsample_False"
     assert (logs / "summary.txt").read_text() in first.stdout
     stamps = {p: p.stat().st_mtime_ns for p in (run / "checkpoint.pth.tar", run / "model_best.pth.tar",
                                                  *exports.iterdir(), *(tmp_path / "data").rglob("*.png"))}
@@ -181,9 +182,9 @@ def test_end_to_end_then_reuse(tmp_path):
     second = run_demo(args, tmp_path, source=tmp_path / "gone")  # the source is not needed any more
     assert second.returncode == 0, second.stdout + second.stderr
     assert "data: reusing data/fashion_mnist_13x3 (130 train / 30 val images" in second.stdout
-    assert "train: reusing the finished run models/demo/fashion_mnist_13x3_1ep/" in second.stdout
+    assert "train: reusing the finished run models/demo/fashion_mnist_13x3_2ep/" in second.stdout
     assert "evaluate: up to date" in second.stdout and "export: up to date" in second.stdout
-    assert "epoch 1/1" not in second.stdout
+    assert "epoch 2/2" not in second.stdout
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     top1 = [line for line in first.stdout.splitlines() if line.startswith("evaluate: top-1")]
     assert top1 and top1 == [line for line in second.stdout.splitlines() if line.startswith("evaluate: top-1")]
