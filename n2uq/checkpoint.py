@@ -233,8 +233,8 @@ def _method_of(sd: Mapping[str, Tensor], first_quan: str) -> str:
         return "lsq"
     if prefix + "clip_alpha" in sd:
         return "pact"
-    conv = prefix.replace("quan", "conv")
-    if conv + "weight" in sd and conv + "clip_val" not in sd:
+    conv, rprelu = prefix.replace("quan", "conv"), prefix.replace("quan1.", "bias11.bias")
+    if conv + "weight" in sd and conv + "clip_val" not in sd and rprelu in sd:  # N2UQ's skeleton, no state
         return "dorefa"
     return ""
 

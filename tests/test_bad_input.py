@@ -95,7 +95,7 @@ CASES = [
     case("train-resume-reference-other-bits", "train", [*T, "--resume", "{ref_w4a4}"], 2,
          "--resume {ref_w4a4} holds another model (n_bit 4 vs 2: checkpoint vs this run)"),
     case("train-resume-reference-full-precision", "train", [*T, "--resume", "{ref_fp}"], 2,
-         "--resume {ref_fp} is not a checkpoint of an N2UQ model (ResNet state dict has no 'layer1.0.quan1.a'"),
+         "--resume {ref_fp} is not a checkpoint of an N2UQ model (ResNet state dict has no quantizer in 'layer1.0'"),
     case("train-one-epoch-at-lr-0", "train", [*T, "--epochs", "1"], 2,
          "--epochs 1 would train its only epoch at lr 0 and learn nothing"),
     case("train-pretrained-missing", "train", [*T, "--pretrained", "{tmp}/init.pth"], 2,

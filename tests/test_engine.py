@@ -68,7 +68,9 @@ def test_checkpoint_layout_and_logs(uninterrupted):
     for key in ("epoch", "state_dict", "best_top1_acc", "optimizer", "scheduler", "scaler", "rng", "args"):
         assert key in ckpt
     assert all(k.startswith("module.") for k in ckpt["state_dict"])
-    assert ckpt["config"] == {"arch": "resnet18", "n_bit": 2, "quantize_downsample": False, "num_classes": 3}
+    assert ckpt["config"] == {"arch": "resnet18", "n_bit": 2, "quantize_downsample": False, "num_classes": 3,
+                              "method": "n2uq", "quantizers": {"n_bit": 2, "method": "n2uq", "learned_thresholds": True,
+                                                               "entropy_preserving": True}}
     assert (uninterrupted / "model_best.pth.tar").is_file()
     assert not [p for p in uninterrupted.iterdir() if p.name.endswith(".tmp")]
     records = read_metrics(str(uninterrupted / "metrics.jsonl"), "epoch")
