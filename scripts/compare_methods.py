@@ -13,9 +13,9 @@ interrupted one resumes), so the comparison can be stopped and continued. At the
 bit width, beside the full-precision model trained the same way and the paper's ImageNet numbers.
 
 The default recipe is the quick start's (Fashion-MNIST demo data: ResNet-18, 32×32 images, no
-teacher, no pretrained weights, batch 128, lr 2e-3), with ``--epochs`` (default 6) chosen so that
+teacher, no pretrained weights, batch 128, lr 2e-3), with ``--epochs`` (default 4) chosen so that
 the default grid — 4 methods × W2A2/W4A4 × 3 seeds, N2UQ's two ablations at W2A2 × 3 seeds and the
-full-precision reference × 3 seeds — fits in about 90 minutes on 2 CPU cores.
+full-precision reference × 3 seeds, 33 runs — fits in about 90 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def build_parser() -> OneLineParser:
                    help="N2UQ ablations to add (each at --ablation_bits); none: --ablations with no value")
     p.add_argument("--ablation_bits", nargs="+", type=int, default=[2])
     p.add_argument("--no_full_precision", action="store_true", help="skip the full-precision reference runs")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=4, help="per run; the last one trains at lr 0 (the schedule)")
     p.add_argument("--recipe", default=DEMO_RECIPE, help="the resnet/train.py flags every run shares")
     p.add_argument("--report_only", action="store_true", help="train nothing; report the runs found in --out")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
