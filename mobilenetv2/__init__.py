@@ -1,1 +1,1 @@
-"""N2UQ MobileNetV2 (SPEC §5)."""
+"""N2UQ MobileNetV2 (docs/SPEC.md, architectures)."""

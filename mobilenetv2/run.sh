@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the N2UQ MobileNetV2 (W4A4 in the paper) with the paper's recipe (SPEC §6).
+# Train the N2UQ MobileNetV2 (W4A4 in the paper) with the paper's recipe (docs/SPEC.md, training recipe).
 #
 #   bash run.sh [more train.py flags]
 #   DATA=/data/imagenet NPROC=8 bash run.sh --amp bf16

@@ -1,4 +1,4 @@
-"""ImageFolder data, the paper's transforms (SPEC §6) and deterministic distributed samplers.
+"""ImageFolder data, the paper's transforms (docs/SPEC.md, training recipe) and deterministic distributed samplers.
 
 Training order and augmentation are functions of ``(seed, epoch)`` only: :class:`TrainSampler`
 draws the permutation from a generator seeded with ``seed + epoch`` (as ``DistributedSampler``)
@@ -64,7 +64,7 @@ def train_transform(image_size: int = 224, min_crop_scale: float = 0.08) -> tran
 
 
 def val_transform(image_size: int = 224, val_resize: int = 256) -> transforms.Compose:
-    """Resize(256), CenterCrop(224), ToTensor, ImageNet normalisation (SPEC §6)."""
+    """Resize(256), CenterCrop(224), ToTensor, ImageNet normalisation (docs/SPEC.md, training recipe)."""
     return transforms.Compose([
         transforms.Resize(val_resize),
         transforms.CenterCrop(image_size),

@@ -1,4 +1,4 @@
-"""Training losses (SPEC §6).
+"""Training losses (docs/SPEC.md, training recipe).
 
 * :func:`kd_loss` — the paper's distillation loss from a frozen teacher: the batch mean of the
   cross-entropy between the teacher's softmax and the student's log-softmax (temperature 1,

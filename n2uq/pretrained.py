@@ -1,4 +1,4 @@
-"""Full-precision initialisation before quantization-aware training (SPEC §6).
+"""Full-precision initialisation before quantization-aware training (docs/SPEC.md, training recipe).
 
 Sources (``--pretrained``):
 
@@ -41,7 +41,7 @@ class PretrainedError(RuntimeError):
     """The requested initialisation could not be found, fetched or applied."""
 
 
-#: (arch, quantize_downsample) -> (file name in models/, Google Drive id) — SPEC §6.
+#: (arch, quantize_downsample) -> (file name in models/, Google Drive id) — docs/SPEC.md, training recipe.
 AUTHORS_FILES: Dict[Tuple[str, bool], Tuple[str, str]] = {
     ("resnet18", True): ("real_res18.pth.tar", "1BfWhr1hzaS_5zHpQDREVRiPOCmXEWC7q"),
     ("resnet34", True): ("real_res34.pth.tar", "1kvrloDtpJjhgyF4bX0z0CvHFeCKOHj_B"),

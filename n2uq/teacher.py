@@ -1,4 +1,4 @@
-"""The frozen full-precision teacher for knowledge distillation (SPEC §6: torchvision ResNet-101).
+"""The frozen full-precision teacher for knowledge distillation (the paper's: torchvision ResNet-101).
 
 ``--teacher NAME`` is a torchvision classification model name; ``--teacher_weights`` is
 ``imagenet`` (torchvision's default weights, downloaded once into the torch hub cache), a local

@@ -1,1 +1,1 @@
-"""N2UQ ResNet-18/34/50 (SPEC §5)."""
+"""N2UQ ResNet-18/34/50 (docs/SPEC.md, architectures)."""

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train an N2UQ ResNet with the paper's recipe (SPEC §6).
+# Train an N2UQ ResNet with the paper's recipe (docs/SPEC.md, training recipe).
 #
 #   bash run.sh ARCH BITS QD [more train.py flags]
 #   bash run.sh resnet18 2 0                       # W2A2 ResNet-18, full-precision downsample

@@ -1,4 +1,4 @@
-"""Triton kernels for CUDA: the same operations as ``cpu_kernels.c`` (SPEC §1, §4).
+"""Triton kernels for CUDA: the same operations as ``cpu_kernels.c`` (docs/SPEC.md: activation quantizer, RPReLU).
 
 Importable without Triton or a GPU (``supports`` is then always False). A tensor is seen as
 ``[N, C, S]`` (``S = H·W``) in NCHW or channels_last layout; each program handles a tile of
@@ -218,7 +218,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _state_kernel(start_ptr, a_ptr, eps_ptr, s2_ptr, lev_ptr, out_ptr, two_over_n, N: tl.constexpr):
-        """LTQ state in one program (SPEC §1), the float32 operations of ``quant.ltq_state`` in its order:
+        """LTQ state in one program (the float32 operations of ``n2uq.kernels.ltq_state.ltq_state``, in its order):
         out = [a⁺ (N), thresholds (N), breakpoints (N+1), slopes (N), table (N+1)]."""
         eps = tl.load(eps_ptr)
         start = tl.load(start_ptr)
