@@ -124,8 +124,9 @@ class LTQFunction(torch.autograd.Function):
             inside = (xs > d[k - 1]) & (xs <= d[k])
             slope = interval / a_pos[k - 1]  # g = slope·(xs - d[k-1]) + (k-1)·interval here
             grad_here = torch.where(inside, grad_g, 0.0)
-            grad_xs += grad_here * slope  # ∂g/∂xs = slope
-            w_k = (grad_here * slope).sum()
+            grad_xs_here = grad_here * slope  # ∂g/∂xs = slope
+            grad_xs += grad_xs_here
+            w_k = grad_xs_here.sum()
             r_k = (grad_here * torch.where(inside, xs - d[k - 1], 0.0)).sum() * slope
             grad_start -= w_k  # ∂g/∂start = -slope: d[k-1] moves with start
             grad_a_pos[: k - 1] -= w_k  # ∂g/∂a⁺[j] = -slope for j < k-1: d[k-1] moves with them

@@ -252,3 +252,30 @@ def test_reference_runs_every_quantizer_module_through_its_definition(monkeypatc
     with use_backend("auto"):
         model(x).sum().backward()
     assert calls == {"ltq": 0, "conv": 1}  # only MobileNetV2's head conv (after PACT) is not in a stage
+
+
+def test_rprelu_operator_on_the_plain_pytorch_implementation():
+    """The fused block-output operator computed by torch_ops (what ``auto`` runs where no kernel
+    applies, e.g. CUDA without Triton) against the modules; the blocks call it directly with a kernel."""
+    from torch import nn
+
+    from n2uq import LearnableBias
+    from n2uq.kernels import torch_ops, use_backend
+    from n2uq.kernels.block_ops import rprelu as rprelu_op
+    from n2uq.kernels.select import implementation
+
+    b1, pr, b2 = _randomise(nn.ModuleList([LearnableBias(4), nn.PReLU(4), LearnableBias(4)]), 2)
+    a, r, up = (torch.randn(2, 4, 5, 5) for _ in range(3))
+
+    def run(fn):
+        a_, r_ = a.clone().requires_grad_(True), r.clone().requires_grad_(True)
+        y = fn(a_, r_)
+        return y, torch.autograd.grad(y, [a_, r_, b1.bias, pr.weight, b2.bias], up)
+
+    with use_backend("torch"):
+        assert implementation(a, a.dtype) is torch_ops
+        y, grads = run(lambda a_, r_: rprelu_op(a_, r_, b1.bias, pr.weight, b2.bias))
+    y_def, grads_def = run(lambda a_, r_: b2(pr(b1(a_ + r_))))
+    assert torch.equal(y, y_def)
+    names = ["a", "residual", "bias1", "prelu", "bias2"]
+    _assert_grads_close(zip(names, grads), zip(names, grads_def))
