@@ -23,4 +23,4 @@ for ((i = 1; i <= $#; i++)); do
 done
 
 source "$HERE/../scripts/launch_lib.sh"
-launch_training "$HERE/train.py" "log/mobilenetv2_${BITS}bit.txt" --data "$DATA" "$@"
+launch_training "$HERE/train.py" "log/mobilenetv2_$(method_tag "$@")${BITS}bit.txt" --data "$DATA" "$@"

@@ -4,6 +4,7 @@
 #   bash run.sh ARCH BITS QD [more train.py flags]
 #   bash run.sh resnet18 2 0                       # W2A2 ResNet-18, full-precision downsample
 #   DATA=/data/imagenet NPROC=4 bash run.sh resnet50 4 1 --amp bf16
+#   bash run.sh resnet18 2 0 --method lsq             # a compared method (lsq, pact, dorefa), same recipe
 #
 # ARCH: resnet18 | resnet34 | resnet50; BITS: 1..8; QD (quantize downsample): 0 | 1 | True | False,
 # always passed to train.py (whose own default is True, as in the reference).
@@ -26,5 +27,6 @@ DATA="${DATA:-./data/imagenet}"
 [ -d "$DATA" ] || die "data directory not found: $DATA (set DATA=/path/with/train+val, or run scripts/prepare_demo_data.py)"
 
 source "$HERE/../scripts/launch_lib.sh"
-launch_training "$HERE/train.py" "log/${ARCH}_${BITS}bit_quantize_downsample_${QD}.txt" \
+TAG="$(method_tag "$@")"
+launch_training "$HERE/train.py" "log/${ARCH}_${TAG}${BITS}bit_quantize_downsample_${QD}.txt" \
     --data "$DATA" --student "$ARCH" --n_bit "$BITS" --quantize_downsample "$QD" "$@"

@@ -2,6 +2,23 @@
 # processes, check the flags once, launch train.py (torchrun when several processes), tee the log.
 # Needs: PYTHON, die(). Reads: NPROC, TORCHRUN_ARGS.
 
+# The run-folder tag of --method and N2UQ's ablation flags among "$@", followed by "_" (as
+# n2uq.train_state.run_name puts it, e.g. "lsq_"); empty for plain N2UQ.
+method_tag() {
+    local method=n2uq uniform="" maxabs="" prev="" arg tag
+    for arg in "$@"; do
+        [ "$prev" = --method ] && method="$arg"
+        case "$arg" in
+            --method=*) method="${arg#--method=}";;
+            --uniform_thresholds) uniform="-uniform-thresholds";;
+            --maxabs_weights) maxabs="-maxabs-weights";;
+        esac
+        prev="$arg"
+    done
+    tag="$method$uniform$maxabs"
+    if [ "$tag" != n2uq ]; then echo "${tag}_"; fi
+}
+
 launch_training() {
     local script="$1" log="$2"; shift 2
     local nproc nnodes=1 status ngpu

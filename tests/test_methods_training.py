@@ -117,3 +117,18 @@ def test_pact_clipping_levels_get_their_own_decayed_group():
     n_clip = sum(1 for n, _ in model.named_parameters() if n.endswith(".clip_alpha"))
     assert len(groups["pact_alpha"]["params"]) == n_clip > 0 and groups["pact_alpha"]["weight_decay"] == 5e-4
     assert len(build_optimizer(resnet18(2, False, 10)).param_groups) == 3  # N2UQ: the reference's three groups
+
+
+def test_run_sh_names_the_log_like_the_run_folder():
+    """run.sh's log file carries the same method tag as the run folder (n2uq.train_state.run_name)."""
+    import subprocess
+
+    from n2uq.train_state import run_name
+    from tests.conftest import REPO_ROOT
+
+    cases = {(): "n2uq", ("--method", "lsq"): "lsq", ("--method=pact",): "pact",
+             ("--maxabs_weights", "--uniform_thresholds"): "n2uq-uniform-thresholds-maxabs-weights"}
+    for flags, tag in cases.items():
+        out = subprocess.run(["bash", "-c", 'source scripts/launch_lib.sh; method_tag "$@"', "_", *flags],
+                             cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        assert f"resnet18_{out}2bit_quantize_downsample_False" == run_name("resnet18", 2, False, tag)
