@@ -15,7 +15,8 @@ bit width, beside the full-precision model trained the same way and the paper's 
 The default recipe is the quick start's (Fashion-MNIST demo data: ResNet-18, 32×32 images, no
 teacher, no pretrained weights, batch 128, lr 2e-3), with ``--epochs`` (default 4) chosen so that
 the default grid — 4 methods × W2A2/W4A4 × 3 seeds, N2UQ's two ablations at W2A2 × 3 seeds and the
-full-precision reference × 3 seeds, 33 runs — fits in about 90 minutes on 2 CPU cores.
+full-precision reference × 3 seeds, 33 runs — takes about 90–100 minutes on 2 CPU cores
+(102 measured, docs/comparison.md).
 """
 
 from __future__ import annotations
