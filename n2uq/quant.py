@@ -181,6 +181,11 @@ class LTQ(nn.Module):
         return ltq_forward_thresholds(self.start, torch.where(self.a > self.eps, self.a, self.eps))
 
     @torch.no_grad()
+    def breakpoints(self) -> Tensor:
+        """The interval ends ``d`` of the G-STE surrogate on ``scale1·x`` (length n + 1)."""
+        return ltq_breakpoints(self.start, torch.where(self.a > self.eps, self.a, self.eps))
+
+    @torch.no_grad()
     def codes(self, x: Tensor) -> Tensor:
         """Integer output codes ``m`` in ``0..2^b-1`` (int64), so that ``forward(x) = L[m]·scale2``."""
         return ltq_codes(x * self.scale1, self.thresholds())

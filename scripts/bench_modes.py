@@ -25,11 +25,12 @@ from torch import Tensor, nn
 
 from n2uq import LTQ
 from n2uq.kernels import get_backend, ltq, use_backend
+from n2uq.losses import kd_loss
 from resnet.resnet import resnet18
 from scripts.bench_measure import SavedTensors, interleaved, median_ms, min_ms
 from tests.reference import reference_ltq
 
-__all__ = ["quantizer_mode", "step_mode", "gpu_mode", "kd_loss", "make_step", "saved_activation_bytes"]
+__all__ = ["quantizer_mode", "step_mode", "gpu_mode", "make_step", "saved_activation_bytes"]
 
 # ---------------------------------------------------------------------------------------------
 # Quantizer
@@ -119,12 +120,6 @@ def quantizer_mode(args: argparse.Namespace, device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------
 # Training step
 # ---------------------------------------------------------------------------------------------
-
-
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """``mean_batch(-Σ_c softmax(teacher)_c · log_softmax(student)_c)``, the paper's distillation loss
-    (docs/SPEC.md, training recipe)."""
-    return -(F.softmax(teacher_logits, dim=1) * F.log_softmax(student_logits, dim=1)).sum(1).mean()
 
 
 def make_step(model: nn.Module, teacher: Optional[nn.Module], images: Tensor, labels: Tensor,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import statistics
 import sys
@@ -12,13 +13,13 @@ from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from n2uq.tables import load_paper_results  # noqa: E402
+from n2uq.tables import METHOD_ROWS, load_paper_results  # noqa: E402
 
 __all__ = ["RunResult", "Summary", "summarize", "write_report"]
 
 #: Row order of the table, and the paper's name of each method (ResNet-18 rows of its table).
 ORDER = ["n2uq", "n2uq-uniform-thresholds", "n2uq-maxabs-weights", "lsq", "pact", "dorefa", "full precision"]
-PAPER_NAMES = {"n2uq": "N2UQ *", "lsq": "LSQ", "pact": "PACT", "dorefa": "DoReFa-Net"}
+PAPER_NAMES = {"n2uq": "N2UQ *", **METHOD_ROWS}
 DISPLAY = {"n2uq": "N2UQ", "n2uq-uniform-thresholds": "N2UQ, uniform thresholds (ablation)",
            "n2uq-maxabs-weights": "N2UQ, max-abs weight scale (ablation)", "lsq": "LSQ", "pact": "PACT",
            "dorefa": "DoReFa-Net", "full precision": "full precision"}
@@ -50,10 +51,18 @@ def summarize(results: List[RunResult]) -> Dict[Tuple[str, Optional[int]], Summa
             for key, v in groups.items()}
 
 
+@functools.cache
+def _paper_resnet18() -> Dict[Tuple[str, int], float]:
+    """The paper's ResNet-18 top-1 by (row name, bits), read once; the first row of a cell wins."""
+    table: Dict[Tuple[str, int], float] = {}
+    for r in load_paper_results():
+        if r.network == "ResNet-18":
+            table.setdefault((r.method, r.bits), r.top1)
+    return table
+
+
 def _paper(label: str, bits: int) -> Optional[float]:
-    name = PAPER_NAMES.get(label)
-    rows = [r for r in load_paper_results() if r.network == "ResNet-18" and r.method == name and r.bits == bits]
-    return rows[0].top1 if rows else None
+    return _paper_resnet18().get((PAPER_NAMES.get(label), bits))
 
 
 def _separations(summary: Dict[Tuple[str, Optional[int]], Summary]) -> List[str]:

@@ -35,7 +35,13 @@ from n2uq.checkpoint import (  # noqa: E402
 from n2uq.cli import OneLineParser, UsageError, check_ranges, run_main  # noqa: E402
 from n2uq.distributed import cleanup, init_distributed  # noqa: E402
 from n2uq.engine import configure_threads, default_workers, evaluate  # noqa: E402
-from scripts.model_zoo import build_full_precision, build_model, full_precision_resnet  # noqa: E402
+from scripts.model_zoo import (  # noqa: E402
+    build_full_precision,
+    build_model,
+    evaluation_sizes,
+    full_precision_resnet,
+    training_args,
+)
 
 
 def build_parser() -> OneLineParser:
@@ -89,10 +95,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.amp == "fp16" and args.device == "cpu":
         raise UsageError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
     state_dict, (tag, description, num_classes, make_model), meta = _read(args.checkpoint)
-    trained = meta.get("args") if isinstance(meta.get("args"), dict) else {}
-    image_size = args.image_size or int(trained.get("image_size", 224))
-    val_resize = args.val_resize or int(trained.get("val_resize", max(256, image_size)))
-    amp = args.amp or str(trained.get("amp", "none"))
+    image_size, val_resize = evaluation_sizes(meta, args.image_size, args.val_resize)
+    amp = args.amp or str(training_args(meta).get("amp", "none"))
 
     dataset = D.image_folder(args.data, args.split, D.val_transform(image_size, val_resize))
     if len(dataset.classes) != num_classes:

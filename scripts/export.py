@@ -37,7 +37,7 @@ from n2uq.data import DataError, image_folder, val_transform  # noqa: E402
 from n2uq.export.graph import run_graph, trace_graph  # noqa: E402
 from n2uq.export.integer import IntegerModel, convert  # noqa: E402
 from n2uq.export.verify import Agreement, check_against_fake_quant, check_against_runtime  # noqa: E402
-from scripts.model_zoo import build_model  # noqa: E402
+from scripts.model_zoo import build_model, evaluation_sizes  # noqa: E402
 
 FORMATS = ("onnx", "qonnx", "packed")
 
@@ -184,9 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if config.method != "n2uq":
         raise UsageError(f"{args.checkpoint} is a {config.method} model: integer export covers N2UQ models (LTQ "
                          f"activations, HardQuantizeConv weights) and their ablations, not the compared methods")
-    train_args = meta.get("args") if isinstance(meta.get("args"), dict) else {}
-    image_size = args.image_size or int(train_args.get("image_size", 224))
-    val_resize = args.val_resize or int(train_args.get("val_resize", max(256, image_size)))
+    image_size, val_resize = evaluation_sizes(meta, args.image_size, args.val_resize)
     model = build_model(config)
     load_state_dict_strict(model, state_dict, source=args.checkpoint)
     model.eval()

@@ -16,13 +16,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from mobilenetv2.mobilenet_v2 import MobileNetV2  # noqa: E402
-from n2uq.checkpoint import (  # noqa: E402
-    CheckpointError,
-    ModelConfig,
-    infer_config,
-    load_state_dict_strict,
-    read_state_and_meta,
-)
+from n2uq.checkpoint import ModelConfig, load_model_state, load_state_dict_strict  # noqa: E402
 from n2uq.methods import Quantizers  # noqa: E402
 from resnet.resnet import ARCHS as RESNET_ARCHS  # noqa: E402
 
@@ -62,11 +56,21 @@ def build_full_precision(arch: str, num_classes: int) -> nn.Module:
 
 def load_checkpoint_model(path: str) -> Tuple[nn.Module, str, Dict[str, Any]]:
     """``(model with the file's weights loaded strictly, its tag, the file's other entries)``."""
-    state_dict, meta = read_state_and_meta(path)
-    try:
-        config = infer_config(state_dict, meta)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+    state_dict, config, meta = load_model_state(path)
     model = build_model(config)
     load_state_dict_strict(model, state_dict, source=path)
     return model, config.tag, meta
+
+
+def evaluation_sizes(meta: Dict[str, Any], image_size: Optional[int] = None,
+                     val_resize: Optional[int] = None) -> Tuple[int, int]:
+    """``(center crop, resize)`` for evaluating a checkpoint: the given values, else the training run's
+    (``meta['args']``), else 224 and ``max(256, crop)``."""
+    trained = training_args(meta)
+    image_size = image_size or int(trained.get("image_size", 224))
+    return image_size, val_resize or int(trained.get("val_resize", max(256, image_size)))
+
+
+def training_args(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """The training run's arguments a checkpoint records (``{}`` for a file without them)."""
+    return meta.get("args") if isinstance(meta.get("args"), dict) else {}

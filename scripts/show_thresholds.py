@@ -24,9 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from n2uq import LTQ  # noqa: E402
 from n2uq import data as D  # noqa: E402
-from n2uq.cli import OneLineParser, UsageError, check_output_dir, run_main  # noqa: E402
-from n2uq.quant import ltq_breakpoints  # noqa: E402
-from scripts.model_zoo import load_checkpoint_model  # noqa: E402
+from n2uq.cli import OneLineParser, UsageError, check_output_dir, check_ranges, run_main  # noqa: E402
+from scripts.model_zoo import evaluation_sizes, load_checkpoint_model  # noqa: E402
 
 
 def build_parser() -> OneLineParser:
@@ -93,8 +92,7 @@ def plot(layers: Dict[str, LTQ], inputs: Optional[Dict[str, Tensor]], title: str
         ax.set_visible(False)
     for ax, (name, q) in zip(axes.flat, layers.items()):
         with torch.no_grad():
-            a_pos = torch.where(q.a > q.eps, q.a, q.eps)
-            d = ltq_breakpoints(q.start, a_pos)
+            d = q.breakpoints()
             learned = q.thresholds()
             lo, hi = float(d[0]), float(d[-1])
             uniform = lo + (hi - lo) * (torch.arange(q.n_val) + 0.5) / q.n_val
@@ -123,17 +121,14 @@ def plot(layers: Dict[str, LTQ], inputs: Optional[Dict[str, Tensor]], title: str
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.images <= 0:
-        raise UsageError(f"--images must be positive, got {args.images}")
+    check_ranges({"--images": args.images})
     check_output_dir(str(Path(args.out).resolve().parent), "--out")
     model, tag, meta = load_checkpoint_model(args.checkpoint)
     model.eval()
     layers = pick_layers(model, args.layers)
     inputs = None
     if args.data is not None:
-        trained = meta.get("args") if isinstance(meta.get("args"), dict) else {}
-        size = int(trained.get("image_size", 224))
-        dataset = D.image_folder(args.data, args.split, D.val_transform(size, int(trained.get("val_resize", 256))))
+        dataset = D.image_folder(args.data, args.split, D.val_transform(*evaluation_sizes(meta)))
         loader = D.build_val_loader(dataset, 64, 0, 1, 0, False)
         inputs = collect_inputs(model, layers, loader, args.images)
     plot(layers, inputs, f"{tag}: learned LTQ thresholds vs the uniform grid ({Path(args.checkpoint).name})",
