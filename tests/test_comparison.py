@@ -1,0 +1,89 @@
+"""``scripts/compare_methods.py`` (methods × bits × seeds through the one engine, resumable, with its
+report) and ``scripts/show_thresholds.py`` (the learned thresholds of a real checkpoint)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from n2uq.cli import run_main
+from scripts import compare_methods, show_thresholds
+from scripts.comparison_report import RunResult, render_markdown, summarize
+
+TINY_RECIPE = "--teacher none --pretrained none --batch_size 6 --image_size 16 --val_resize 16 -j 0"
+GRID = ["--methods", "n2uq", "dorefa", "--bits", "2", "--seeds", "0", "--ablations", "--no_full_precision",
+        "--epochs", "2", "--recipe", TINY_RECIPE]
+
+
+def _run(main, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, argv)
+    return exit_info.value.code
+
+
+@pytest.fixture(scope="module")
+def comparison(tiny_imagefolder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("comparison")
+    assert _run(compare_methods.main, ["--data", str(tiny_imagefolder), "--out", str(out), *GRID]) == 0
+    return out
+
+
+def test_every_cell_is_trained_through_train_py_and_reported(comparison):
+    n2uq_run = comparison / "seed0" / "resnet18_2bit_quantize_downsample_False"
+    dorefa_run = comparison / "seed0" / "resnet18_dorefa_2bit_quantize_downsample_False"
+    assert (n2uq_run / "model_best.pth.tar").is_file() and (dorefa_run / "model_best.pth.tar").is_file()
+    with open(comparison / "comparison.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["bits"], r["seed"]) for r in rows] == [("n2uq", "2", "0"), ("dorefa", "2", "0")]
+    for row, run in zip(rows, (n2uq_run, dorefa_run)):
+        assert float(row["final_top1"]) == pytest.approx(compare_methods.finished(run, 2)[0], abs=0.005)
+    assert [r["paper_imagenet_top1"] for r in rows] == ["69.7", "64.7"]  # the paper's ResNet-18 W2A2 rows
+    report = (comparison / "comparison.md").read_text()
+    assert "| N2UQ | " in report and "| DoReFa-Net | " in report and "LSQ" not in report
+
+
+def test_a_repeated_command_trains_nothing(comparison, tiny_imagefolder, capsys):
+    before = {p: p.stat().st_mtime_ns for p in comparison.glob("seed0/*/checkpoint.pth.tar")}
+    assert _run(compare_methods.main, ["--data", str(tiny_imagefolder), "--out", str(comparison), *GRID]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done earlier") == 2 and "training ..." not in out
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_report_only_needs_finished_runs(tmp_path, capsys):
+    assert _run(compare_methods.main, ["--out", str(tmp_path), "--report_only", *GRID]) == 2
+    assert "no finished run of 2 epochs" in capsys.readouterr().err
+
+
+def test_summary_and_seed_spread_verdicts():
+    results = [RunResult("n2uq", 2, s, top1, top1) for s, top1 in enumerate((80.0, 82.0, 81.0))]
+    results += [RunResult("lsq", 2, s, top1, top1) for s, top1 in enumerate((84.0, 85.0, 86.0))]
+    results += [RunResult("pact", 2, s, top1, top1) for s, top1 in enumerate((80.5, 81.5, 81.0))]
+    summary = summarize(results)
+    assert summary[("n2uq", 2)].mean == pytest.approx(81.0) and summary[("n2uq", 2)].std == pytest.approx(1.0)
+    report = render_markdown(summary, "test recipe")
+    assert "| N2UQ | 81.00 ± 1.00 (3) | 69.7 |" in report
+    assert "N2UQ − LSQ = -4.00 points (spread 2.00): larger than the seed spread" in report
+    assert "N2UQ − PACT = +0.00 points (spread 1.50): within the seed spread" in report
+
+
+def test_show_thresholds_draws_a_trained_checkpoint(comparison, tiny_imagefolder, tmp_path, capsys):
+    ckpt = comparison / "seed0" / "resnet18_2bit_quantize_downsample_False" / "model_best.pth.tar"
+    png = tmp_path / "thresholds.png"
+    argv = ["--checkpoint", str(ckpt), "--data", str(tiny_imagefolder), "--images", "4", "--out", str(png),
+            "--layers", "layer1.0.quan1", "layer4.1.quan2"]
+    assert _run(show_thresholds.main, argv) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "layer1.0.quan1, layer4.1.quan2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("run, layers, message", [
+    ("resnet18_2bit_quantize_downsample_False", ["layer9.quan1"], "no LTQ layer named layer9.quan1"),
+    ("resnet18_dorefa_2bit_quantize_downsample_False", [], "the checkpoint has no LTQ layer"),
+])
+def test_show_thresholds_bad_input_is_one_line(comparison, tmp_path, capsys, run, layers, message):
+    argv = ["--checkpoint", str(comparison / "seed0" / run / "model_best.pth.tar"), "--out", str(tmp_path / "t.png")]
+    assert _run(show_thresholds.main, argv + (["--layers", *layers] if layers else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
