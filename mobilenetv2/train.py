@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mobilenetv2.mobilenet_v2 import MobileNetV2  # noqa: E402
 from n2uq import engine  # noqa: E402
-from n2uq.cli import build_train_parser, quantizers_from_args, run_main, validate_train_args  # noqa: E402
+from n2uq.cli import build_train_parser, run_main, validate_train_args  # noqa: E402
 from n2uq.recipe import MOBILENETV2_ALPHA_PATTERNS  # noqa: E402
 
 
@@ -29,12 +29,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                                            "script started there; SAVE/mobilenetv2_<method>_<b>bit/ with another "
                                            "--method or an ablation)")
     args = parser.parse_args(argv)
-    validate_train_args(args)
+    quantizers = validate_train_args(args)
     if args.check_only:
         return 0
     if args.pretrained == "auto":
         args.pretrained = "authors"
-    quantizers = quantizers_from_args(args)
     method = "" if quantizers.is_default else f"{quantizers.tag}_"
     config = {"arch": "mobilenetv2", "n_bit": args.n_bit, "quantize_downsample": False, "method": quantizers.tag,
               "quantizers": quantizers.as_dict()}

@@ -19,6 +19,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from n2uq.methods import method_tag
+
 __all__ = [
     "CheckpointError",
     "StateDictMismatchError",
@@ -64,10 +66,7 @@ class ModelConfig:
     @property
     def method_tag(self) -> str:
         """``n2uq``, ``lsq``, ... or N2UQ with its ablations (``n2uq-uniform-thresholds``, ...)."""
-        parts = [self.method]
-        parts += [] if self.learned_thresholds else ["uniform-thresholds"]
-        parts += [] if self.entropy_preserving else ["maxabs-weights"]
-        return "-".join(parts)
+        return method_tag(self.method, self.learned_thresholds, self.entropy_preserving)
 
     @property
     def tag(self) -> str:

@@ -178,10 +178,12 @@ def check_output_dir(path: str, flag: str) -> None:
                          f"pass a folder you can write to")
 
 
-def validate_train_args(args: argparse.Namespace, world_size: Optional[int] = None) -> None:
-    """Cross-flag checks argparse cannot do; raises :class:`UsageError` / :class:`DataError`."""
+def validate_train_args(args: argparse.Namespace, world_size: Optional[int] = None) -> Quantizers:
+    """Cross-flag checks argparse cannot do; raises :class:`UsageError` / :class:`DataError`.
+
+    Returns the quantizers the flags ask for (:func:`quantizers_from_args`)."""
     world_size = env_world_size() if world_size is None else world_size
-    quantizers_from_args(args)
+    quantizers = quantizers_from_args(args)
     check_data_dir(args.data)
     check_ranges({"--batch_size": args.batch_size, "--epochs": args.epochs, "--image_size": args.image_size,
                   "--val_resize": args.val_resize, "--learning_rate": args.learning_rate,
@@ -215,6 +217,7 @@ def validate_train_args(args: argparse.Namespace, world_size: Optional[int] = No
         raise UsageError(f"--pretrained file not found: {args.pretrained} "
                          f"(use auto, torchvision, authors, none or an existing file)")
     check_output_dir(args.save, "--save")
+    return quantizers
 
 
 _USAGE_ERRORS = (UsageError, DataError)

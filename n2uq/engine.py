@@ -29,7 +29,7 @@ from n2uq.distributed import DistEnv, cleanup, init_distributed
 from n2uq.loop import LoopContext, NonFiniteError, autocast, evaluate, say, train_one_epoch
 from n2uq.metrics import MetricsLogger
 from n2uq.pretrained import load_pretrained
-from n2uq.recipe import PACT_ALPHA_DECAY, RESNET_ALPHA_PATTERNS, build_optimizer, build_scheduler
+from n2uq.recipe import RESNET_ALPHA_PATTERNS, build_optimizer, build_scheduler
 from n2uq.resume import check_resume, read_resume, resolve_resume, restore_training
 from n2uq.run_control import RunControl
 from n2uq.teacher import build_teacher
@@ -149,10 +149,9 @@ def _initialise(model: nn.Module, args: Namespace, config: Dict[str, Any], run_d
 
 
 def _training_parts(model: nn.Module, args: Namespace, alpha_patterns: Sequence[str]) -> TrainingParts:
-    pact_decay = getattr(args, "pact_alpha_decay", None)
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, (args.momentum, 0.999),
                                 alpha_patterns, all_ltq_a=args.alpha_group == "all_ltq",
-                                pact_alpha_decay=PACT_ALPHA_DECAY if pact_decay is None else pact_decay)
+                                pact_alpha_decay=args.pact_alpha_decay)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
     return TrainingParts(model, optimizer, build_scheduler(optimizer, args.epochs), scaler)
 

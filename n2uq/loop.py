@@ -180,7 +180,7 @@ def _skip_for_unreadable(bad: List[D.BadSample], target: torch.Tensor, ctx: Loop
 
     A rank left with fewer than two readable images makes all skip it (BatchNorm needs two).
     """
-    skip = getattr(ctx.args, "skip_bad_images", False)
+    skip = ctx.args.skip_bad_images
     short = target.numel() == 0 or (bool(bad) and target.numel() == 1)  # shrunk below what BatchNorm needs
     n_bad, n_short = all_ranks_sum([len(bad), short], ctx.env.device)
     if n_bad:
@@ -241,7 +241,7 @@ def _skip_nonfinite_loss(loss: torch.Tensor, optimizer: torch.optim.Optimizer, c
         return False
     value = check[1].item()
     where = f"epoch {cursor.epoch + 1}, step {step + 1}/{cursor.steps_in_epoch}"
-    if not getattr(ctx.args, "skip_nonfinite", False):
+    if not ctx.args.skip_nonfinite:
         raise NonFiniteError(f"non-finite loss ({value}) in {where}; stopped before the optimizer step")
     optimizer.zero_grad(set_to_none=True)
     cursor.skipped["nonfinite_batches"] += 1

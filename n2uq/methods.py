@@ -30,12 +30,23 @@ from torch import nn
 from n2uq.baselines import DoReFaActivation, DoReFaConv, LSQActivation, LSQConv, PACTActivation
 from n2uq.quant import LTQ, HardQuantizeConv, MaxAbsQuantizeConv
 
-__all__ = ["METHODS", "Quantizers"]
+__all__ = ["METHODS", "Quantizers", "method_tag"]
 
 METHODS = ("n2uq", "lsq", "pact", "dorefa")
 
 _ACTIVATIONS = {"lsq": LSQActivation, "pact": PACTActivation, "dorefa": DoReFaActivation}
 _CONVS = {"lsq": LSQConv, "pact": DoReFaConv, "dorefa": DoReFaConv}
+
+
+def method_tag(method: str, learned_thresholds: bool = True, entropy_preserving: bool = True) -> str:
+    """``n2uq``, ``lsq``, ``pact``, ``dorefa``, or N2UQ with its ablations (``n2uq-uniform-thresholds``,
+    ``n2uq-maxabs-weights``, both joined): the name used in run folders, checkpoints and tables."""
+    parts = [method]
+    if not learned_thresholds:
+        parts.append("uniform-thresholds")
+    if not entropy_preserving:
+        parts.append("maxabs-weights")
+    return "-".join(parts)
 
 
 @dataclass(frozen=True)
@@ -67,12 +78,7 @@ class Quantizers:
     def tag(self) -> str:
         """``n2uq``, ``lsq``, ``pact``, ``dorefa``, or N2UQ with its ablations, e.g.
         ``n2uq-uniform-thresholds`` / ``n2uq-maxabs-weights``: the name used in run folders and tables."""
-        parts = [self.method]
-        if not self.learned_thresholds:
-            parts.append("uniform-thresholds")
-        if not self.entropy_preserving:
-            parts.append("maxabs-weights")
-        return "-".join(parts)
+        return method_tag(self.method, self.learned_thresholds, self.entropy_preserving)
 
     def activation(self) -> nn.Module:
         """The activation quantizer of one stage (``quan{i}``)."""

@@ -141,7 +141,7 @@ def _gdown(file_id: str, path: str) -> None:
 def fetch_authors_file(arch: str, quantize_downsample: bool, models_dir: str) -> str:
     """The local path of the authors' file, downloading it with gdown when it is missing."""
     path, file_id = authors_file(arch, quantize_downsample, models_dir)
-    if os.path.isfile(path) and os.path.getsize(path) > 0:
+    if find_file(os.path.basename(path), [models_dir]) is not None:
         return path
     try:
         _gdown(file_id, path)

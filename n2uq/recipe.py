@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -60,12 +60,12 @@ def split_parameters(model: nn.Module, alpha_patterns: Iterable[str],
 def build_optimizer(model: nn.Module, lr: float = 1.25e-3, weight_decay: float = 0.0,
                     betas: Tuple[float, float] = (0.9, 0.999),
                     alpha_patterns: Sequence[str] = RESNET_ALPHA_PATTERNS,
-                    all_ltq_a: bool = False, pact_alpha_decay: float = PACT_ALPHA_DECAY) -> torch.optim.Adam:
+                    all_ltq_a: bool = False, pact_alpha_decay: Optional[float] = None) -> torch.optim.Adam:
     """Adam over the three groups; each group dict carries its ``name``.
 
     A model of the compared PACT method has a fourth group, ``pact_alpha``: its clipping levels
-    (parameters named ``*.clip_alpha``) at the full lr with L2 decay ``pact_alpha_decay``, as the
-    PACT paper regularises them; N2UQ models keep the reference's three groups.
+    (parameters named ``*.clip_alpha``) at the full lr with L2 decay ``pact_alpha_decay`` (``None``:
+    :data:`PACT_ALPHA_DECAY`), as the PACT paper regularises them; N2UQ models keep the reference's three groups.
 
     ``foreach=True`` on every device: PyTorch's CPU default (one kernel per tensor) is about ten
     times slower on ResNet-18 and gives the same update up to float rounding.
@@ -80,7 +80,8 @@ def build_optimizer(model: nn.Module, lr: float = 1.25e-3, weight_decay: float =
         {"name": "weights", "params": [p for _, p in groups["weights"]], "weight_decay": weight_decay},
     ]
     if clip:
-        param_groups.append({"name": "pact_alpha", "params": clip, "weight_decay": pact_alpha_decay})
+        decay = PACT_ALPHA_DECAY if pact_alpha_decay is None else pact_alpha_decay
+        param_groups.append({"name": "pact_alpha", "params": clip, "weight_decay": decay})
     return torch.optim.Adam(param_groups, lr=lr, betas=betas, weight_decay=0.0, foreach=True)
 
 

@@ -119,7 +119,7 @@ def restore_training(parts: TrainingParts, ckpt: Mapping[str, Any], source: str,
             parts.optimizer.load_state_dict(state)
         else:
             what = f"Adam state not restored ({what}); Adam starts afresh"
-        finished = progress.next_epoch + (1 if progress.step_in_epoch else 0)
+        finished = progress.next_epoch  # a reference file is written at the end of an epoch
         replay_schedule(parts.scheduler, finished)
         notes.append(f"checkpoint of the reference's format: {what}; learning-rate schedule replayed over "
                      f"{finished} finished epoch(s)")

@@ -18,7 +18,7 @@ from typing import List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from n2uq import engine  # noqa: E402
-from n2uq.cli import UsageError, build_train_parser, quantizers_from_args, run_main, validate_train_args  # noqa: E402
+from n2uq.cli import UsageError, build_train_parser, run_main, validate_train_args  # noqa: E402
 from n2uq.recipe import RESNET_ALPHA_PATTERNS  # noqa: E402
 from n2uq.train_state import run_name  # noqa: E402
 from resnet.resnet import ARCHS  # noqa: E402
@@ -33,11 +33,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not hasattr(args, "quantize_downsample"):  # not given: the reference's default (no such layer in torchvision's)
         args.quantize_downsample = not args.full_precision
-    validate_train_args(args)
+    quantizers = validate_train_args(args)
     if args.full_precision and args.quantize_downsample:
         raise UsageError("--full_precision trains torchvision's full-precision ResNet, which has no quantized "
                          "downsample; drop --quantize_downsample or --full_precision")
-    quantizers = quantizers_from_args(args)
     if args.full_precision and not quantizers.is_default:
         raise UsageError("--full_precision trains a model without quantizers; drop --method and the ablation flags")
     if args.check_only:
