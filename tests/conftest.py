@@ -44,6 +44,19 @@ def make_image_folder(root: Union[str, Path], classes: int = 3, train_per_class:
     return root
 
 
+def write_idx(folder: Path, images: np.ndarray, labels: np.ndarray, split: str) -> None:
+    """Fashion-MNIST-style idx files (gzip) for ``split`` (``train`` or ``val``), under the names
+    ``scripts/prepare_demo_data.py`` reads."""
+    import gzip
+
+    from scripts import prepare_demo_data
+
+    for name, arr in zip(prepare_demo_data.FILES[split], (images, labels)):
+        header = (0x0800 | arr.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+        with gzip.open(Path(folder) / f"{name}.gz", "wb") as f:
+            f.write(header + arr.astype(np.uint8).tobytes())
+
+
 @pytest.fixture(scope="session")
 def tiny_imagefolder(tmp_path_factory) -> Path:
     """3 classes, 4 training images each (12), 3 + 2 + 2 = 7 validation images (odd), 16×16."""

@@ -12,12 +12,15 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import n2uq.quant
-from n2uq import LTQ
-from n2uq.kernels import ltq, quant_stage
+from n2uq import LTQ, HardQuantizeConv, LearnableBias
+from n2uq.kernels import ltq, quant_stage, rprelu, use_backend
+from n2uq.kernels.block_ops import rprelu as rprelu_op
+from n2uq.kernels.torch_ops import codes_of
 from n2uq.quant import ltq_breakpoints, ltq_forward_thresholds
-from tests.test_fused import Stage, _assert_grads_close, _randomise, _run
+from tests.test_fused import Stage, _assert_grads_close, _model_grads, _randomise, _run
 
 BITS = [1, 2, 3, 4, 8]
 
@@ -131,23 +134,23 @@ def test_nan_and_inf_give_the_reference_outputs(fast_backend, chain):
 
 
 def test_rprelu_with_residual_matches_modules(fast_backend):
-    from torch import nn
-
-    from n2uq import LearnableBias
-    from n2uq.kernels import rprelu
-
+    """The fused block-output RPReLU against the modules. Under ``torch`` the blocks run the modules
+    themselves (nothing to gain from fusing), so the operator is called directly: it is what ``auto``
+    runs where no kernel applies (e.g. CUDA without Triton)."""
     b1, pr, b2 = _randomise(nn.ModuleList([LearnableBias(5), nn.PReLU(5), LearnableBias(5)]), 1).to(
         fast_backend.device)
     a, r, up = (torch.randn(2, 5, 6, 6, device=fast_backend.device) for _ in range(3))
-    if fast_backend.name != "torch":  # torch: the modules themselves run (nothing to fuse)
-        fast_backend.assert_computes(a)
+    fast_backend.assert_computes(a)
 
     def run(fn):
         a_, r_ = a.clone().requires_grad_(True), r.clone().requires_grad_(True)
         y = fn(a_, r_)
         return y, torch.autograd.grad(y, [a_, r_, b1.bias, pr.weight, b2.bias], up)
 
-    y, grads = run(lambda a_, r_: rprelu(a_, b1, pr, b2, residual=r_))
+    if fast_backend.name == "torch":
+        y, grads = run(lambda a_, r_: rprelu_op(a_, r_, b1.bias, pr.weight, b2.bias))
+    else:
+        y, grads = run(lambda a_, r_: rprelu(a_, b1, pr, b2, residual=r_))
     y_def, grads_def = run(lambda a_, r_: b2(pr(b1(a_ + r_))))
     assert torch.equal(y, y_def)
     names = ["a", "residual", "bias1", "prelu", "bias2"]
@@ -155,8 +158,6 @@ def test_rprelu_with_residual_matches_modules(fast_backend):
 
 
 def test_ltq_codes_of_the_torch_operators_match_the_definition():
-    from n2uq.kernels.torch_ops import codes_of
-
     xs = torch.tensor(SPECIAL + [0.1, 0.5, 0.9])
     thresholds = torch.tensor([-0.2, 0.1, 0.5])
     assert torch.equal(codes_of(xs, thresholds), n2uq.quant.ltq_codes(xs, thresholds))
@@ -178,16 +179,10 @@ def _model(tag: str, device) -> torch.nn.Module:
 
 
 def _logits_and_grads(model, x, upstream, train: bool, backend: str):
-    from n2uq.kernels import use_backend
-
     model = copy.deepcopy(model).train(train)  # train-mode BN updates running stats: start from the same
     with use_backend(backend):
-        x = x.clone().requires_grad_(True)
-        out = model(x)
-        params = [p for p in model.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(out, [x, *params], upstream)
-    names = ["x"] + [n for n, p in model.named_parameters() if p.requires_grad]
-    return out.detach(), list(zip(names, grads))
+        out, grads = _model_grads(model, x, upstream)
+    return out.detach(), grads
 
 
 @pytest.mark.parametrize("tag", MODEL_TAGS)
@@ -225,9 +220,6 @@ def test_an_edited_definition_reaches_the_models_under_reference(monkeypatch):
 
 
 def test_reference_runs_every_quantizer_module_through_its_definition(monkeypatch):
-    from n2uq import HardQuantizeConv
-    from n2uq.kernels import use_backend
-
     calls = {"ltq": 0, "conv": 0}
     real_ltq, real_conv = n2uq.quant.LTQFunction.forward, HardQuantizeConv.forward
 
@@ -252,30 +244,3 @@ def test_reference_runs_every_quantizer_module_through_its_definition(monkeypatc
     with use_backend("auto"):
         model(x).sum().backward()
     assert calls == {"ltq": 0, "conv": 1}  # only MobileNetV2's head conv (after PACT) is not in a stage
-
-
-def test_rprelu_operator_on_the_plain_pytorch_implementation():
-    """The fused block-output operator computed by torch_ops (what ``auto`` runs where no kernel
-    applies, e.g. CUDA without Triton) against the modules; the blocks call it directly with a kernel."""
-    from torch import nn
-
-    from n2uq import LearnableBias
-    from n2uq.kernels import torch_ops, use_backend
-    from n2uq.kernels.block_ops import rprelu as rprelu_op
-    from n2uq.kernels.select import implementation
-
-    b1, pr, b2 = _randomise(nn.ModuleList([LearnableBias(4), nn.PReLU(4), LearnableBias(4)]), 2)
-    a, r, up = (torch.randn(2, 4, 5, 5) for _ in range(3))
-
-    def run(fn):
-        a_, r_ = a.clone().requires_grad_(True), r.clone().requires_grad_(True)
-        y = fn(a_, r_)
-        return y, torch.autograd.grad(y, [a_, r_, b1.bias, pr.weight, b2.bias], up)
-
-    with use_backend("torch"):
-        assert implementation(a, a.dtype) is torch_ops
-        y, grads = run(lambda a_, r_: rprelu_op(a_, r_, b1.bias, pr.weight, b2.bias))
-    y_def, grads_def = run(lambda a_, r_: b2(pr(b1(a_ + r_))))
-    assert torch.equal(y, y_def)
-    names = ["a", "residual", "bias1", "prelu", "bias2"]
-    _assert_grads_close(zip(names, grads), zip(names, grads_def))

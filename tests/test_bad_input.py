@@ -6,13 +6,11 @@ failures, no traceback unless --debug. Each case here is a row of the table in d
 from __future__ import annotations
 
 import errno
-import gzip
 import os
 import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +23,7 @@ from n2uq.recipe import RESNET_ALPHA_PATTERNS
 from resnet import train as resnet_train
 from resnet.resnet import resnet18
 from scripts import evaluate, export, prepare_demo_data, reproduce_tables
-from tests.conftest import REPO_ROOT, make_image_folder
+from tests.conftest import REPO_ROOT, make_image_folder, write_idx
 from tests.reference_training_file import write_reference_checkpoint
 
 MAINS = {"train": resnet_train.main, "mbv2": mobilenet_train.main, "evaluate": evaluate.main,
@@ -172,15 +170,6 @@ CASES = [
     case("demo-out-not-empty", "demo", [*D, "--out", "{tmp}"], 2, "already exists and is not empty; pass --overwrite"),
     case("demo-out-is-a-file", "demo", [*D, "--out", "{notckpt}"], 2, "is a file, not a folder"),
 ]
-
-
-def write_idx(folder: Path, images: np.ndarray, labels: np.ndarray, split: str) -> None:
-    """Fashion-MNIST-style idx files (gzip) for ``split``."""
-    names = prepare_demo_data.FILES[split]
-    for name, arr in zip(names, (images, labels)):
-        header = (0x0800 | arr.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape)
-        with gzip.open(folder / f"{name}.gz", "wb") as f:
-            f.write(header + arr.astype(np.uint8).tobytes())
 
 
 @pytest.fixture(scope="module")

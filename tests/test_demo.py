@@ -7,7 +7,6 @@ the test's choosing (``N2UQ_DEMO_SOURCE``), no apt (``N2UQ_DEMO_APT_GET=none``) 
 
 from __future__ import annotations
 
-import gzip
 import os
 import shutil
 import subprocess
@@ -18,7 +17,7 @@ from typing import List, Optional
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT, make_image_folder
+from tests.conftest import REPO_ROOT, make_image_folder, write_idx
 
 DEMO = REPO_ROOT / "demo.sh"
 
@@ -109,12 +108,18 @@ def test_source_without_idx_files_is_exit_3(tmp_path):
     assert len(lines) == 1 and f"no Fashion-MNIST idx files in {other} (--source)" in lines[0], proc.stderr
 
 
-def test_fresh_removes_the_run_and_rebuilds_the_data(tmp_path):
-    make_image_folder(tmp_path / "data" / "fashion_mnist_50x20", classes=10, train_per_class=50,
-                      val_per_class=20, size=8)
-    run = tmp_path / "models" / "demo" / "fashion_mnist_50x20_2ep" / "resnet18_2bit_quantize_downsample_False"
+def _quick_data_and_run(work: Path, checkpoint: bytes) -> Path:
+    """The quick mode's complete data set and its run folder holding ``checkpoint``; returns the run."""
+    make_image_folder(work / "data" / "fashion_mnist_50x20", classes=10, train_per_class=50, val_per_class=20,
+                      size=8)
+    run = work / "models" / "demo" / "fashion_mnist_50x20_2ep" / "resnet18_2bit_quantize_downsample_False"
     run.mkdir(parents=True)
-    (run / "checkpoint.pth.tar").write_bytes(b"old run")
+    (run / "checkpoint.pth.tar").write_bytes(checkpoint)
+    return run
+
+
+def test_fresh_removes_the_run_and_rebuilds_the_data(tmp_path):
+    run = _quick_data_and_run(tmp_path, b"old run")
     proc = run_demo(["--env", "active", "--quick", "--fresh"], tmp_path)
     # the old run is gone; the complete data set is not reused but rebuilt, for which there is no source here
     assert not run.exists()
@@ -122,11 +127,7 @@ def test_fresh_removes_the_run_and_rebuilds_the_data(tmp_path):
 
 
 def test_unreadable_checkpoint_is_one_line(tmp_path):
-    make_image_folder(tmp_path / "data" / "fashion_mnist_50x20", classes=10, train_per_class=50,
-                      val_per_class=20, size=8)
-    run = tmp_path / "models" / "demo" / "fashion_mnist_50x20_2ep" / "resnet18_2bit_quantize_downsample_False"
-    run.mkdir(parents=True)
-    (run / "checkpoint.pth.tar").write_bytes(b"truncated")
+    _quick_data_and_run(tmp_path, b"truncated")
     proc = run_demo(["--env", "active", "--quick"], tmp_path)
     assert proc.returncode == 1
     assert "data: reusing data/fashion_mnist_50x20 (500 train / 200 val images" in proc.stdout
@@ -144,15 +145,12 @@ def test_script_style():
     assert proc.returncode == 0, proc.stdout
 
 
-def _write_idx(folder: Path, images: str, labels: str, per_class: int, seed: int) -> None:
+def _write_idx(folder: Path, split: str, per_class: int, seed: int) -> None:
     """Fashion-MNIST-format idx.gz files: ``per_class`` 28x28 images of each of 10 classes."""
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(10, dtype=np.uint8), per_class)
     x = (rng.integers(0, 60, size=(len(y), 28, 28)) + y[:, None, None] * 19).astype(np.uint8)
-    with gzip.open(folder / f"{images}.gz", "wb") as f:
-        f.write((0x803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in x.shape) + x.tobytes())
-    with gzip.open(folder / f"{labels}.gz", "wb") as f:
-        f.write((0x801).to_bytes(4, "big") + len(y).to_bytes(4, "big") + y.tobytes())
+    write_idx(folder, x, y, split)
 
 
 @pytest.mark.slow
@@ -161,8 +159,8 @@ def test_end_to_end_then_reuse(tmp_path):
     rebuilds, retrains and re-exports nothing."""
     source = tmp_path / "idx"
     source.mkdir()
-    _write_idx(source, "train-images-idx3-ubyte", "train-labels-idx1-ubyte", 13, 0)
-    _write_idx(source, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 3, 1)
+    _write_idx(source, "train", 13, 0)
+    _write_idx(source, "val", 3, 1)
     args = ["--env", "active", "--epochs", "2", "--train-per-class", "13", "--val-per-class", "3"]
     first = run_demo(args, tmp_path, source=source)
     assert first.returncode == 0, first.stdout + first.stderr
