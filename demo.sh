@@ -114,8 +114,11 @@ WORK="${N2UQ_DEMO_WORKDIR:-$REPO}"
 cd "$WORK"
 if [ "$TRAIN_PC/$VAL_PC" = 1000/200 ]; then DATA=data/fashion_mnist; else DATA="data/fashion_mnist_${TRAIN_PC}x${VAL_PC}"; fi
 SETTING="$(basename "$DATA")_${EPOCHS}ep"
-if [ "$ARCH" = mobilenetv2 ]; then RUN="mobilenetv2_${BITS}bit"
-else RUN="${ARCH}_${BITS}bit_quantize_downsample_$([ "$QD" = 1 ] && echo True || echo False)"; fi
+# shellcheck disable=SC1091  # a sibling file of this repository
+source "$REPO/scripts/launch_lib.sh"  # method_tag: the run folder of --method / ablation flags after --
+TAG="$(method_tag ${EXTRA[@]+"${EXTRA[@]}"})"
+if [ "$ARCH" = mobilenetv2 ]; then RUN="mobilenetv2_${TAG}${BITS}bit"
+else RUN="${ARCH}_${TAG}${BITS}bit_quantize_downsample_$([ "$QD" = 1 ] && echo True || echo False)"; fi
 SAVE="models/demo/$SETTING" RUNDIR="models/demo/$SETTING/$RUN"
 LOGDIR="log/demo/$SETTING/$RUN" EXPORTS="exports/demo/$SETTING/$RUN"
 N_TRAIN=$((10 * TRAIN_PC)) N_VAL=$((10 * VAL_PC)) EPOCHS_TEXT="$EPOCHS epochs"
@@ -349,7 +352,9 @@ T=$SECONDS
 EXPORT_LOG="$LOGDIR/export.log" FORMATS=packed EXPORT_ARGS=()
 if has "$PY" onnx onnxruntime; then FORMATS="onnx,$FORMATS" EXPORT_ARGS=(--val_top1); fi
 if has "$PY" qonnx; then FORMATS="${FORMATS/packed/qonnx,packed}"; fi
-if [ "$FRESH" = 0 ] && [ "$EXPORT_LOG" -nt "$BEST" ] && grep -q "^formats: $FORMATS\$" "$EXPORT_LOG" &&
+if [[ "$TAG" =~ ^(lsq|pact|dorefa) ]]; then
+    say "export: skipped (integer export covers N2UQ models and their ablations, not --method ${TAG%%_*})"
+elif [ "$FRESH" = 0 ] && [ "$EXPORT_LOG" -nt "$BEST" ] && grep -q "^formats: $FORMATS\$" "$EXPORT_LOG" &&
         grep -q '^all exports verified' "$EXPORT_LOG"; then
     say "export: up to date ($EXPORTS)"
 else
@@ -358,7 +363,7 @@ else
     "$PY" "$REPO/scripts/export.py" --checkpoint "$BEST" --out "$EXPORTS" --format "$FORMATS" --data "$DATA" \
         ${EXPORT_ARGS[@]+"${EXPORT_ARGS[@]}"} >>"$EXPORT_LOG" 2>&1 || fail "export" "$(log_reason "$EXPORT_LOG")" "$EXPORT_LOG"
 fi
-ONNX_LINE="$(grep -a '^val top-1 over' "$EXPORT_LOG" | sed -E 's/^val top-1 over ([0-9]+) images: /\1 val images: /' || true)"
+ONNX_LINE="$(grep -as '^val top-1 over' "$EXPORT_LOG" | sed -E 's/^val top-1 over ([0-9]+) images: /\1 val images: /' || true)"
 ONNX_TOP1="$(sed -nE 's/.*ONNX \(onnxruntime\) ([0-9.]+%).*/\1/p' <<<"$ONNX_LINE")"
 [ -z "$ONNX_LINE" ] || say "export: top-1 on $ONNX_LINE"
 T_EXPORT=$((SECONDS - T))
@@ -376,7 +381,7 @@ for f in "$EXPORTS"/*; do [ -f "$f" ] && files+="${files:+, }$(basename "$f") ($
     say "  checkpoint   $BEST (and checkpoint.pth.tar, metrics.jsonl beside it)"
     say "  logs         $LOGDIR/ (train.log, evaluate.log, export.log)"
     say "  TensorBoard  $TBCMD --logdir $RUNDIR/tb"
-    say "  exports      $EXPORTS/: $files"
+    say "  exports      ${files:+$EXPORTS/: $files}${files:-none}"
     say "Next:"
     say "  bash demo.sh --bits 4    # W4A4; also --bits 3, --arch resnet34, --quantize-downsample, --epochs 12"
     say "  $PYCMD -m pip install -e \".[dev]\" && $PYCMD -m pytest -q    # the tests"

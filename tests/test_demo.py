@@ -186,3 +186,22 @@ def test_end_to_end_then_reuse(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     top1 = [line for line in first.stdout.splitlines() if line.startswith("evaluate: top-1")]
     assert top1 and top1 == [line for line in second.stdout.splitlines() if line.startswith("evaluate: top-1")]
+
+
+@pytest.mark.slow
+def test_train_flags_after_double_dash_name_the_run_as_train_py_does(tmp_path):
+    """``-- --method dorefa``: the run, its evaluation and logs are found in the folder train.py names
+    for that method; the integer export, which covers N2UQ only, is skipped with one line."""
+    source = tmp_path / "idx"
+    source.mkdir()
+    _write_idx(source, "train", 13, 0)
+    _write_idx(source, "val", 3, 1)
+    args = ["--env", "active", "--epochs", "2", "--train-per-class", "13", "--val-per-class", "3", "--",
+            "--method", "dorefa"]
+    proc = run_demo(args, tmp_path, source=source)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = "resnet18_dorefa_2bit_quantize_downsample_False"
+    assert (tmp_path / "models" / "demo" / "fashion_mnist_13x3_2ep" / run / "model_best.pth.tar").is_file()
+    assert f"scripts/evaluate.py on models/demo/fashion_mnist_13x3_2ep/{run}/model_best.pth.tar" in proc.stdout
+    assert "export: skipped (integer export covers N2UQ models and their ablations, not --method dorefa)" in proc.stdout
+    assert "  exports      none" in proc.stdout and proc.stderr == ""
