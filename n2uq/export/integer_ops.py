@@ -44,8 +44,6 @@ class IntConv(Op):
     def __init__(self, name, inputs, output, weight: Tensor, geometry: ConvGeometry,
                  weight_bits: int = 2, bound: int = 0, dtype: str = "float32"):
         super().__init__(name, inputs, output)
-        if tuple(geometry.dilation) != (1, 1):
-            raise ValueError(f"{name}: dilated integer convolutions are not supported")
         self.register_buffer("weight", weight)  # odd integer codes, int8 (int16 for 8 bits)
         self.stride, self.padding, self.groups = list(geometry.stride), list(geometry.padding), int(geometry.groups)
         self.weight_bits, self.bound, self.dtype = int(weight_bits), int(bound), dtype
@@ -113,15 +111,14 @@ class Threshold(Op):
     """
 
     def __init__(self, name, inputs, output, thresholds: Tensor, direction: Tensor, fallback: Tensor,
-                 kind: Optional[UnitKind] = None, chain: Optional[FallbackChain] = None):
+                 kind: UnitKind, chain: Optional[FallbackChain]):
         super().__init__(name, inputs, output)
         self.register_buffer("thresholds", thresholds)  # [C, n], non-decreasing per row
         self.register_buffer("direction", direction)  # [C], ±1
         self.register_buffer("fallback", fallback)  # [C] bool
-        chain = chain or FallbackChain()
+        chain = chain or FallbackChain()  # None: no fallback channel, no float chain
         for key in FallbackChain.KEYS:
             self.register_buffer(key, getattr(chain, key))
-        kind = kind or UnitKind()
         self.bits, self.step = int(kind.bits), float(kind.step)
         self.source, self.quantizer = kind.source, kind.quantizer
 

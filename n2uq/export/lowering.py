@@ -82,7 +82,6 @@ def _flat(t: Tensor, dtype: torch.dtype, channels: int) -> Tensor:
 
 class _Lowering:
     def __init__(self, graph: Graph):
-        self.graph = graph
         self.users = graph.consumers()
         self.emitted: List[ops.Op] = []
         self.reps: Dict[str, Any] = {graph.input: _Float(graph.input)}
