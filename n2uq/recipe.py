@@ -26,7 +26,7 @@ from torch import nn
 
 from n2uq.quant import LTQ
 
-__all__ = ["RESNET_ALPHA_PATTERNS", "MOBILENETV2_ALPHA_PATTERNS", "GROUP_NAMES", "split_parameters",
+__all__ = ["RESNET_ALPHA_PATTERNS", "MOBILENETV2_ALPHA_PATTERNS", "GROUP_NAMES", "split_parameters", "parameter_group",
            "build_optimizer", "build_scheduler", "scheduler_step", "lr_at_epoch"]
 
 RESNET_ALPHA_PATTERNS: Tuple[str, ...] = ("quan1.a", "quan2.a", "scale", "start")
@@ -48,13 +48,17 @@ def split_parameters(model: nn.Module, alpha_patterns: Iterable[str],
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if any(pat in name for pat in patterns) or id(p) in ltq_a:
-            groups["alpha"].append((name, p))
-        elif p.dim() == 4 and "bias" not in name:
-            groups["weights"].append((name, p))
-        else:
-            groups["other"].append((name, p))
+        group = "alpha" if id(p) in ltq_a else parameter_group(name, p, patterns)
+        groups[group].append((name, p))
     return groups
+
+
+def parameter_group(name: str, value: torch.Tensor, alpha_patterns: Iterable[str]) -> str:
+    """The reference's group of one parameter: ``alpha`` (name matches a pattern), ``weights`` (4-d,
+    not a bias), else ``other``."""
+    if any(pattern in name for pattern in alpha_patterns):
+        return "alpha"
+    return "weights" if value.dim() == 4 and "bias" not in name else "other"
 
 
 def build_optimizer(model: nn.Module, lr: float = 1.25e-3, weight_decay: float = 0.0,

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from n2uq.recipe import GROUP_NAMES, scheduler_step
+from n2uq.recipe import GROUP_NAMES, parameter_group, scheduler_step
 
 __all__ = ["BN_BUFFERS", "is_reference_checkpoint", "reference_parameter_groups", "map_reference_adam_state",
            "replay_schedule"]
@@ -46,12 +46,7 @@ def reference_parameter_groups(model: nn.Module, alpha_patterns: Sequence[str]) 
     for name, value in model.state_dict().items():
         if name.rsplit(".", 1)[-1] in BN_BUFFERS:
             continue
-        if any(pattern in name for pattern in alpha_patterns):
-            groups["alpha"].append(name)
-        elif value.dim() == 4 and "bias" not in name:
-            groups["weights"].append(name)
-        else:
-            groups["other"].append(name)
+        groups[parameter_group(name, value, alpha_patterns)].append(name)
     return groups
 
 
