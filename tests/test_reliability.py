@@ -329,3 +329,22 @@ def test_skips_agree_across_ranks(tmp_path):
     # the whole step with rank 1's NaN is left out on both ranks (8 images), and the unreadable one
     assert epochs[0]["train"]["images"] in (24 - 8, 24 - 8 - 1) and epochs[1]["train"]["images"] == 23
     assert_finite_checkpoint(tmp_path / "m" / RUN / "checkpoint.pth.tar")
+
+
+def test_a_corrupt_checkpoint_names_model_best_only_when_it_is_there(tmp_path):
+    """--resume auto on a truncated checkpoint: the message points at model_best.pth.tar only if it exists."""
+    from n2uq.checkpoint import CheckpointError
+    from n2uq.resume import read_resume
+
+    path = tmp_path / train_state.CHECKPOINT_NAME
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError) as exc:
+        read_resume(str(path), auto=True)
+    assert "move it away or pass --resume none to start over" in str(exc.value)
+    assert train_state.BEST_NAME not in str(exc.value)
+    torch.save({"state_dict": {}}, tmp_path / train_state.BEST_NAME)
+    with pytest.raises(CheckpointError, match=r"\(model_best\.pth\.tar beside it holds the best epoch\)$"):
+        read_resume(str(path), auto=True)
+    with pytest.raises(CheckpointError, match="pass another --resume file") as exc:
+        read_resume(str(path), auto=False)
+    assert train_state.BEST_NAME not in str(exc.value)
