@@ -258,7 +258,7 @@ def test_help_describes_every_flag_once_with_one_default():
     for action in parser._actions:
         assert action.help, f"{action.option_strings} has no description"
         shown = formatter._get_help_string(action)  # the help with the default the formatter appends
-        assert shown.count("(default") <= 1, shown
+        assert shown.replace("%(default)s", "D").count("(default") <= 1, shown
         assert not ("%(default)" in shown and action.default is None), shown  # no "(default: None)"
     text = parser.format_help()
     assert "at most 8) (default" not in text and "(default: 0.0001)" in text
@@ -272,7 +272,7 @@ def test_help_imports_no_training_module():
     assert proc.returncode == 0 and "--check_only" in proc.stdout, proc.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert "n2uq.cli" in imported
-    for heavy in ("torchvision", "n2uq.engine", "n2uq.data", "n2uq.loop", "tqdm"):
+    for heavy in ("torchvision", "n2uq.engine", "n2uq.data", "n2uq.loop", "n2uq.teacher"):
         assert heavy not in imported, heavy
 
 
