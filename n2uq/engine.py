@@ -76,6 +76,9 @@ def fit(build_model: Callable[[int], nn.Module], cfg: TrainConfig,
     itself): ``--resume auto`` also looks there, and a run found there goes on writing there.
     Returns ``{'run_dir', 'best_top1', 'last_val', 'next_epoch', 'step_in_epoch'}``.
     """
+    if not isinstance(cfg, TrainConfig):  # e.g. an argparse namespace, as fit took before
+        raise TypeError(f"fit takes an n2uq.run_config.TrainConfig, not {type(cfg).__name__}; build it with "
+                        f"n2uq.cli.parse_train_config or TrainConfig.from_flags(vars(namespace))")
     env = init_distributed(cfg.run.device)
     save = cfg.run.save
     spec = RunSpec(run_name, dict(config or {}), tuple(alpha_patterns), os.path.join(save, run_name),

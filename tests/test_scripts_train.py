@@ -239,6 +239,10 @@ def test_a_checkpoint_written_with_the_namespace_args_is_read_back(tmp_path):
     assert (cfg.data.batch_size, cfg.run.seed, cfg.student.quantize_downsample) == (8, 3, True)
     with pytest.raises(ValueError, match="not a training flag: batchsize"):
         TrainConfig.from_flags({"batchsize": 8})
+    from n2uq import engine
+
+    with pytest.raises(TypeError, match="fit takes an n2uq.run_config.TrainConfig, not Namespace"):
+        engine.fit(lambda num_classes: None, argparse.Namespace(**old_args))
     config = {"arch": "resnet18", "n_bit": 2, "quantize_downsample": True, "num_classes": 3, "method": "n2uq"}
     old = {"state_dict": {}, "scheduler": {}, "config": config, "args": old_args, "next_epoch": 0,
            "step_in_epoch": 2, "world_size": 1, "train_images": 12}
