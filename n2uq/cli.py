@@ -3,6 +3,11 @@
 Every script ends with ``run_main(main)``: a bad input becomes one line ``error: ...`` on stderr
 and exit code 2 (usage) or 1 (runtime failure); ``--debug`` shows the traceback instead. The
 inputs tried and the messages they give are listed in docs/reliability.md.
+
+The training flags are parsed once into a :class:`~n2uq.run_config.TrainConfig`
+(:func:`parse_train_config`), checked (:func:`validate_train_config`, and for ``--check_only``
+:func:`check_run`), and only then do the scripts import the engine: this module imports nothing of
+training, so ``--help`` and bad flags answer in about the time of ``import torch``.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ Unreadable images (corrupt, truncated, not an image) never raise inside a loader
 :class:`CheckedImageFolder` returns a :class:`BadSample` marker naming the file, and
 :func:`collate_checked` drops markers from the batch and hands them over beside it, so the training
 loop decides (stop with the path, or skip and count) on every rank alike.
+
+:class:`DataError` and :func:`check_data_dir` live in :mod:`n2uq.run_config` (the command line checks
+the data folder before torchvision is imported) and are re-exported here.
 """
 
 from __future__ import annotations
