@@ -10,6 +10,7 @@ and ``--resume auto`` finds a run there too (and goes on writing there).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -17,9 +18,13 @@ from typing import List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mobilenetv2.mobilenet_v2 import MobileNetV2  # noqa: E402
-from n2uq import engine  # noqa: E402
-from n2uq.cli import build_train_parser, run_main, validate_train_args  # noqa: E402
+from n2uq.cli import build_train_parser, check_run, parse_train_config, run_main, validate_train_config  # noqa: E402
 from n2uq.recipe import MOBILENETV2_ALPHA_PATTERNS  # noqa: E402
+
+
+def _resolve_defaults(args) -> None:
+    if args.pretrained == "auto":  # the authors' real_mbv2.pth.tar, as the paper
+        args.pretrained = "authors"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -28,17 +33,21 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 run_folder="SAVE/mobilenetv2_<b>bit/ (or SAVE itself, for a run the reference's "
                                            "script started there; SAVE/mobilenetv2_<method>_<b>bit/ with another "
                                            "--method or an ablation)")
-    args = parser.parse_args(argv)
-    quantizers = validate_train_args(args)
-    if args.check_only:
-        return 0
-    if args.pretrained == "auto":
-        args.pretrained = "authors"
+    cfg = parse_train_config(parser, argv, _resolve_defaults)
+    n_bit = cfg.student.n_bit
+    quantizers = validate_train_config(cfg)
     method = "" if quantizers.is_default else f"{quantizers.tag}_"
-    config = {"arch": "mobilenetv2", "n_bit": args.n_bit, "quantize_downsample": False, "method": quantizers.tag,
+    name = f"mobilenetv2_{method}{n_bit}bit"
+    if cfg.run.check_only:
+        described = f"mobilenetv2 W{n_bit}A{n_bit} {quantizers.tag}, --pretrained {cfg.student.pretrained}"
+        print("\n".join(check_run(cfg, described, os.path.join(cfg.run.save, name))))
+        return 0
+    from n2uq import engine  # after the checks: --help and --check_only need none of the training modules
+
+    config = {"arch": "mobilenetv2", "n_bit": n_bit, "quantize_downsample": False, "method": quantizers.tag,
               "quantizers": quantizers.as_dict()}
-    engine.fit(lambda num_classes: MobileNetV2(args.n_bit, num_classes, quantizers), args,
-               alpha_patterns=MOBILENETV2_ALPHA_PATTERNS, run_name=f"mobilenetv2_{method}{args.n_bit}bit",
+    engine.fit(lambda num_classes: MobileNetV2(n_bit, num_classes, quantizers), cfg,
+               alpha_patterns=MOBILENETV2_ALPHA_PATTERNS, run_name=name,
                config=config, reference_run_dir="." if quantizers.is_default else None)
     return 0
 

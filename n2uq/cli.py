@@ -3,6 +3,11 @@
 Every script ends with ``run_main(main)``: a bad input becomes one line ``error: ...`` on stderr
 and exit code 2 (usage) or 1 (runtime failure); ``--debug`` shows the traceback instead. The
 inputs tried and the messages they give are listed in docs/reliability.md.
+
+The training flags are parsed once into a :class:`~n2uq.run_config.TrainConfig`
+(:func:`parse_train_config`), checked (:func:`validate_train_config`, and for ``--check_only``
+:func:`check_run`), and only then do the scripts import the engine: this module imports nothing of
+training, so ``--help`` and bad flags answer in about the time of ``import torch``.
 """
 
 from __future__ import annotations
@@ -13,17 +18,24 @@ import os
 import sys
 from typing import Callable, List, Optional, Sequence
 
-from n2uq.checkpoint import CheckpointError
-from n2uq.data import DataError, check_data_dir
 from n2uq.distributed import env_world_size
 from n2uq.methods import METHODS, Quantizers
-from n2uq.pretrained import PretrainedError
 from n2uq.recipe import PACT_ALPHA_DECAY
-from n2uq.teacher import TeacherError
+from n2uq.run_config import (
+    DataConfig,
+    DataError,
+    OptimConfig,
+    RunConfig,
+    StudentConfig,
+    TrainConfig,
+    check_data_dir,
+    check_same_classes,
+    class_folders,
+)
 
-__all__ = ["UsageError", "OneLineParser", "parse_bool", "build_train_parser", "quantizers_from_args",
-           "validate_train_args",
-           "check_ranges", "check_output_dir", "error_line", "run_main"]
+__all__ = ["UsageError", "OneLineParser", "parse_bool", "build_train_parser", "parse_train_config",
+           "quantizers_from_config", "validate_train_config", "check_run", "check_ranges", "check_output_dir",
+           "error_line", "run_main"]
 
 
 class UsageError(ValueError):
@@ -58,11 +70,22 @@ def _bits(value: str) -> int:
     return bits
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds ``(default: ...)`` to a flag's help unless the help already states its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        return help_text if "(default" in help_text else super()._get_help_string(action)
+
+
+_DATA, _STUDENT, _OPTIM, _RUN = DataConfig(), StudentConfig(), OptimConfig(), RunConfig()
+
+
 def build_train_parser(archs: Sequence[str], default_arch: str, default_bits: int,
                        with_downsample: bool = True, prog: Optional[str] = None,
                        run_folder: str = "SAVE/<run name>/") -> OneLineParser:
     """The training flags; ``archs`` are the ``--student`` choices of the calling script, ``run_folder``
-    says in ``--save``'s help where its checkpoints go.
+    says in ``--save``'s help where its checkpoints go. Defaults are those of :mod:`n2uq.run_config`.
 
     With ``with_downsample``, ``--quantize_downsample`` is absent from the parsed namespace unless
     given: the calling script decides its default (the reference's ``True``, ``False`` for a
@@ -70,90 +93,107 @@ def build_train_parser(archs: Sequence[str], default_arch: str, default_bits: in
     """
     p = OneLineParser(prog=prog, description="N2UQ quantization-aware training with the paper's recipe. "
                       "Defaults that differ from the reference's scripts: docs/reference_differences.md.",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=_DefaultsHelpFormatter)
     g = p.add_argument_group("reference flags")
-    g.add_argument("--data", default="./data/imagenet", metavar="DIR", help="ImageFolder root with train/ and val/")
-    g.add_argument("--batch_size", type=int, default=256, help="global batch size (all processes together)")
-    g.add_argument("--epochs", type=int, default=128,
+    g.add_argument("--data", default=_DATA.data, metavar="DIR", help="ImageFolder root with train/ and val/")
+    g.add_argument("--batch_size", type=int, default=_DATA.batch_size,
+                   help="global batch size (all processes together)")
+    g.add_argument("--epochs", type=int, default=_OPTIM.epochs,
                    help="epoch e trains at lr*(1-(e+1)/epochs), so the last one at lr 0; at least 2")
-    g.add_argument("--learning_rate", type=float, default=1.25e-3, help="base lr (the alpha group uses lr/10)")
-    g.add_argument("--momentum", type=float, default=0.9, help="Adam beta1")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="weight decay of the 4-D weights group")
-    g.add_argument("--save", default="./models",
+    g.add_argument("--learning_rate", type=float, default=_OPTIM.learning_rate,
+                   help="base lr (the alpha group uses lr/10)")
+    g.add_argument("--momentum", type=float, default=_OPTIM.momentum, help="Adam beta1")
+    g.add_argument("--weight_decay", type=float, default=_OPTIM.weight_decay,
+                   help="weight decay of the 4-D weights group")
+    g.add_argument("--save", default=_RUN.save,
                    help=f"checkpoints go to {run_folder}; also searched for the full-precision init files")
-    g.add_argument("--label_smooth", type=float, default=0.1, help="label smoothing when there is no teacher")
-    g.add_argument("--teacher", default="resnet101", help="torchvision model name, or none")
-    g.add_argument("--student", default=default_arch, choices=list(archs))
+    g.add_argument("--label_smooth", type=float, default=_OPTIM.label_smooth,
+                   help="label smoothing when there is no teacher")
+    g.add_argument("--teacher", default=_OPTIM.teacher, help="torchvision model name, or none")
+    g.add_argument("--student", default=default_arch, choices=list(archs), help="the architecture to train")
     g.add_argument("--n_bit", type=_bits, default=default_bits, help="weight and activation bits, 1..8")
     if with_downsample:
         g.add_argument("--quantize_downsample", type=parse_bool, default=argparse.SUPPRESS,
                        help="quantize the 1x1 shortcut convs (0/1/True/False; default: True, as in the reference; "
                             "False with --full_precision)")
-    g.add_argument("-j", "--workers", type=int, default=None,
+    g.add_argument("-j", "--workers", type=int, default=_DATA.workers,
                    help="data loading workers per process (default: cores per process, at most 8)")
 
     g = p.add_argument_group("quantizers (only they differ between methods: docs/comparison.md)")
-    g.add_argument("--method", choices=METHODS, default="n2uq",
+    g.add_argument("--method", choices=METHODS, default=_STUDENT.method,
                    help="n2uq (LTQ + entropy-preserving weights), or a compared method: lsq, pact (DoReFa "
                         "weights, as in its paper), dorefa")
     g.add_argument("--uniform_thresholds", action="store_true",
                    help="N2UQ ablation: every LTQ's intervals frozen at the uniform grid (uniform thresholds)")
     g.add_argument("--maxabs_weights", action="store_true",
                    help="N2UQ ablation: weight scale max|W| instead of the L1 entropy-preserving scale")
-    g.add_argument("--pact_alpha_decay", type=float, default=None,
-                   help=f"--method pact: L2 weight decay on the clipping levels alpha (default {PACT_ALPHA_DECAY})")
+    g.add_argument("--pact_alpha_decay", type=float, default=_OPTIM.pact_alpha_decay,
+                   help=f"--method pact: L2 weight decay on the clipping levels alpha (default: {PACT_ALPHA_DECAY})")
 
     g = p.add_argument_group("engine")
-    g.add_argument("--teacher_weights", default="imagenet", help="imagenet | FILE | none (none: no KD)")
-    g.add_argument("--pretrained", default="auto",
+    g.add_argument("--teacher_weights", default=_OPTIM.teacher_weights, help="imagenet | FILE | none (none: no KD)")
+    g.add_argument("--pretrained", default=_STUDENT.pretrained,
                    help="full-precision init: auto (the paper's choice: torchvision's weights with a full-precision "
                         "downsample, the authors' files otherwise) | torchvision | authors | none | FILE")
-    g.add_argument("--models_dir", default="models",
+    g.add_argument("--models_dir", default=_STUDENT.models_dir,
                    help="where the full-precision init files are kept (--save is searched too, as the reference "
                         "does; missing authors' files are fetched into this folder)")
-    g.add_argument("--alpha_group", choices=("reference", "all_ltq"), default="reference",
+    g.add_argument("--alpha_group", choices=("reference", "all_ltq"), default=_OPTIM.alpha_group,
                    help="reference name rules, or every LTQ 'a' in the lr/10 group")
-    g.add_argument("--image_size", type=int, default=224, help="train crop and val crop size")
-    g.add_argument("--val_resize", type=int, default=256, help="validation resize before the center crop")
-    g.add_argument("--min_crop_scale", type=float, default=0.08, help="RandomResizedCrop lower scale")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    g.add_argument("--channels_last", action="store_true")
+    g.add_argument("--image_size", type=int, default=_DATA.image_size, help="train crop and val crop size")
+    g.add_argument("--val_resize", type=int, default=_DATA.val_resize,
+                   help="validation resize before the center crop")
+    g.add_argument("--min_crop_scale", type=float, default=_DATA.min_crop_scale, help="RandomResizedCrop lower scale")
+    g.add_argument("--seed", type=int, default=_RUN.seed,
+                   help="seeds the initial weights, the data order and every augmentation (same seed, same run)")
+    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default=_RUN.amp,
+                   help="mixed precision: autocast to bfloat16 or float16 (fp16 needs CUDA and adds a loss scaler)")
+    g.add_argument("--channels_last", action="store_true",
+                   help="channels-last memory format for the models and the images (often faster on GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the student")
-    g.add_argument("--resume", default="auto", help="auto (the run's checkpoint if it exists) | none | FILE")
-    g.add_argument("--epochs_per_run", type=int, default=0,
+    g.add_argument("--resume", default=_RUN.resume, help="auto (the run's checkpoint if it exists) | none | FILE")
+    g.add_argument("--epochs_per_run", type=int, default=_RUN.epochs_per_run,
                    help="stop this invocation after N epochs (0: run to --epochs); resume continues")
-    g.add_argument("--steps_per_run", type=int, default=0,
+    g.add_argument("--steps_per_run", type=int, default=_RUN.steps_per_run,
                    help="stop this invocation after N optimizer steps (0: no limit), with a checkpoint")
-    g.add_argument("--save_every_steps", type=int, default=0,
+    g.add_argument("--save_every_steps", type=int, default=_RUN.save_every_steps,
                    help="also write a mid-epoch checkpoint every N steps (0: only at epoch ends)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: cores / processes)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=_RUN.device,
+                   help="auto: this process's GPU when CUDA is available, else the CPU")
+    g.add_argument("--threads", type=int, default=_RUN.threads, help="CPU threads per process (0: cores / processes)")
     g.add_argument("--skip_bad_images", action="store_true",
                    help="skip unreadable images (counted in the logs) instead of stopping with their path")
     g.add_argument("--skip_nonfinite", action="store_true",
                    help="skip a batch whose loss is NaN/inf (counted) instead of stopping the run")
-    g.add_argument("--log_every", type=int, default=50, help="TensorBoard train scalars every N steps")
+    g.add_argument("--log_every", type=int, default=_RUN.log_every, help="TensorBoard train scalars every N steps")
     g.add_argument("--no_progress", action="store_true", help="no tqdm progress bars")
-    g.add_argument("--check_only", action="store_true", help="validate flags and data layout, then exit")
+    g.add_argument("--check_only", action="store_true",
+                   help="check the flags, the data's class folders and the teacher against them, say what was "
+                        "checked, and exit")
     g.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return p
 
 
-def quantizers_from_args(args: argparse.Namespace) -> Quantizers:
+def parse_train_config(parser: argparse.ArgumentParser, argv: Optional[List[str]],
+                       resolve: Optional[Callable[[argparse.Namespace], None]] = None) -> TrainConfig:
+    """Parse ``argv`` once into a :class:`~n2uq.run_config.TrainConfig`; ``resolve(namespace)`` first
+    fills in what the calling script decides (its ``--quantize_downsample`` default, ``--pretrained auto``)."""
+    args = parser.parse_args(argv)
+    if resolve is not None:
+        resolve(args)
+    return TrainConfig.from_flags(vars(args))
+
+
+def quantizers_from_config(student: StudentConfig) -> Quantizers:
     """The quantizers the flags ask for; a flag that does not apply to ``--method`` is a usage error."""
-    if args.method != "n2uq":
+    if student.method != "n2uq":
         for flag in ("uniform_thresholds", "maxabs_weights"):
-            if getattr(args, flag):
-                raise UsageError(f"--{flag} is an ablation of N2UQ; it does not apply to --method {args.method}")
-    if args.pact_alpha_decay is not None and args.method != "pact":
-        raise UsageError(f"--pact_alpha_decay applies to --method pact only (not {args.method})")
-    if args.pact_alpha_decay is not None and args.pact_alpha_decay < 0:
-        raise UsageError(f"--pact_alpha_decay must be >= 0, got {args.pact_alpha_decay}")
-    if args.method == "lsq" and args.n_bit < 2:
+            if getattr(student, flag):
+                raise UsageError(f"--{flag} is an ablation of N2UQ; it does not apply to --method {student.method}")
+    if student.method == "lsq" and student.n_bit < 2:
         raise UsageError("--method lsq needs --n_bit 2 or more (its signed 1-bit weight grid is empty)")
-    return Quantizers(args.n_bit, args.method, learned_thresholds=not args.uniform_thresholds,
-                      entropy_preserving=not args.maxabs_weights)
+    return Quantizers(student.n_bit, student.method, learned_thresholds=not student.uniform_thresholds,
+                      entropy_preserving=not student.maxabs_weights)
 
 
 def check_ranges(positive: Optional[dict] = None, non_negative: Optional[dict] = None) -> None:
@@ -178,50 +218,77 @@ def check_output_dir(path: str, flag: str) -> None:
                          f"pass a folder you can write to")
 
 
-def validate_train_args(args: argparse.Namespace, world_size: Optional[int] = None) -> Quantizers:
+def validate_train_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Quantizers:
     """Cross-flag checks argparse cannot do; raises :class:`UsageError` / :class:`DataError`.
 
-    Returns the quantizers the flags ask for (:func:`quantizers_from_args`)."""
+    Returns the quantizers the flags ask for (:func:`quantizers_from_config`)."""
     world_size = env_world_size() if world_size is None else world_size
-    quantizers = quantizers_from_args(args)
-    check_data_dir(args.data)
-    check_ranges({"--batch_size": args.batch_size, "--epochs": args.epochs, "--image_size": args.image_size,
-                  "--val_resize": args.val_resize, "--learning_rate": args.learning_rate,
-                  "--log_every": args.log_every},
-                 {"--workers": args.workers, "--epochs_per_run": args.epochs_per_run,
-                  "--steps_per_run": args.steps_per_run, "--save_every_steps": args.save_every_steps,
-                  "--threads": args.threads, "--weight_decay": args.weight_decay})
-    if args.epochs == 1:
+    data, optim, run = cfg.data, cfg.optim, cfg.run
+    quantizers = quantizers_from_config(cfg.student)
+    if optim.pact_alpha_decay is not None and cfg.student.method != "pact":
+        raise UsageError(f"--pact_alpha_decay applies to --method pact only (not {cfg.student.method})")
+    check_data_dir(data.data)
+    check_ranges({"--batch_size": data.batch_size, "--epochs": optim.epochs, "--image_size": data.image_size,
+                  "--val_resize": data.val_resize, "--learning_rate": optim.learning_rate,
+                  "--log_every": run.log_every},
+                 {"--pact_alpha_decay": optim.pact_alpha_decay, "--workers": data.workers,
+                  "--epochs_per_run": run.epochs_per_run, "--steps_per_run": run.steps_per_run,
+                  "--save_every_steps": run.save_every_steps, "--threads": run.threads,
+                  "--weight_decay": optim.weight_decay})
+    if optim.epochs == 1:
         raise UsageError("--epochs 1 would train its only epoch at lr 0 and learn nothing (epoch e trains at "
                          "lr*(1-(e+1)/epochs), so the last one always at lr 0); pass --epochs 2 or more (for a "
                          "one-epoch try: --epochs 2 --epochs_per_run 1, which trains at half the lr)")
-    if args.batch_size % world_size:
-        raise UsageError(f"--batch_size {args.batch_size} is not divisible by the {world_size} processes; "
+    if data.batch_size % world_size:
+        raise UsageError(f"--batch_size {data.batch_size} is not divisible by the {world_size} processes; "
                          f"use a multiple of {world_size}")
-    if args.val_resize < args.image_size:
-        raise UsageError(f"--val_resize {args.val_resize} is smaller than --image_size {args.image_size}")
-    if not 0.0 <= args.label_smooth < 1.0:
-        raise UsageError(f"--label_smooth must be in [0, 1), got {args.label_smooth}")
-    if not 0.0 < args.min_crop_scale <= 1.0:
-        raise UsageError(f"--min_crop_scale must be in (0, 1], got {args.min_crop_scale}")
-    if not 0.0 <= args.momentum < 1.0:
-        raise UsageError(f"--momentum (Adam beta1) must be in [0, 1), got {args.momentum}")
-    if args.amp == "fp16" and args.device == "cpu":
+    if data.val_resize < data.image_size:
+        raise UsageError(f"--val_resize {data.val_resize} is smaller than --image_size {data.image_size}")
+    if not 0.0 <= optim.label_smooth < 1.0:
+        raise UsageError(f"--label_smooth must be in [0, 1), got {optim.label_smooth}")
+    if not 0.0 < data.min_crop_scale <= 1.0:
+        raise UsageError(f"--min_crop_scale must be in (0, 1], got {data.min_crop_scale}")
+    if not 0.0 <= optim.momentum < 1.0:
+        raise UsageError(f"--momentum (Adam beta1) must be in [0, 1), got {optim.momentum}")
+    if run.amp == "fp16" and run.device == "cpu":
         raise UsageError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
-    if args.teacher == "none" and args.teacher_weights not in ("imagenet", "none"):
-        raise UsageError(f"--teacher none conflicts with --teacher_weights {args.teacher_weights}; "
+    if optim.teacher == "none" and optim.teacher_weights not in ("imagenet", "none"):
+        raise UsageError(f"--teacher none conflicts with --teacher_weights {optim.teacher_weights}; "
                          f"name the teacher's architecture with --teacher, or drop --teacher_weights")
-    if args.resume not in ("auto", "none") and not os.path.isfile(args.resume):
-        raise UsageError(f"--resume file not found: {args.resume} (use auto, none or an existing checkpoint)")
-    if args.pretrained not in ("auto", "torchvision", "authors", "none") and not os.path.isfile(args.pretrained):
-        raise UsageError(f"--pretrained file not found: {args.pretrained} "
+    if run.resume not in ("auto", "none") and not os.path.isfile(run.resume):
+        raise UsageError(f"--resume file not found: {run.resume} (use auto, none or an existing checkpoint)")
+    pretrained = cfg.student.pretrained
+    if pretrained not in ("auto", "torchvision", "authors", "none") and not os.path.isfile(pretrained):
+        raise UsageError(f"--pretrained file not found: {pretrained} "
                          f"(use auto, torchvision, authors, none or an existing file)")
-    check_output_dir(args.save, "--save")
+    check_output_dir(run.save, "--save")
     return quantizers
 
 
+def check_run(cfg: TrainConfig, model: str, run_dir: str, world_size: Optional[int] = None) -> List[str]:
+    """``--check_only``, after :func:`validate_train_config`: check the data's class folders and the
+    teacher against their number, and return the lines that say what was checked (``model``
+    describes the student, ``run_dir`` is where its checkpoints go). Nothing is written."""
+    from n2uq.teacher import check_teacher  # torchvision: only when checking
+
+    world_size = env_world_size() if world_size is None else world_size
+    data, optim = cfg.data, cfg.optim
+    classes = class_folders(data.data, "train")
+    check_same_classes(data.data, classes, class_folders(data.data, "val"))
+    teacher = check_teacher(optim.teacher, optim.teacher_weights, len(classes))
+    loss = (f"KD from {teacher}" if teacher != "none"
+            else f"no teacher: label-smoothed cross-entropy (epsilon {optim.label_smooth})")
+    return ["checked, nothing trained or written:",
+            f"  flags: {model}, {optim.epochs} epochs, batch {data.batch_size} ({data.batch_size // world_size} "
+            f"per process, {world_size} process(es)), lr {optim.learning_rate:g}",
+            f"  data: {data.data}: {len(classes)} classes, the same class folders in train/ and val/",
+            f"  loss: {loss}",
+            f"  checkpoints: {run_dir} (--save is writable)"]
+
+
 _USAGE_ERRORS = (UsageError, DataError)
-_RUNTIME_ERRORS = (CheckpointError, PretrainedError, TeacherError, OSError, RuntimeError, ValueError)
+# CheckpointError, PretrainedError and TeacherError are RuntimeErrors (not imported here: --help stays light).
+_RUNTIME_ERRORS = (OSError, RuntimeError, ValueError)
 
 
 def error_line(exc: BaseException) -> str:

@@ -11,6 +11,9 @@ Unreadable images (corrupt, truncated, not an image) never raise inside a loader
 :class:`CheckedImageFolder` returns a :class:`BadSample` marker naming the file, and
 :func:`collate_checked` drops markers from the batch and hands them over beside it, so the training
 loop decides (stop with the path, or skip and count) on every rank alike.
+
+:class:`DataError` and :func:`check_data_dir` live in :mod:`n2uq.run_config` (the command line checks
+the data folder before torchvision is imported) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import datasets, transforms
 
+from n2uq.run_config import DataError, check_data_dir
+
 __all__ = ["DataError", "BadImageError", "BadSample", "IMAGENET_MEAN", "IMAGENET_STD", "train_transform",
            "val_transform", "check_data_dir", "CheckedImageFolder", "image_folder", "collate_checked",
            "split_batch", "SeededDataset", "TrainSampler", "ShardSampler", "build_train_loader",
@@ -33,10 +38,6 @@ __all__ = ["DataError", "BadImageError", "BadSample", "IMAGENET_MEAN", "IMAGENET
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DataError(ValueError):
-    """The data directory is missing or not in the ``train/`` + ``val/`` ImageFolder layout."""
 
 
 class BadImageError(RuntimeError):
@@ -71,19 +72,6 @@ def val_transform(image_size: int = 224, val_resize: int = 256) -> transforms.Co
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
-
-
-def check_data_dir(root: str) -> None:
-    """Raise :class:`DataError` unless ``root`` holds ``train/`` and ``val/`` class folders."""
-    if not os.path.exists(root):
-        raise DataError(f"data directory not found: {root} (expected an ImageFolder tree with train/ and "
-                        f"val/ inside; for a demo run scripts/prepare_demo_data.py)")
-    if not os.path.isdir(root):
-        raise DataError(f"data path is not a directory: {root}")
-    for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(root, split)):
-            raise DataError(f"{root} has no {split}/ folder (expected {root}/train/<class>/*.jpg and "
-                            f"{root}/val/<class>/*.jpg)")
 
 
 class CheckedImageFolder(datasets.ImageFolder):

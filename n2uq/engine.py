@@ -1,8 +1,9 @@
 """The training engine shared by ``resnet/train.py`` and ``mobilenetv2/train.py``.
 
-``fit(build_model, args)``: torchrun/DDP or a single process, the paper's recipe (three Adam
+``fit(build_model, cfg)``: torchrun/DDP or a single process, the paper's recipe (three Adam
 groups, LambdaLR stepped at the start of every epoch, KD from a frozen teacher or label-smoothed
-CE without one), full-precision initialisation with a report, exact resume, AMP, logging.
+CE without one), full-precision initialisation with a report, exact resume, AMP, logging. ``cfg``
+is the run's :class:`~n2uq.run_config.TrainConfig`, parsed once from the flags by the script.
 ``evaluate(model, loader, device)`` is the validation used here and by ``scripts/evaluate.py``.
 
 This module sets a run up; the parts live beside it: :mod:`n2uq.loop` (one pass over the data),
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import random
-from argparse import Namespace
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -31,6 +31,7 @@ from n2uq.metrics import MetricsLogger
 from n2uq.pretrained import load_pretrained
 from n2uq.recipe import RESNET_ALPHA_PATTERNS, build_optimizer, build_scheduler
 from n2uq.resume import check_resume, read_resume, resolve_resume, restore_training
+from n2uq.run_config import DataConfig, TrainConfig, check_same_classes
 from n2uq.run_control import RunControl
 from n2uq.teacher import build_teacher
 from n2uq.train_state import BEST_NAME, CHECKPOINT_FILES, RunRecord, TrainingParts, TrainProgress
@@ -64,14 +65,10 @@ def _seed_everything(seed: int) -> None:
         pass
 
 
-def _plain_args(args: Namespace) -> Dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
-
-
-def fit(build_model: Callable[[int], nn.Module], args: Namespace,
+def fit(build_model: Callable[[int], nn.Module], cfg: TrainConfig,
         alpha_patterns: Sequence[str] = RESNET_ALPHA_PATTERNS, run_name: str = "run",
         config: Optional[Dict[str, Any]] = None, reference_run_dir: Optional[str] = None) -> Dict[str, Any]:
-    """Train ``build_model(num_classes)`` with the flags of :func:`n2uq.cli.build_train_parser`.
+    """Train ``build_model(num_classes)`` as ``cfg`` says (the flags of :func:`n2uq.cli.build_train_parser`).
 
     ``run_name`` is the folder under ``--save``; ``config`` (arch, n_bit, ...) is stored in the
     checkpoints. ``reference_run_dir`` is the folder under ``--save`` where the reference's script
@@ -79,11 +76,15 @@ def fit(build_model: Callable[[int], nn.Module], args: Namespace,
     itself): ``--resume auto`` also looks there, and a run found there goes on writing there.
     Returns ``{'run_dir', 'best_top1', 'last_val', 'next_epoch', 'step_in_epoch'}``.
     """
-    env = init_distributed(args.device)
-    spec = RunSpec(run_name, dict(config or {}), tuple(alpha_patterns), os.path.join(args.save, run_name),
-                   os.path.normpath(os.path.join(args.save, reference_run_dir)) if reference_run_dir else None)
+    if not isinstance(cfg, TrainConfig):  # e.g. an argparse namespace, as fit took before
+        raise TypeError(f"fit takes an n2uq.run_config.TrainConfig, not {type(cfg).__name__}; build it with "
+                        f"n2uq.cli.parse_train_config or TrainConfig.from_flags(vars(namespace))")
+    env = init_distributed(cfg.run.device)
+    save = cfg.run.save
+    spec = RunSpec(run_name, dict(config or {}), tuple(alpha_patterns), os.path.join(save, run_name),
+                   os.path.normpath(os.path.join(save, reference_run_dir)) if reference_run_dir else None)
     try:
-        return _fit(env, build_model, args, spec)
+        return _fit(env, build_model, cfg, spec)
     finally:
         cleanup()
 
@@ -100,11 +101,11 @@ class RunSpec:
     reference_dir: Optional[str] = None
 
 
-def _find_resume(args: Namespace, spec: RunSpec, env: DistEnv) -> Tuple[Optional[str], str]:
+def _find_resume(resume: str, spec: RunSpec, env: DistEnv) -> Tuple[Optional[str], str]:
     """The checkpoint to resume (or ``None``) and the run folder: ``spec.run_dir``, or the
     reference's folder when ``--resume auto`` found the run there."""
-    resume_path = resolve_resume(args.resume, spec.run_dir, [spec.reference_dir] if spec.reference_dir else [])
-    if args.resume == "auto" and resume_path is not None and os.path.dirname(resume_path) != spec.run_dir:
+    resume_path = resolve_resume(resume, spec.run_dir, [spec.reference_dir] if spec.reference_dir else [])
+    if resume == "auto" and resume_path is not None and os.path.dirname(resume_path) != spec.run_dir:
         run_dir = os.path.dirname(resume_path)
         say(env, f"no checkpoint in {spec.run_dir}; the run's checkpoint is in {run_dir}, where the reference's "
                  f"script writes it, and the run goes on there")
@@ -112,35 +113,30 @@ def _find_resume(args: Namespace, spec: RunSpec, env: DistEnv) -> Tuple[Optional
     return resume_path, spec.run_dir
 
 
-def _datasets(args: Namespace) -> Tuple[D.CheckedImageFolder, D.CheckedImageFolder]:
+def _datasets(data: DataConfig) -> Tuple[D.CheckedImageFolder, D.CheckedImageFolder]:
     """train/ and val/ with the recipe's transforms; both must have the same classes and a full batch."""
-    train_ds = D.image_folder(args.data, "train", D.train_transform(args.image_size, args.min_crop_scale))
-    val_ds = D.image_folder(args.data, "val", D.val_transform(args.image_size, args.val_resize))
-    if train_ds.classes != val_ds.classes:
-        only_train = sorted(set(train_ds.classes) - set(val_ds.classes))
-        only_val = sorted(set(val_ds.classes) - set(train_ds.classes))
-        raise D.DataError(f"{args.data}: train/ and val/ have different class folders (only in train/: "
-                          f"{', '.join(only_train[:3]) or '-'}; only in val/: {', '.join(only_val[:3]) or '-'}); "
-                          f"give both the same class folders")
-    if len(train_ds) < args.batch_size:
-        raise D.DataError(f"{args.data}/train has {len(train_ds)} images, fewer than one batch of "
-                          f"{args.batch_size}; lower --batch_size")
+    train_ds = D.image_folder(data.data, "train", D.train_transform(data.image_size, data.min_crop_scale))
+    val_ds = D.image_folder(data.data, "val", D.val_transform(data.image_size, data.val_resize))
+    check_same_classes(data.data, train_ds.classes, val_ds.classes)
+    if len(train_ds) < data.batch_size:
+        raise D.DataError(f"{data.data}/train has {len(train_ds)} images, fewer than one batch of "
+                          f"{data.batch_size}; lower --batch_size")
     return train_ds, val_ds
 
 
-def _loaders(train_ds, val_ds, args: Namespace, env: DistEnv) -> TrainData:
-    workers = default_workers(env) if args.workers is None else args.workers
+def _loaders(train_ds, val_ds, data: DataConfig, seed: int, env: DistEnv) -> TrainData:
+    workers = default_workers(env) if data.workers is None else data.workers
     pin = env.device.type == "cuda"
-    per_rank_batch = args.batch_size // env.world_size
-    train_loader = D.build_train_loader(train_ds, per_rank_batch, env.rank, env.world_size, args.seed, workers, pin)
+    per_rank_batch = data.batch_size // env.world_size
+    train_loader = D.build_train_loader(train_ds, per_rank_batch, env.rank, env.world_size, seed, workers, pin)
     val_loader = D.build_val_loader(val_ds, per_rank_batch, env.rank, env.world_size, workers, pin)
     return TrainData(train_loader, val_loader, len(val_ds), per_rank_batch)
 
 
-def _initialise(model: nn.Module, args: Namespace, config: Dict[str, Any], run_dir: str, env: DistEnv) -> None:
+def _initialise(model: nn.Module, cfg: TrainConfig, config: Dict[str, Any], run_dir: str, env: DistEnv) -> None:
     """Full-precision initialisation (``--pretrained``) with its report on screen and in the run folder."""
-    report = load_pretrained(model, args.pretrained, config.get("arch", ""),
-                             bool(config.get("quantize_downsample", False)), args.models_dir, args.save)
+    report = load_pretrained(model, cfg.student.pretrained, config.get("arch", ""),
+                             bool(config.get("quantize_downsample", False)), cfg.student.models_dir, cfg.run.save)
     if report is not None and env.is_main:
         say(env, report.summary())
         os.makedirs(run_dir, exist_ok=True)
@@ -148,60 +144,62 @@ def _initialise(model: nn.Module, args: Namespace, config: Dict[str, Any], run_d
             json.dump(report.as_dict(), f, indent=1)
 
 
-def _training_parts(model: nn.Module, args: Namespace, alpha_patterns: Sequence[str]) -> TrainingParts:
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, (args.momentum, 0.999),
-                                alpha_patterns, all_ltq_a=args.alpha_group == "all_ltq",
-                                pact_alpha_decay=args.pact_alpha_decay)
-    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
-    return TrainingParts(model, optimizer, build_scheduler(optimizer, args.epochs), scaler)
+def _training_parts(model: nn.Module, cfg: TrainConfig, alpha_patterns: Sequence[str]) -> TrainingParts:
+    optim = cfg.optim
+    optimizer = build_optimizer(model, optim.learning_rate, optim.weight_decay, (optim.momentum, 0.999),
+                                alpha_patterns, all_ltq_a=optim.alpha_group == "all_ltq",
+                                pact_alpha_decay=optim.pact_alpha_decay)
+    scaler = torch.amp.GradScaler("cuda") if cfg.run.amp == "fp16" else None
+    return TrainingParts(model, optimizer, build_scheduler(optimizer, optim.epochs), scaler)
 
 
-def _add_teacher_and_wrappers(parts: TrainingParts, args: Namespace, env: DistEnv, num_classes: int) -> None:
+def _add_teacher_and_wrappers(parts: TrainingParts, cfg: TrainConfig, env: DistEnv, num_classes: int) -> None:
     """The frozen teacher, and the module the steps run: DDP over several processes, ``--compile``."""
-    teacher = build_teacher(args.teacher, args.teacher_weights, num_classes)
+    teacher = build_teacher(cfg.optim.teacher, cfg.optim.teacher_weights, num_classes)
     if teacher is not None:
         teacher.to(env.device)
-        if args.channels_last:
+        if cfg.run.channels_last:
             teacher.to(memory_format=torch.channels_last)
     train_model: nn.Module = parts.model
     if env.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
             parts.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    if args.compile:
+    if cfg.run.compile:
         train_model = torch.compile(train_model)
     parts.teacher, parts.train_model = teacher, train_model
 
 
-def _fit(env: DistEnv, build_model: Callable[[int], nn.Module], args: Namespace, spec: RunSpec) -> Dict[str, Any]:
-    configure_threads(args.threads, env)
-    _seed_everything(args.seed)
+def _fit(env: DistEnv, build_model: Callable[[int], nn.Module], cfg: TrainConfig, spec: RunSpec) -> Dict[str, Any]:
+    run = cfg.run
+    configure_threads(run.threads, env)
+    _seed_everything(run.seed)
     device = env.device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    train_ds, val_ds = _datasets(args)
-    data = _loaders(train_ds, val_ds, args, env)
+    train_ds, val_ds = _datasets(cfg.data)
+    data = _loaders(train_ds, val_ds, cfg.data, run.seed, env)
     num_classes = len(train_ds.classes)
 
     model = build_model(num_classes)
     config, run_name = {**spec.config, "num_classes": num_classes}, spec.name
-    resume_path, run_dir = _find_resume(args, spec, env)
+    resume_path, run_dir = _find_resume(run.resume, spec, env)
     if env.is_main:
         for tmp in remove_stale_temps(run_dir, CHECKPOINT_FILES):
             say(env, f"removed {tmp}, left by a save that was interrupted")
-    record = RunRecord(_plain_args(args), config, list(train_ds.classes),
+    record = RunRecord(cfg.flags(), config, list(train_ds.classes),
                        {"world_size": env.world_size, "train_images": len(train_ds)})
     ckpt = None
     if resume_path is not None:
-        ckpt = read_resume(resume_path, args.resume == "auto")
-        source = f"--resume {resume_path}" if args.resume != "auto" else f"the run's checkpoint {resume_path}"
-        check_resume(ckpt, source, config, args, record.layout)
+        ckpt = read_resume(resume_path, run.resume == "auto")
+        source = f"--resume {resume_path}" if run.resume != "auto" else f"the run's checkpoint {resume_path}"
+        check_resume(ckpt, source, config, cfg.data.batch_size, run.seed, record.layout)
     else:
-        _initialise(model, args, config, run_dir, env)
+        _initialise(model, cfg, config, run_dir, env)
     model.to(device)
-    if args.channels_last:
+    if run.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    parts = _training_parts(model, args, spec.alpha_patterns)
+    parts = _training_parts(model, cfg, spec.alpha_patterns)
     progress = TrainProgress()
     if ckpt is not None:
         progress, notes = restore_training(parts, ckpt, resume_path, spec.alpha_patterns)
@@ -209,25 +207,26 @@ def _fit(env: DistEnv, build_model: Callable[[int], nn.Module], args: Namespace,
         say(env, f"resumed from {resume_path}: next epoch {progress.next_epoch + 1}{at}, "
                  f"best top-1 {progress.best_top1:.2f}", *notes)
         del ckpt
-    _add_teacher_and_wrappers(parts, args, env, num_classes)
+    _add_teacher_and_wrappers(parts, cfg, env, num_classes)
 
     logger = MetricsLogger(run_dir, enabled=env.is_main)
     n_params = sum(p.numel() for p in model.parameters())
     say(env, f"{run_name}: {n_params / 1e6:.2f}M parameters, {num_classes} classes, "
              f"{len(train_ds)} train / {len(val_ds)} val images, {env.world_size} process(es) on {device.type}, "
-             f"batch {args.batch_size} ({data.per_rank_batch} per process), "
-             f"{'KD from ' + args.teacher if parts.teacher is not None else 'label-smoothed CE (no teacher)'}")
+             f"batch {cfg.data.batch_size} ({data.per_rank_batch} per process), "
+             f"{'KD from ' + cfg.optim.teacher if parts.teacher is not None else 'label-smoothed CE (no teacher)'}")
     logger.log({"event": "start", "run": run_name, "world_size": env.world_size, "resume": resume_path,
                 "next_epoch": progress.next_epoch, "step_in_epoch": progress.step_in_epoch, "args": record.args})
     state = TrainerState(progress, last_good=f"{resume_path} ({progress.describe()})" if resume_path else None)
     try:
-        with RunControl(args.steps_per_run, args.epochs_per_run, device) as control:
-            last_val = Trainer(parts, data, LoopContext(env, args, logger), record, run_dir, control, state).run()
+        with RunControl(run.steps_per_run, run.epochs_per_run, device) as control:
+            last_val = Trainer(parts, data, LoopContext(env, cfg, logger), record, run_dir, control, state).run()
     finally:
         logger.close()
     progress = state.progress
-    if progress.next_epoch >= args.epochs:
-        say(env, f"finished {args.epochs} epochs: best val top-1 {progress.best_top1:.2f} "
+    epochs = cfg.optim.epochs
+    if progress.next_epoch >= epochs:
+        say(env, f"finished {epochs} epochs: best val top-1 {progress.best_top1:.2f} "
                  f"({os.path.join(run_dir, BEST_NAME)})")
     return {"run_dir": run_dir, "best_top1": progress.best_top1, "last_val": last_val,
             "next_epoch": progress.next_epoch, "step_in_epoch": progress.step_in_epoch}

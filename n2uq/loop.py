@@ -3,14 +3,14 @@
 
 Faults inside a pass are decided alike on every rank (docs/reliability.md): an unreadable image
 raises :class:`~n2uq.data.BadImageError` naming it unless ``--skip_bad_images``; a non-finite loss
-raises :class:`NonFiniteError` before the optimizer step unless ``--skip_nonfinite``.
+raises :class:`NonFiniteError` before the optimizer step unless ``--skip_nonfinite``. The settings
+come from the run's :class:`~n2uq.run_config.TrainConfig` (:class:`LoopContext`).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from argparse import Namespace
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -23,7 +23,8 @@ from n2uq import data as D
 from n2uq.distributed import DistEnv, all_ranks_sum, all_reduce_sum, gather_lists
 from n2uq.losses import kd_loss, label_smooth_ce
 from n2uq.metrics import MetricsLogger, topk_correct
-from n2uq.train_state import SKIP_COUNTERS, TrainingParts
+from n2uq.run_config import TrainConfig
+from n2uq.train_state import SKIP_COUNTERS, TRAIN_SUMS, TrainingParts
 
 __all__ = ["NonFiniteError", "LoopContext", "EpochCursor", "autocast", "say", "evaluate", "train_one_epoch"]
 
@@ -36,10 +37,10 @@ class NonFiniteError(RuntimeError):
 
 @dataclass(frozen=True)
 class LoopContext:
-    """Where a pass runs and how: this process's place, the training flags, the metrics log (rank 0)."""
+    """Where a pass runs and how: this process's place, the run's configuration, the metrics log (rank 0)."""
 
     env: DistEnv
-    args: Namespace
+    cfg: TrainConfig
     logger: Optional[MetricsLogger] = None
 
 
@@ -48,16 +49,32 @@ class EpochCursor:
     """The epoch in progress: ``done`` batches of ``steps_in_epoch``, ``start_step`` of them before this
     pass (a resumed epoch). :func:`train_one_epoch` advances ``done`` after every step (a skipped one
     too), so after an exception it is the position before the failing batch. ``skipped`` counts
-    unreadable images and left-out batches of the whole epoch (updated in place)."""
+    unreadable images and left-out batches of the whole epoch (updated in place).
+
+    ``sums`` (float64, :data:`~n2uq.train_state.TRAIN_SUMS`) is this process's share of the epoch's
+    training loss and hits, added to after every step; a resumed epoch starts it (on one rank) from
+    the checkpoint's totals, and then ``sums_from`` is 0 and ``time_before`` the training seconds of
+    the steps before. Without them (``sums_from = start_step``) the numbers cover this pass only.
+    """
 
     epoch: int
     start_step: int
     steps_in_epoch: int
     done: int = 0
     skipped: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_COUNTERS, 0))
+    sums: Optional[torch.Tensor] = None
+    sums_from: int = 0
+    time_before: float = 0.0
+    pass_started: float = 0.0
 
     def __post_init__(self) -> None:
         self.done = max(self.done, self.start_step)
+
+    def epoch_sums(self, device: torch.device) -> Dict[str, float]:
+        """The epoch's training sums so far over all ranks, and its training seconds (call on every rank)."""
+        sums = torch.zeros(len(TRAIN_SUMS), dtype=torch.float64, device=device) if self.sums is None else self.sums
+        totals = all_reduce_sum(sums.clone()).tolist()
+        return {**dict(zip(TRAIN_SUMS, totals)), "time_s": self.time_before + time.time() - self.pass_started}
 
 
 def autocast(device: torch.device, amp: str = "none"):
@@ -132,7 +149,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", 
 
 def train_one_epoch(parts: TrainingParts, loader, ctx: LoopContext, cursor: EpochCursor,
                     after_step: Optional[Callable[[int], bool]] = None) -> Dict[str, Any]:
-    """Train on this rank's shard from ``cursor.start_step``; loss and top-1/top-5 (percent) over all ranks.
+    """Train on this rank's shard from ``cursor.start_step``; the epoch's loss and top-1/top-5 (percent)
+    over all ranks, from step ``from_step`` on (0 unless a resumed epoch's checkpoint held no sums).
 
     The loss is :func:`~n2uq.losses.kd_loss` against ``parts.teacher`` when there is one, else
     label-smoothed cross-entropy. ``after_step(batches of the epoch done)`` runs after every step
@@ -146,12 +164,16 @@ def train_one_epoch(parts: TrainingParts, loader, ctx: LoopContext, cursor: Epoc
     stepped nor updated). ``cursor.skipped`` counts ``bad_images``, ``nonfinite_batches`` and
     ``short_batches``.
     """
-    env, args = ctx.env, ctx.args
+    env, cfg = ctx.env, ctx.cfg
     parts.stepped.train()
-    sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss·n, top-1, top-5, n
+    if cursor.sums is None:
+        cursor.sums = torch.zeros(len(TRAIN_SUMS), dtype=torch.float64, device=env.device)
+    sums = cursor.sums  # loss·n, top-1, top-5, n
+    images_before = sums[3].item()
     steps = len(loader)
-    bar = _progress_bar(loader, steps, f"epoch {cursor.epoch + 1}/{args.epochs}", env.is_main and not args.no_progress)
-    t0 = time.time()
+    bar = _progress_bar(loader, steps, f"epoch {cursor.epoch + 1}/{cfg.optim.epochs}",
+                        env.is_main and not cfg.run.no_progress)
+    t0 = cursor.pass_started = time.time()
     stopped = False
     for step, batch in enumerate(bar, start=cursor.start_step):
         images, target, bad = D.split_batch(batch)
@@ -160,17 +182,17 @@ def train_one_epoch(parts: TrainingParts, loader, ctx: LoopContext, cursor: Epoc
         cursor.done = step + 1
         done = cursor.done - cursor.start_step
         if env.is_main and (done % 10 == 0 or done == steps):
-            seen, count = sums[3].item() * env.world_size, max(sums[3].item(), 1.0)
+            seen, count = (sums[3].item() - images_before) * env.world_size, max(sums[3].item(), 1.0)
             bar.set_postfix(loss=f"{sums[0].item() / count:.3f}", top1=f"{100 * sums[1].item() / count:.1f}",
                             img_s=f"{seen / (time.time() - t0):.0f}", refresh=False)
         if after_step is not None and after_step(cursor.done):
             stopped = True
             break
-    elapsed = time.time() - t0
-    all_reduce_sum(sums)
-    n = max(sums[3].item(), 1.0)
-    return {"loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
-            "images": int(sums[3].item()), "img_per_s": sums[3].item() / max(elapsed, 1e-9), "time_s": elapsed,
+    elapsed = cursor.time_before + time.time() - t0
+    loss, top1, top5, images = all_reduce_sum(sums.clone()).tolist()
+    n = max(images, 1.0)
+    return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "images": int(images),
+            "img_per_s": images / max(elapsed, 1e-9), "time_s": elapsed, "from_step": cursor.sums_from,
             "stopped": stopped, "skipped": dict(cursor.skipped)}
 
 
@@ -180,7 +202,7 @@ def _skip_for_unreadable(bad: List[D.BadSample], target: torch.Tensor, ctx: Loop
 
     A rank left with fewer than two readable images makes all skip it (BatchNorm needs two).
     """
-    skip = ctx.args.skip_bad_images
+    skip = ctx.cfg.data.skip_bad_images
     short = target.numel() == 0 or (bool(bad) and target.numel() == 1)  # shrunk below what BatchNorm needs
     n_bad, n_short = all_ranks_sum([len(bad), short], ctx.env.device)
     if n_bad:
@@ -203,16 +225,16 @@ def _skip_for_unreadable(bad: List[D.BadSample], target: torch.Tensor, ctx: Loop
 def _train_step(parts: TrainingParts, batch: Tuple[torch.Tensor, torch.Tensor], ctx: LoopContext,
                 cursor: EpochCursor, step: int, sums: torch.Tensor) -> None:
     """Forward, backward and (unless the loss is non-finite) the optimizer step; adds to ``sums``."""
-    env, args = ctx.env, ctx.args
-    images, target = _to_device(*batch, env.device, args.channels_last)
-    with autocast(env.device, args.amp):
+    env, run = ctx.env, ctx.cfg.run
+    images, target = _to_device(*batch, env.device, run.channels_last)
+    with autocast(env.device, run.amp):
         logits = parts.stepped(images)
         if parts.teacher is not None:
             with torch.no_grad():
                 teacher_logits = parts.teacher(images)
             loss = kd_loss(logits, teacher_logits)
         else:
-            loss = label_smooth_ce(logits, target, args.label_smooth)
+            loss = label_smooth_ce(logits, target, ctx.cfg.optim.label_smooth)
     parts.optimizer.zero_grad(set_to_none=True)
     (parts.scaler.scale(loss) if parts.scaler is not None else loss).backward()  # every rank: DDP reduces here
     if _skip_nonfinite_loss(loss, parts.optimizer, ctx, cursor, step):
@@ -227,7 +249,7 @@ def _train_step(parts: TrainingParts, batch: Tuple[torch.Tensor, torch.Tensor], 
         sums[0] += loss.detach().double() * n
         sums[1:3] += topk_correct(logits.detach().float(), target, (1, 5)).to(env.device)
         sums[3] += n
-    if ctx.logger is not None and (step + 1) % args.log_every == 0:
+    if ctx.logger is not None and (step + 1) % run.log_every == 0:
         global_step = cursor.epoch * cursor.steps_in_epoch + step + 1
         ctx.logger.scalars({"train/loss_step": loss.item()}, global_step)
 
@@ -241,7 +263,7 @@ def _skip_nonfinite_loss(loss: torch.Tensor, optimizer: torch.optim.Optimizer, c
         return False
     value = check[1].item()
     where = f"epoch {cursor.epoch + 1}, step {step + 1}/{cursor.steps_in_epoch}"
-    if not ctx.args.skip_nonfinite:
+    if not ctx.cfg.run.skip_nonfinite:
         raise NonFiniteError(f"non-finite loss ({value}) in {where}; stopped before the optimizer step")
     optimizer.zero_grad(set_to_none=True)
     cursor.skipped["nonfinite_batches"] += 1

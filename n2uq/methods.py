@@ -23,7 +23,6 @@ uniform grid (uniform thresholds, uniform levels; ``start`` and the scales still
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
 
 from torch import nn
 
@@ -100,8 +99,3 @@ class Quantizers:
     def as_dict(self) -> dict:
         """What a checkpoint records (``config['quantizers']``)."""
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> Quantizers:
-        known = {k: values[k] for k in ("n_bit", "method", "learned_thresholds", "entropy_preserving") if k in values}
-        return cls(**known)

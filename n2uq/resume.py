@@ -11,13 +11,20 @@ Files of the reference's format are resumed too (:mod:`n2uq.reference_format`).
 from __future__ import annotations
 
 import os
-from argparse import Namespace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from n2uq.checkpoint import CheckpointError, infer_config, load_state_dict_strict, read_checkpoint
 from n2uq.cli import UsageError
 from n2uq.reference_format import is_reference_checkpoint, map_reference_adam_state, replay_schedule
-from n2uq.train_state import CHECKPOINT_NAME, SKIP_COUNTERS, TrainingParts, TrainProgress, restore_rng
+from n2uq.train_state import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    SKIP_COUNTERS,
+    TRAIN_SUMS,
+    TrainingParts,
+    TrainProgress,
+    restore_rng,
+)
 
 __all__ = ["resolve_resume", "read_training_checkpoint", "read_resume", "check_resume", "restore_training"]
 
@@ -48,7 +55,17 @@ def read_training_checkpoint(path: str) -> Dict[str, Any]:
     ckpt.setdefault("next_epoch", int(ckpt.get("epoch", -1)) + 1)
     ckpt.setdefault("step_in_epoch", 0)
     ckpt["skipped"] = {k: int((ckpt.get("skipped") or {}).get(k, 0)) for k in SKIP_COUNTERS}
+    ckpt["train_sums"] = _train_sums(ckpt.get("train_sums")) if int(ckpt["step_in_epoch"]) else None
     return ckpt
+
+
+def _train_sums(saved: Any) -> Optional[Dict[str, float]]:
+    """A mid-epoch checkpoint's training sums; ``None`` when it has none (written before they were
+    recorded), and then the resumed epoch's numbers cover the steps after the resume only."""
+    keys = (*TRAIN_SUMS, "time_s")
+    if not isinstance(saved, Mapping) or not all(isinstance(saved.get(k), (int, float)) for k in keys):
+        return None
+    return {k: float(saved[k]) for k in keys}
 
 
 def read_resume(path: str, auto: bool) -> Dict[str, Any]:
@@ -56,15 +73,22 @@ def read_resume(path: str, auto: bool) -> Dict[str, Any]:
     try:
         return read_training_checkpoint(path)
     except CheckpointError as exc:
-        hint = ("move it away or pass --resume none to start over (model_best.pth.tar beside it holds the "
-                "best epoch)") if auto else "pass another --resume file, or --resume none to start over"
+        hint = "pass another --resume file, or --resume none to start over"
+        if auto:
+            best = os.path.join(os.path.dirname(path), BEST_NAME)
+            hint = "move it away or pass --resume none to start over" + (
+                f" ({BEST_NAME} beside it holds the best epoch)" if os.path.isfile(best) and best != path else "")
         raise CheckpointError(f"cannot resume: {str(exc).rstrip('.')}; {hint}") from None
 
 
-def check_resume(ckpt: Mapping[str, Any], source: str, config: Mapping[str, Any], args: Namespace,
+def check_resume(ckpt: Mapping[str, Any], source: str, config: Mapping[str, Any], batch_size: int, seed: int,
                  layout: Mapping[str, int]) -> None:
     """The checkpoint to resume (``source`` names it) must be of this run's model, and a mid-epoch
-    one of this run's data layout; raises :class:`~n2uq.cli.UsageError` otherwise."""
+    one of this run's data layout (``--batch_size``, ``--seed``, ``layout``: ``world_size`` and
+    ``train_images``); raises :class:`~n2uq.cli.UsageError` otherwise.
+
+    The checkpoint's flags are read from its ``args`` entry, the ``{flag: value}`` dictionary every
+    checkpoint of this project records (:meth:`n2uq.run_config.TrainConfig.flags`)."""
     saved = ckpt.get("config") or {}
     if not saved:  # a reference checkpoint: what its state dict says
         try:
@@ -84,15 +108,14 @@ def check_resume(ckpt: Mapping[str, Any], source: str, config: Mapping[str, Any]
                          f"pass the flags it was trained with, or --resume none (or another --save) to start "
                          f"a new run")
     if int(ckpt["step_in_epoch"]) > 0:
-        _check_layout(ckpt, source, args, layout)
+        _check_layout(ckpt, source, {"--batch_size": batch_size, "--seed": seed, "process count": layout["world_size"],
+                                     "train images": layout["train_images"]})
 
 
-def _check_layout(ckpt: Mapping[str, Any], source: str, args: Namespace, layout: Mapping[str, int]) -> None:
+def _check_layout(ckpt: Mapping[str, Any], source: str, now: Mapping[str, Any]) -> None:
     saved_args = ckpt.get("args") or {}
     before = {"--batch_size": saved_args.get("batch_size"), "--seed": saved_args.get("seed"),
               "process count": ckpt.get("world_size"), "train images": ckpt.get("train_images")}
-    now = {"--batch_size": args.batch_size, "--seed": args.seed, "process count": layout["world_size"],
-           "train images": layout["train_images"]}
     diffs = [f"{k} {before[k]} vs {now[k]}" for k in before if before[k] is not None and before[k] != now[k]]
     if diffs:
         raise UsageError(f"{source} stopped inside epoch {int(ckpt['next_epoch']) + 1} (step "
@@ -111,7 +134,7 @@ def restore_training(parts: TrainingParts, ckpt: Mapping[str, Any], source: str,
     """
     load_state_dict_strict(parts.model, ckpt["state_dict"], source=source)
     progress = TrainProgress(int(ckpt["next_epoch"]), int(ckpt["step_in_epoch"]),
-                             float(ckpt.get("best_top1_acc", 0.0)), dict(ckpt["skipped"]))
+                             float(ckpt.get("best_top1_acc", 0.0)), dict(ckpt["skipped"]), ckpt.get("train_sums"))
     notes: List[str] = []
     if is_reference_checkpoint(ckpt):
         state, what = map_reference_adam_state(parts.optimizer, parts.model, ckpt.get("optimizer"), alpha_patterns)

@@ -10,6 +10,8 @@ Directory: ``<save>/<arch>_<b>bit_quantize_downsample_<True|False>/`` holding ``
     scheduler, scaler, rng, args, config, classes, val_top1, val_top5
     next_epoch, step_in_epoch   where training continues (step_in_epoch > 0: inside an epoch)
     skipped          unreadable images / left-out batches so far in the epoch in progress
+    train_sums       mid-epoch only: the epoch's training loss and hits so far (TRAIN_SUMS, all ranks)
+                     and its training seconds (``time_s``), so a resumed epoch reports the whole epoch
     world_size, train_images    the data layout a mid-epoch position refers to
 
 Writing the file is :mod:`n2uq.atomic_io`'s job, reading it back for a resume :mod:`n2uq.resume`'s.
@@ -26,14 +28,17 @@ from torch import nn
 
 from n2uq.checkpoint import strip_prefixes
 
-__all__ = ["CHECKPOINT_NAME", "BEST_NAME", "CHECKPOINT_FILES", "SKIP_COUNTERS", "TrainProgress", "TrainingParts",
-           "RunRecord", "run_name", "capture_rng", "restore_rng", "model_state_for_save", "build_checkpoint"]
+__all__ = ["CHECKPOINT_NAME", "BEST_NAME", "CHECKPOINT_FILES", "SKIP_COUNTERS", "TRAIN_SUMS", "TrainProgress",
+           "TrainingParts", "RunRecord", "run_name", "capture_rng", "restore_rng", "model_state_for_save",
+           "build_checkpoint"]
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 BEST_NAME = "model_best.pth.tar"
 CHECKPOINT_FILES = (CHECKPOINT_NAME, BEST_NAME)
 
 SKIP_COUNTERS = ("bad_images", "nonfinite_batches", "short_batches")
+#: The running sums of an epoch's training metrics: loss times batch size, top-1 and top-5 hits, images.
+TRAIN_SUMS = ("loss_sum", "top1_hits", "top5_hits", "images")
 
 
 @dataclass
@@ -41,13 +46,16 @@ class TrainProgress:
     """Loop position: ``next_epoch`` to run and ``step_in_epoch`` batches of it already done.
 
     ``skipped`` counts, for the epoch in progress, unreadable images and batches left out
-    (``--skip_bad_images``, ``--skip_nonfinite``), so a resumed epoch reports the whole epoch.
+    (``--skip_bad_images``, ``--skip_nonfinite``), and ``train_sums`` (inside an epoch) holds its
+    training sums so far (:data:`TRAIN_SUMS` over all ranks, and ``time_s``), so a resumed epoch
+    reports the whole epoch.
     """
 
     next_epoch: int = 0
     step_in_epoch: int = 0
     best_top1: float = 0.0
     skipped: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_COUNTERS, 0))
+    train_sums: Optional[Dict[str, float]] = None
 
     def describe(self) -> str:
         """``epoch 2 after step 3``, ``end of epoch 1`` or ``before epoch 1``."""
@@ -155,6 +163,7 @@ def build_checkpoint(parts: TrainingParts, progress: TrainProgress, record: Opti
         "config": dict(record.config),
         "classes": list(record.classes),
         "skipped": dict(progress.skipped),
+        "train_sums": dict(progress.train_sums) if progress.step_in_epoch and progress.train_sums else None,
         **dict(record.layout),
     }
     if val:

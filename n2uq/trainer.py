@@ -20,7 +20,15 @@ from n2uq.distributed import all_ranks_sum, barrier, broadcast_buffers
 from n2uq.loop import EpochCursor, LoopContext, NonFiniteError, evaluate, say, train_one_epoch
 from n2uq.recipe import scheduler_step
 from n2uq.run_control import RunControl
-from n2uq.train_state import BEST_NAME, CHECKPOINT_NAME, RunRecord, TrainingParts, TrainProgress, build_checkpoint
+from n2uq.train_state import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    TRAIN_SUMS,
+    RunRecord,
+    TrainingParts,
+    TrainProgress,
+    build_checkpoint,
+)
 
 __all__ = ["TrainData", "TrainerState", "Trainer", "check_finite_weights"]
 
@@ -62,7 +70,7 @@ class Trainer:
     """Runs the epochs of one training run from ``state.progress`` to ``--epochs``.
 
     ``parts``: the model, teacher, optimizer, schedule and scaler; ``data``: the loaders; ``ctx``:
-    this process, the flags and the metrics log; ``record``: what every checkpoint says about the
+    this process, the run's configuration and the metrics log; ``record``: what every checkpoint says about the
     run; ``run_dir``: where checkpoints go; ``control``: signals and budgets of this invocation.
     """
 
@@ -70,7 +78,7 @@ class Trainer:
                  control: RunControl, state: TrainerState):
         self.parts, self.data, self.ctx, self.record = parts, data, ctx, record
         self.run_dir, self.control, self.state = run_dir, control, state
-        self.env, self.args = ctx.env, ctx.args
+        self.env, self.cfg = ctx.env, ctx.cfg
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -78,7 +86,7 @@ class Trainer:
         """Train until ``--epochs``, a budget or a signal; return the last epoch's validation ({} if none)."""
         last_val: Dict[str, Any] = {}
         try:
-            for epoch in range(self.state.progress.next_epoch, self.args.epochs):
+            for epoch in range(self.state.progress.next_epoch, self.cfg.optim.epochs):
                 if self.control.stop_before_epoch():
                     say(self.env, f"stopping before epoch {epoch + 1}: {self.control.reason()}; run again to resume")
                     break
@@ -110,6 +118,7 @@ class Trainer:
         loader.sampler.set_epoch(epoch, progress.step_in_epoch, self.data.per_rank_batch)
         cursor = EpochCursor(epoch, progress.step_in_epoch, progress.step_in_epoch + len(loader),
                              skipped=dict(progress.skipped))
+        self._restore_sums(cursor, progress.train_sums)
         self.state.cursor, self.state.saved_step = cursor, progress.step_in_epoch
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.parts.optimizer.param_groups)}
         train = self._train(cursor)
@@ -125,9 +134,20 @@ class Trainer:
         self._print_epoch(cursor, lrs, train, val)
         return val, False
 
+    def _restore_sums(self, cursor: EpochCursor, saved: Optional[Dict[str, float]]) -> None:
+        """Start the epoch's training sums from a mid-epoch checkpoint's totals (on rank 0 only, so the
+        sum over ranks stays the total); without them the numbers cover the steps from here on."""
+        cursor.sums = torch.zeros(len(TRAIN_SUMS), dtype=torch.float64, device=self.env.device)
+        cursor.sums_from = cursor.start_step
+        if cursor.start_step and saved is not None:
+            if self.env.is_main:
+                cursor.sums += torch.tensor([saved[k] for k in TRAIN_SUMS], dtype=torch.float64,
+                                            device=self.env.device)
+            cursor.sums_from, cursor.time_before = 0, saved["time_s"]
+
     def after_step(self, done: int) -> bool:
         """Called after every step with the epoch's batches done: save when asked; True to stop here."""
-        cursor, every = self.state.cursor, self.args.save_every_steps
+        cursor, every = self.state.cursor, self.cfg.run.save_every_steps
         stop = self.control.step_done() and done < cursor.steps_in_epoch  # the last step finishes the epoch first
         if stop or (every and done % every == 0 and done < cursor.steps_in_epoch):
             self.save(self._position(done))
@@ -135,8 +155,10 @@ class Trainer:
         return stop
 
     def _position(self, done: int) -> TrainProgress:
+        """The position after ``done`` batches of the epoch in progress (a collective: call on every rank)."""
         cursor = self.state.cursor
-        return TrainProgress(cursor.epoch, done, self.state.progress.best_top1, dict(cursor.skipped))
+        sums = cursor.epoch_sums(self.env.device) if cursor.sums_from == 0 else None
+        return TrainProgress(cursor.epoch, done, self.state.progress.best_top1, dict(cursor.skipped), sums)
 
     def _train(self, cursor: EpochCursor) -> Dict[str, Any]:
         try:
@@ -151,10 +173,10 @@ class Trainer:
                                   f"saved, run again to resume there") from None
 
     def _validate(self, cursor: EpochCursor) -> Dict[str, Any]:
-        args = self.args
+        run = self.cfg.run
         try:
-            val = evaluate(self.parts.model, self.data.val_loader, self.env.device, args.amp, args.channels_last,
-                           progress=self.env.is_main and not args.no_progress, skip_bad=args.skip_bad_images)
+            val = evaluate(self.parts.model, self.data.val_loader, self.env.device, run.amp, run.channels_last,
+                           progress=self.env.is_main and not run.no_progress, skip_bad=self.cfg.data.skip_bad_images)
         except D.BadImageError as exc:
             if cursor.steps_in_epoch > self.state.saved_step:
                 self.save(self._position(cursor.steps_in_epoch))  # the trained epoch, before its validation
@@ -194,7 +216,10 @@ class Trainer:
                      val: Dict[str, Any]) -> None:
         trained = (f"train loss {train['loss']:.4f} top-1 {train['top1']:.2f}" if train["images"]
                    else "no training step in this invocation")
-        say(self.env, f"epoch {cursor.epoch + 1}/{self.args.epochs} lr {lrs.get('other', 0.0):.3g} | {trained} | "
+        if train["images"] and train["from_step"]:
+            trained += (f" (steps {train['from_step'] + 1}-{cursor.steps_in_epoch} only: the checkpoint resumed "
+                        f"from holds no sums of the steps before)")
+        say(self.env, f"epoch {cursor.epoch + 1}/{self.cfg.optim.epochs} lr {lrs.get('other', 0.0):.3g} | {trained} | "
                       f"val top-1 {val['top1']:.2f} top-5 {val['top5']:.2f} (best {self.state.progress.best_top1:.2f})"
                       f" | {train['img_per_s']:.0f} img/s {train['time_s']:.0f}s"
                       f"{_skipped_note(cursor.skipped, val['skipped'])}")

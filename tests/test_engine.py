@@ -98,6 +98,34 @@ def test_mid_epoch_stops_resume_exactly(tiny_imagefolder, tmp_path, uninterrupte
         positions.append((ckpt["next_epoch"], ckpt["step_in_epoch"]))
     assert positions == [(0, 1), (1, 0), (1, 1), (2, 0)]
     _assert_same_weights(uninterrupted, run)
+    # each epoch was resumed after its first step: its train numbers still cover the whole epoch, the
+    # running sums carried by the mid-epoch checkpoint (one process: the very same float64 sums)
+    whole, resumed = (_train_numbers(r / "metrics.jsonl") for r in (uninterrupted, run))
+    assert resumed == whole and all(n["images"] == 12 and n["from_step"] == 0 for n in resumed)
+
+
+def _train_numbers(metrics):
+    return [{k: r["train"][k] for k in ("loss", "top1", "top5", "images", "from_step")}
+            for r in read_metrics(str(metrics), "epoch")]
+
+
+def test_resume_of_a_checkpoint_without_train_sums_says_what_the_numbers_cover(tiny_imagefolder, tmp_path,
+                                                                              capsys):
+    """A mid-epoch checkpoint written before the sums were recorded: the resumed epoch's line says its
+    train numbers cover only the steps after the resume."""
+    run = _train(tiny_imagefolder, tmp_path, "--steps_per_run", "1")
+    ckpt = read_checkpoint(run / "checkpoint.pth.tar")
+    assert (ckpt["step_in_epoch"], sorted(ckpt["train_sums"])) == (1, ["images", "loss_sum", "time_s", "top1_hits",
+                                                                       "top5_hits"])
+    assert ckpt["train_sums"]["images"] == 6
+    del ckpt["train_sums"]
+    torch.save(ckpt, run / "checkpoint.pth.tar")
+    capsys.readouterr()
+    _train(tiny_imagefolder, tmp_path, "--epochs_per_run", "1")
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch 1/2"))
+    assert "(steps 2-2 only: the checkpoint resumed from holds no sums of the steps before)" in line
+    numbers = _train_numbers(run / "metrics.jsonl")
+    assert numbers[-1]["images"] == 6 and numbers[-1]["from_step"] == 1
 
 
 def test_sigterm_saves_and_the_next_run_resumes(tiny_imagefolder, tmp_path, uninterrupted, monkeypatch):

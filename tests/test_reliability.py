@@ -282,9 +282,11 @@ def test_unreadable_val_image_stops_after_saving_the_trained_epoch(tmp_path, cap
     ckpt = read_checkpoint(tmp_path / "m" / RUN / "checkpoint.pth.tar")
     assert (ckpt["next_epoch"], ckpt["step_in_epoch"]) == (0, STEPS)
     code, out, _ = run_cli(resnet_train.main, train_argv(data, tmp_path / "m", "--skip_bad_images"), capsys)
-    assert code == 0 and "no training step in this invocation" in out
+    # no step is left to train, yet the epoch line reports the epoch's training: the checkpoint kept its sums
+    assert code == 0 and "epoch 1/2 lr 0.000625 | train loss " in out and " only:" not in out
     rec = read_metrics(str(tmp_path / "m" / RUN / "metrics.jsonl"), "epoch")[-1]
     assert (rec["val"]["count"], rec["val"]["skipped"]) == (6, 1)
+    assert (rec["train"]["images"], rec["train"]["from_step"]) == (24, 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,7 +314,9 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank(data, tmp_path):
     errors = sorted(ln for ln in proc.stderr.splitlines() if "error: non-finite loss" in ln)
     assert [e.split("]")[0] for e in errors] == ["[rank 0", "[rank 1"], proc.stderr
     assert all("non-finite loss (nan) in epoch 1, step 2/3" in e and "(epoch 1 after step 1)" in e for e in errors)
-    assert read_checkpoint(tmp_path / RUN / "checkpoint.pth.tar")["step_in_epoch"] == 1
+    ckpt = read_checkpoint(tmp_path / RUN / "checkpoint.pth.tar")
+    assert ckpt["step_in_epoch"] == 1
+    assert ckpt["train_sums"]["images"] == 8  # both ranks' 4 images of step 1: the sums are over all ranks
 
 
 @pytest.mark.slow
@@ -329,3 +333,22 @@ def test_skips_agree_across_ranks(tmp_path):
     # the whole step with rank 1's NaN is left out on both ranks (8 images), and the unreadable one
     assert epochs[0]["train"]["images"] in (24 - 8, 24 - 8 - 1) and epochs[1]["train"]["images"] == 23
     assert_finite_checkpoint(tmp_path / "m" / RUN / "checkpoint.pth.tar")
+
+
+def test_a_corrupt_checkpoint_names_model_best_only_when_it_is_there(tmp_path):
+    """--resume auto on a truncated checkpoint: the message points at model_best.pth.tar only if it exists."""
+    from n2uq.checkpoint import CheckpointError
+    from n2uq.resume import read_resume
+
+    path = tmp_path / train_state.CHECKPOINT_NAME
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError) as exc:
+        read_resume(str(path), auto=True)
+    assert "move it away or pass --resume none to start over" in str(exc.value)
+    assert train_state.BEST_NAME not in str(exc.value)
+    torch.save({"state_dict": {}}, tmp_path / train_state.BEST_NAME)
+    with pytest.raises(CheckpointError, match=r"\(model_best\.pth\.tar beside it holds the best epoch\)$"):
+        read_resume(str(path), auto=True)
+    with pytest.raises(CheckpointError, match="pass another --resume file") as exc:
+        read_resume(str(path), auto=False)
+    assert train_state.BEST_NAME not in str(exc.value)

@@ -168,15 +168,136 @@ def test_defaults_follow_the_reference_scripts(tiny_imagefolder, monkeypatch):
     from n2uq import engine
 
     seen = []
-    monkeypatch.setattr(engine, "fit", lambda build, args, **kw: seen.append((args, kw)))
+    monkeypatch.setattr(engine, "fit", lambda build, cfg, **kw: seen.append((cfg, kw)))
     data = ["--data", str(tiny_imagefolder)]
     for argv in (data, [*data, "--full_precision"], [*data, "--quantize_downsample", "false"]):
         assert resnet_train.main(argv) == 0
     (default, d_kw), (fp, fp_kw), (off, off_kw) = seen
-    assert default.quantize_downsample is True and default.pretrained == "authors"
+    assert default.student.quantize_downsample is True and default.student.pretrained == "authors"
     assert d_kw["run_name"] == "resnet18_2bit_quantize_downsample_True"
-    assert (default.batch_size, default.epochs, default.learning_rate) == (256, 128, 1.25e-3)  # the paper's run.sh
-    assert fp.quantize_downsample is False and fp_kw["run_name"] == "resnet18_fp" and fp.pretrained == "torchvision"
-    assert off.quantize_downsample is False and off_kw["run_name"] == RUN
+    assert (default.data.batch_size, default.optim.epochs, default.optim.learning_rate) == (256, 128, 1.25e-3)
+    assert fp.student.quantize_downsample is False and fp_kw["run_name"] == "resnet18_fp"
+    assert fp.student.pretrained == "torchvision"
+    assert off.student.quantize_downsample is False and off_kw["run_name"] == RUN
     assert mobilenet_train.main(data) == 0
     assert seen[-1][1]["run_name"] == "mobilenetv2_4bit" and seen[-1][1]["reference_run_dir"] == "."
+
+
+# What checkpoints recorded under 'args' before the flags were parsed into a typed configuration
+# (vars of the argparse namespace, after the scripts' defaults): they must keep recording exactly this.
+RECORDED_RESNET_DEFAULT = {
+    "alpha_group": "reference", "amp": "none", "batch_size": 256, "channels_last": False, "check_only": False,
+    "compile": False, "data": "DATA", "debug": False, "device": "auto", "epochs": 128, "epochs_per_run": 0,
+    "full_precision": False, "image_size": 224, "label_smooth": 0.1, "learning_rate": 0.00125, "log_every": 50,
+    "maxabs_weights": False, "method": "n2uq", "min_crop_scale": 0.08, "models_dir": "models", "momentum": 0.9,
+    "n_bit": 2, "no_progress": False, "pact_alpha_decay": None, "pretrained": "authors", "quantize_downsample": True,
+    "resume": "auto", "save": "./models", "save_every_steps": 0, "seed": 0, "skip_bad_images": False,
+    "skip_nonfinite": False, "steps_per_run": 0, "student": "resnet18", "teacher": "resnet101",
+    "teacher_weights": "imagenet", "threads": 0, "uniform_thresholds": False, "val_resize": 256, "weight_decay": 0.0,
+    "workers": None}
+
+
+def _recorded_flags(main, argv, monkeypatch):
+    from n2uq import engine
+
+    seen = []
+    monkeypatch.setattr(engine, "fit", lambda build, cfg, **kw: seen.append(cfg.flags()))
+    assert main(argv) == 0
+    return seen[-1]
+
+
+def test_checkpoints_record_the_same_flags_as_before(tiny_imagefolder, monkeypatch):
+    from mobilenetv2 import train as mobilenet_train
+
+    data = str(tiny_imagefolder)
+    expected = {**RECORDED_RESNET_DEFAULT, "data": data}
+    assert _recorded_flags(resnet_train.main, ["--data", data], monkeypatch) == expected
+    fp = _recorded_flags(resnet_train.main, ["--data", data, "--full_precision"], monkeypatch)
+    assert fp == {**expected, "full_precision": True, "quantize_downsample": False, "pretrained": "torchvision"}
+    argv = ["--data", data, "--method", "pact", "--pact_alpha_decay", "0.01", "-j", "2", "--amp", "bf16"]
+    assert _recorded_flags(resnet_train.main, argv, monkeypatch) == {
+        **expected, "method": "pact", "pact_alpha_decay": 0.01, "workers": 2, "amp": "bf16"}
+    mobilenet = _recorded_flags(mobilenet_train.main, ["--data", data, "--method", "dorefa", "--n_bit", "3"],
+                                monkeypatch)  # MobileNetV2 has no --quantize_downsample / --full_precision
+    absent = ("quantize_downsample", "full_precision")
+    assert mobilenet == {**{k: v for k, v in expected.items() if k not in absent}, "student": "mobilenetv2",
+                         "method": "dorefa", "n_bit": 3}
+
+
+def test_a_checkpoint_written_with_the_namespace_args_is_read_back(tmp_path):
+    """Checkpoints written before the typed configuration store ``vars(namespace)``: their flags give
+    the same configuration back, and a mid-epoch one is resumed only with the same data layout."""
+    import argparse
+
+    from n2uq.cli import UsageError
+    from n2uq.resume import check_resume
+    from n2uq.run_config import TrainConfig
+
+    old_args = dict(vars(argparse.Namespace(**RECORDED_RESNET_DEFAULT)), batch_size=8, seed=3)
+    cfg = TrainConfig.from_flags(old_args)
+    assert cfg.flags() == old_args
+    assert (cfg.data.batch_size, cfg.run.seed, cfg.student.quantize_downsample) == (8, 3, True)
+    with pytest.raises(ValueError, match="not a training flag: batchsize"):
+        TrainConfig.from_flags({"batchsize": 8})
+    from n2uq import engine
+
+    with pytest.raises(TypeError, match="fit takes an n2uq.run_config.TrainConfig, not Namespace"):
+        engine.fit(lambda num_classes: None, argparse.Namespace(**old_args))
+    config = {"arch": "resnet18", "n_bit": 2, "quantize_downsample": True, "num_classes": 3, "method": "n2uq"}
+    old = {"state_dict": {}, "scheduler": {}, "config": config, "args": old_args, "next_epoch": 0,
+           "step_in_epoch": 2, "world_size": 1, "train_images": 12}
+    layout = {"world_size": 1, "train_images": 12}
+    check_resume(old, "OLD", config, 8, 3, layout)
+    with pytest.raises(UsageError, match=r"--batch_size 8 vs 4: checkpoint vs now"):
+        check_resume(old, "OLD", config, 4, 3, layout)
+    with pytest.raises(UsageError, match=r"--seed 3 vs 0: checkpoint vs now"):
+        check_resume(old, "OLD", config, 8, 0, layout)
+
+
+def test_help_describes_every_flag_once_with_one_default():
+    from n2uq.cli import build_train_parser
+
+    parser = build_train_parser(["resnet18"], "resnet18", 2)
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        assert action.help, f"{action.option_strings} has no description"
+        shown = formatter._get_help_string(action)  # the help with the default the formatter appends
+        assert shown.replace("%(default)s", "D").count("(default") <= 1, shown
+        assert not ("%(default)" in shown and action.default is None), shown  # no "(default: None)"
+    text = parser.format_help()
+    assert "at most 8) (default" not in text and "(default: 0.0001)" in text
+
+
+def test_help_imports_no_training_module():
+    """--help (and --check_only) parse before the engine, the data pipeline or torchvision is imported."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(REPO_ROOT / "resnet" / "train.py"), "--help"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--check_only" in proc.stdout, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert "n2uq.cli" in imported
+    for heavy in ("torchvision", "n2uq.engine", "n2uq.data", "n2uq.loop", "n2uq.teacher"):
+        assert heavy not in imported, heavy
+
+
+def test_check_only_says_what_it_checked_and_checks_the_teacher(tiny_imagefolder, tmp_path, capsys):
+    save = tmp_path / "models"
+    base = ["--data", str(tiny_imagefolder), "--save", str(save), "--quantize_downsample", "0", "--check_only"]
+    assert resnet_train.main([*base, "--teacher", "none"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "checked, nothing trained or written:"
+    assert "resnet18 W2A2 n2uq, quantize_downsample False" in out
+    assert f"{tiny_imagefolder}: 3 classes, the same class folders in train/ and val/" in out
+    assert "no teacher: label-smoothed cross-entropy (epsilon 0.1)" in out
+    assert str(save / RUN) in out and not save.exists()
+    # the teacher's 1000 ImageNet classes against the data's 3: found by the check, before any training
+    msg = _fails([*base, "--pretrained", "none"], capsys, code=1)
+    assert "--teacher_weights imagenet gives 1000 outputs but the data has 3 classes" in msg
+    teacher = tmp_path / "teacher.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), teacher)
+    msg = _fails([*base, "--teacher", "resnet18", "--teacher_weights", str(teacher)], capsys, code=1)
+    assert "fc.weight checkpoint [10, 512] vs model [3, 512]" in msg
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), teacher)
+    assert resnet_train.main([*base, "--teacher", "resnet18", "--teacher_weights", str(teacher)]) == 0
+    assert f"loss: KD from resnet18 with {teacher} (3 classes)" in capsys.readouterr().out
+    assert not save.exists()
