@@ -28,7 +28,7 @@ from n2uq.kernels import get_backend, ltq, use_backend
 from n2uq.losses import kd_loss
 from resnet.resnet import resnet18
 from scripts.bench_measure import SavedTensors, interleaved, median_ms, min_ms
-from tests.reference import reference_ltq
+from tests.spec_forms import spec_ltq
 
 __all__ = ["quantizer_mode", "step_mode", "gpu_mode", "make_step", "saved_activation_bytes"]
 
@@ -93,7 +93,7 @@ def quantizer_mode(args: argparse.Namespace, device: torch.device) -> None:
             return ltq(q, t)
 
         def reference(t: Tensor, ref_params=ref_params) -> Tensor:
-            return reference_ltq(t, *ref_params)
+            return spec_ltq(t, *ref_params)
 
         # LTQ and ReLU are interleaved on their own: the slower forms allocate many input-sized
         # temporaries per call, and the allocator churn they leave (pages returned to and faulted

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from n2uq import LTQ, HardQuantizeConv
+from n2uq.quant import LTQ, HardQuantizeConv
 from n2uq.kernels import cpu, get_backend, implementation, ltq, set_backend, torch_ops, use_backend
 from n2uq.kernels.block_ops import weight_ste
 from n2uq.kernels.ltq_state import ltq_state

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["EMPTY", "compute_dtype", "channel_vector", "grad_like"]
+from n2uq.quant import GSTESums
+
+__all__ = ["EMPTY", "compute_dtype", "channel_vector", "grad_like", "ChainSums", "LTQSums", "ltq_sums_from_buffer"]
 
 #: Shape of the placeholder a custom op returns for an output it did not compute.
 EMPTY = (0,)
@@ -35,3 +37,29 @@ def grad_like(sums: Tensor, param: Tensor) -> Tensor:
     if param.numel() == 1 and sums.numel() > 1:
         sums = sums.sum()
     return sums.to(param.dtype, copy=True).reshape(param.shape)
+
+
+class ChainSums(NamedTuple):
+    """Per-channel float64 gradient sums ``[C]`` of the RPReLU chain ``b2 + prelu(x + b1, w)``."""
+
+    bias1: Tensor
+    weight: Tensor
+    bias2: Tensor
+
+
+class LTQSums(NamedTuple):
+    """What an implementation's ``ltq_backward`` returns besides the input gradient: G-STE's sums
+    (float64, :class:`n2uq.quant.GSTESums`) and, with the chain fused in, its per-channel sums."""
+
+    gste: GSTESums
+    chain: Optional[ChainSums]
+
+
+def ltq_sums_from_buffer(buffer: Tensor, n: int, channels: Optional[int]) -> LTQSums:
+    """Name the float64 buffer a C or Triton backward fills: ``[G (n), Q (n), S1, S2]``, then with the
+    chain ``[grad b2 (C), grad w (C), grad b1 (C)]`` — the one place that reads it by offset."""
+    gste = GSTESums(buffer[:n], buffer[n : 2 * n], buffer[2 * n], buffer[2 * n + 1])
+    if channels is None:
+        return LTQSums(gste, None)
+    b2, w, b1 = buffer[2 * n + 2 : 2 * n + 2 + 3 * channels].reshape(3, channels)
+    return LTQSums(gste, ChainSums(b1, w, b2))
