@@ -15,11 +15,10 @@ import torch
 from torch import nn
 
 import n2uq.quant
-from n2uq.quant import LTQ, HardQuantizeConv, LearnableBias
 from n2uq.kernels import ltq, quant_stage, rprelu, use_backend
 from n2uq.kernels.block_ops import rprelu as rprelu_op
 from n2uq.kernels.torch_ops import codes_of
-from n2uq.quant import ltq_breakpoints, ltq_forward_thresholds
+from n2uq.quant import LTQ, HardQuantizeConv, LearnableBias, ltq_breakpoints, ltq_forward_thresholds
 from tests.test_fused import Stage, _assert_grads_close, _model_grads, _randomise, _run
 
 BITS = [1, 2, 3, 4, 8]

@@ -82,6 +82,32 @@ def test_n2uq_hard_quantize_conv_is_the_definition_running_the_weight_operator(m
     assert calls == {"quantized_weight": 1}
 
 
+def test_n2uq_pact_is_the_definition_with_a_closed_form_backward(monkeypatch):
+    definition = definitions.PACT(3, 1.5)
+    fast = _copy_into(n2uq.PACT, definition, 3, 1.5)
+    x = torch.randn(4, 5, 8, 8) * 2
+    x.view(-1)[:5] = torch.tensor([0.0, 1.5, float("inf"), -1.0, 1.5 * 6 / 7])  # on the clip, a level
+    upstream = torch.randn(x.shape)
+    y_def, g_def = _fwd_bwd(definition, x, upstream, [definition.clip_val])
+    calls: dict = {}
+    _counting(monkeypatch, definitions.PACT, "forward", calls)
+    with use_backend("auto"):
+        y, grads = _fwd_bwd(fast, x, upstream, [fast.clip_val])
+    assert calls == {} and torch.equal(y, y_def) and torch.equal(grads[0], g_def[0])
+    assert torch.allclose(grads[1], g_def[1], rtol=1e-5, atol=1e-6) and grads[1].shape == (1,)
+    with use_backend("reference"):
+        fast(x)
+    assert calls == {"forward": 1}
+
+
+def test_every_quantizer_exported_from_n2uq_has_a_fast_form():
+    exported = [getattr(n2uq, name) for name in n2uq.__all__]
+    quantizers = [c for c in exported if isinstance(c, type) and c.__module__ == "n2uq.kernels.modules"]
+    assert {c.__name__ for c in quantizers} == {"LTQ", "HardQuantizeConv", "PACT"}
+    for cls in quantizers:
+        assert cls.__bases__ == (getattr(definitions, cls.__name__),) and "forward" in vars(cls)
+
+
 def test_models_are_built_from_the_fast_modules():
     stage = Quantizers(2)
     assert type(stage.activation()) is n2uq.LTQ and type(stage.conv(4, 4, 3)) is n2uq.HardQuantizeConv

@@ -16,8 +16,8 @@ from torch import nn
 from mobilenetv2.mobilenet_v2 import MobileNetV2
 from n2uq import quant as definitions
 from n2uq.kernels import modules as fast_modules
-from n2uq.quant import LTQ, HardQuantizeConv, LearnableBias
 from n2uq.kernels.fused import quant_stage, stage_output
+from n2uq.quant import LTQ, HardQuantizeConv, LearnableBias
 from resnet.resnet import resnet18, resnet50
 
 

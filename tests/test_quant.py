@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from n2uq.quant import LTQ, PACT, HardQuantizeConv, LearnableBias
-from n2uq.quant import ltq_breakpoints, ltq_forward_thresholds, ltq_level_table
+from n2uq.quant import (
+    LTQ,
+    PACT,
+    HardQuantizeConv,
+    LearnableBias,
+    ltq_breakpoints,
+    ltq_forward_thresholds,
+    ltq_level_table,
+)
 from tests.spec_forms import (
     spec_ltq,
     spec_ltq_levels,
