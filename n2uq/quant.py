@@ -1,8 +1,10 @@
 """N2UQ's quantizers as the paper states them, in plain PyTorch: the definitions.
 
 This file is the method. :mod:`n2uq.kernels` computes the same values faster (C, Triton, fused
-operators) and is tested against what is written here; with ``N2UQ_KERNELS=reference`` the models
-run these definitions module by module, so an edit here is what they train and evaluate with.
+operators), using LTQ's per-call formulas from here (thresholds, breakpoints, G-STE's slopes and
+parameter gradients), and is tested against what is written here. ``n2uq.LTQ`` and its siblings are
+these classes running those operators; with ``N2UQ_KERNELS=reference`` everything runs these
+definitions module by module, so an edit here is what the models train and evaluate with.
 
 * :class:`LTQ` — activation quantizer with learnable, *non-uniform* input thresholds and *uniform*
   output levels (the paper's quantizer x^q, Fig. 1b), trained with the generalized straight-through
