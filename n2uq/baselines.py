@@ -13,7 +13,7 @@ these lines (straight-through rounding is ``x + (round(x) - x).detach()``). In a
 the place of :class:`~n2uq.quant.LTQ` (activations) and of the weight quantizer of
 :class:`~n2uq.quant.HardQuantizeConv` (:mod:`n2uq.methods`); everything else stays the same.
 
-``n2uq.PACT`` is a different thing: the reference's own PACT variant inside MobileNetV2 (its
+``n2uq.PACT`` is a different thing: the authors' own PACT variant inside MobileNetV2 (its
 gradient to the clip value also has a term from the rounding step, ``Σ grad·round(x·n/c)/n``, and
 none below zero is passed to ``x`` at 0); :func:`pact_quantize` is the paper's.
 """

@@ -1,9 +1,9 @@
 """The bit width every quantizer takes: one check, one name.
 
 Every quantizer module calls its bit width ``n_bit`` (as :class:`n2uq.quant.LTQ`, the compared
-methods, :class:`n2uq.methods.Quantizers` and the ``--n_bit`` flag do). The reference's weight
+methods, :class:`n2uq.methods.Quantizers` and the ``--n_bit`` flag do). The authors' weight
 quantizer and PACT spelled it ``num_bits``; that keyword still works through
-:func:`bits_argument`, so constructors written against the reference run unchanged.
+:func:`bits_argument`, so constructors written against the authors' code run unchanged.
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ def check_bits(value: object, owner: str, low: int = MIN_BITS) -> int:
 
 
 def bits_argument(owner: str, n_bit: Optional[int], num_bits: Optional[int]) -> int:
-    """The bit width given as ``n_bit`` or as the reference's keyword ``num_bits`` (exactly one), checked."""
+    """The bit width given as ``n_bit`` or as the authors' keyword ``num_bits`` (exactly one), checked."""
     if (n_bit is None) == (num_bits is None):
-        raise ValueError(f"{owner}: give the bit width once, as n_bit (or the reference's num_bits); "
+        raise ValueError(f"{owner}: give the bit width once, as n_bit (or the authors' num_bits); "
                          f"got n_bit={n_bit!r}, num_bits={num_bits!r}")
     return check_bits(n_bit if num_bits is None else num_bits, owner)
 
 
 class NumBitsAlias:
-    """Mixin for a module with ``n_bit``: ``.num_bits`` reads it (the reference's attribute name)."""
+    """Mixin for a module with ``n_bit``: ``.num_bits`` reads it (the authors' attribute name)."""
 
     n_bit: int
 

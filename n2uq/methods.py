@@ -76,7 +76,7 @@ class Quantizers:
 
     @property
     def is_default(self) -> bool:
-        """Plain N2UQ: the paper's method, whose run folders and checkpoints keep the reference's names."""
+        """Plain N2UQ: the paper's method, whose run folders and checkpoints keep the names of the authors' code."""
         return self == Quantizers(self.n_bit)
 
     @property

@@ -52,7 +52,7 @@ def ltq_forward_thresholds(start, a_pos):
     """Input thresholds ``T``: the midpoints of the learned intervals (quantizer x^q).
 
     ``T[0] = start + a⁺[0]/2``, ``T[i] = T[i-1] + (a⁺[i-1]/2 + a⁺[i]/2)``, added one term at a time
-    in the parameters' precision, as the reference does (so the codes are bit-identical). Written
+    in the parameters' precision, as the authors' code does (so the codes are bit-identical). Written
     with arithmetic only: ``start [1]``/``a_pos [n]`` tensors give a tensor; a NumPy scalar and
     array (the CPU fast path's per-call state) give an array, from the same IEEE operations.
     """
@@ -84,7 +84,7 @@ def gste_slopes(a_pos):
 def ltq_level_table(n_levels: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """The uniform output levels ``L[0] = 0``, ``L[k] = L[k-1] + interval`` (``n_levels = 2^b``).
 
-    The Python float ``interval = 2 / (2^b - 1)`` is added step by step, as the reference builds them.
+    The Python float ``interval = 2 / (2^b - 1)`` is added step by step, as the authors' code builds them.
     """
     interval = 2.0 / (n_levels - 1)
     levels = [torch.zeros(1, dtype=dtype)]
@@ -206,7 +206,7 @@ class LTQ(nn.Module):
         n_bit: activation bit width, 1 to 8.
 
     State dict: ``start [1]``, ``a [n]``, ``scale1 [1]``, ``scale2 [1]`` (trained) and the
-    constants ``two, one, zero, minusone, eps`` (buffers, never trained) — the reference's names.
+    constants ``two, one, zero, minusone, eps`` (buffers, never trained) — the names of the authors' code.
     """
 
     def __init__(self, n_bit: int):
@@ -218,7 +218,7 @@ class LTQ(nn.Module):
         self.a = nn.Parameter(torch.full((self.n_val,), self.interval))
         self.scale1 = nn.Parameter(torch.tensor([1.0]))
         self.scale2 = nn.Parameter(torch.tensor([1.0]))
-        # Constants kept only so the reference checkpoints load strictly.
+        # Constants kept only so the authors' checkpoints load strictly.
         self.register_buffer("two", torch.tensor([2.0]))
         self.register_buffer("one", torch.tensor([1.0]))
         self.register_buffer("zero", torch.tensor([0.0]))
@@ -290,9 +290,9 @@ class HardQuantizeConv(NumBitsAlias, nn.Module):
     The convolution uses ``(W_q - W_s).detach() + W_s``: value ``W_q`` (:func:`quantize_weight`),
     gradient ``1/s`` with no clipping mask. ``clip_val`` stays 2 and receives no gradient.
 
-    State dict (reference order): ``clip_val [1]``, ``zero [1]``, ``weight [out, in/groups, k, k]``;
+    State dict (the authors' order): ``clip_val [1]``, ``zero [1]``, ``weight [out, in/groups, k, k]``;
     ``clip_val`` and ``zero`` are non-trainable parameters (``requires_grad=False``). The bit width
-    is ``n_bit`` (third argument); the reference's keyword ``num_bits=`` is accepted too, and
+    is ``n_bit`` (third argument); the authors' keyword ``num_bits=`` is accepted too, and
     ``.num_bits`` reads it.
     """
 
@@ -351,7 +351,7 @@ class MaxAbsQuantizeConv(HardQuantizeConv):
 
 
 class PACT(NumBitsAlias, nn.Module):
-    """PACT activation quantizer as the reference uses it before MobileNetV2's last 1×1 conv.
+    """PACT activation quantizer as the authors' code uses it before MobileNetV2's last 1×1 conv.
 
     ``x = clip(relu(x), c)``; ``y = round(x·n_q)/n_q + x - x.detach()`` with ``n_q = (2^b-1)/c``.
     Plain autograd of exactly that expression: ``x`` gets gradient where ``0 < x < c``; ``c`` gets
@@ -359,8 +359,8 @@ class PACT(NumBitsAlias, nn.Module):
 
     Why a second PACT: :class:`n2uq.baselines.PACTActivation` is PACT as its paper states it (the
     compared method; clip ``clip_alpha``, straight through the rounding, no gradient from it). This
-    one is the reference's variant, kept so MobileNetV2 and its released checkpoint (state-dict key
-    ``clip_val``) train and evaluate as the reference's. Bit width: ``n_bit`` (or ``num_bits=``).
+    one is the authors' variant, kept so MobileNetV2 and its released checkpoint (state-dict key
+    ``clip_val``) train and evaluate as theirs. Bit width: ``n_bit`` (or ``num_bits=``).
     """
 
     def __init__(self, n_bit: Optional[int] = None, init_act_clip_val: float = 2, *,

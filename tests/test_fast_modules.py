@@ -1,7 +1,7 @@
 """What a user imports: ``n2uq.LTQ`` / ``n2uq.HardQuantizeConv`` run the fast operators (the
 definitions under ``N2UQ_KERNELS=reference``) with the definitions' state and values; G-STE's
 parameter gradients have one home (n2uq.quant.gste_param_grads) that every fast path uses; one
-bit-width check and one name (``n_bit``, with the reference's ``num_bits`` kept working)."""
+bit-width check and one name (``n_bit``, with the authors' ``num_bits`` kept working)."""
 
 from __future__ import annotations
 
