@@ -82,6 +82,20 @@ def test_n2uq_hard_quantize_conv_is_the_definition_running_the_weight_operator(m
     assert calls == {"quantized_weight": 1}
 
 
+def test_a_subclass_that_changes_the_weight_scale_is_honoured():
+    class MaxAbs(n2uq.HardQuantizeConv):
+        scale = definitions.MaxAbsQuantizeConv.scale
+
+    torch.manual_seed(3)
+    mine = MaxAbs(4, 6, 2)
+    with torch.no_grad():
+        mine.weight.normal_(0, 0.1)
+    ablation = _copy_into(definitions.MaxAbsQuantizeConv, mine, 4, 6, 2)
+    x = torch.randn(2, 4, 7, 7)
+    with use_backend("auto"):
+        assert torch.equal(mine(x), ablation(x))
+
+
 def test_n2uq_pact_is_the_definition_with_a_closed_form_backward(monkeypatch):
     definition = definitions.PACT(3, 1.5)
     fast = _copy_into(n2uq.PACT, definition, 3, 1.5)
