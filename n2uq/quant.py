@@ -35,9 +35,8 @@ from n2uq.bitwidth import NumBitsAlias, bits_argument, check_bits
 from n2uq.numerics import conv2d
 
 __all__ = ["LTQ", "LTQFunction", "HardQuantizeConv", "PACT", "LearnableBias", "ltq_forward_thresholds",
-           "ltq_breakpoints", "gste_slopes", "GSTESums", "GSTEParamGrads", "gste_param_grads",
-           "ltq_level_table", "ltq_codes", "weight_scale", "quantize_weight",
-           "QuantizedWeight", "MaxAbsQuantizeConv"]
+           "ltq_breakpoints", "gste_slopes", "GSTESums", "GSTEParamGrads", "gste_param_grads", "ltq_level_table",
+           "ltq_codes", "weight_scale", "quantize_weight", "QuantizedWeight", "MaxAbsQuantizeConv"]
 
 
 # --- LTQ: learnable thresholds, uniform outputs ----------------------------------------------
