@@ -9,7 +9,8 @@ from torch import Tensor
 
 from n2uq.quant import GSTESums
 
-__all__ = ["EMPTY", "compute_dtype", "channel_vector", "grad_like", "ChainSums", "LTQSums", "ltq_sums_from_buffer"]
+__all__ = ["EMPTY", "compute_dtype", "channel_vector", "grad_like", "ChainSums", "LTQSums", "chain_sums_from_buffer",
+           "ltq_sums_from_buffer"]
 
 #: Shape of the placeholder a custom op returns for an output it did not compute.
 EMPTY = (0,)
@@ -55,11 +56,14 @@ class LTQSums(NamedTuple):
     chain: Optional[ChainSums]
 
 
+def chain_sums_from_buffer(buffer: Tensor, channels: int) -> ChainSums:
+    """Name the float64 ``[grad b2 (C), grad w (C), grad b1 (C)]`` a C or Triton RPReLU backward fills."""
+    b2, w, b1 = buffer[: 3 * channels].reshape(3, channels)
+    return ChainSums(b1, w, b2)
+
+
 def ltq_sums_from_buffer(buffer: Tensor, n: int, channels: Optional[int]) -> LTQSums:
-    """Name the float64 buffer a C or Triton backward fills: ``[G (n), Q (n), S1, S2]``, then with the
-    chain ``[grad b2 (C), grad w (C), grad b1 (C)]`` — the one place that reads it by offset."""
+    """Name the float64 buffer a C or Triton LTQ backward fills: ``[G (n), Q (n), S1, S2]``, then with
+    the chain its sums as :func:`chain_sums_from_buffer` — the one place that reads them by offset."""
     gste = GSTESums(buffer[:n], buffer[n : 2 * n], buffer[2 * n], buffer[2 * n + 1])
-    if channels is None:
-        return LTQSums(gste, None)
-    b2, w, b1 = buffer[2 * n + 2 : 2 * n + 2 + 3 * channels].reshape(3, channels)
-    return LTQSums(gste, ChainSums(b1, w, b2))
+    return LTQSums(gste, None if channels is None else chain_sums_from_buffer(buffer[2 * n + 2 :], channels))

@@ -17,7 +17,8 @@ plain LTQ:
   ``Q_k = Σ grad·(xs - d[k-1])``; ``Σ ∂L/∂xs · z`` with z the LTQ input; ``Σ grad·L[m]``) and the
   chain's per-channel sums. The parameter gradients are not computed here:
   :func:`n2uq.quant.gste_param_grads` makes them from these sums.
-* ``rprelu_forward(x, residual, chain, want_z) -> (y, z)``, ``rprelu_backward(grad, z, w)``
+* ``rprelu_forward(x, residual, chain, want_z) -> (y, z)``,
+  ``rprelu_backward(grad, z, w) -> (input gradient, ChainSums)``
 * ``decode(codes, table)``
 
 Channels_last (or any densely permuted) inputs are processed through their contiguous permuted
@@ -137,11 +138,11 @@ def rprelu_forward(x: Tensor, residual: Optional[Tensor], chain,
         return F.prelu(z, w) + _per_channel(b2, z), (z if want_z else None)
 
 
-def rprelu_backward(grad: Tensor, z: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """Input gradient and float64 ``[grad b2 (C), grad w (C), grad b1 (C)]``."""
+def rprelu_backward(grad: Tensor, z: Tensor, w: Tensor) -> tuple[Tensor, ChainSums]:
+    """Input gradient and the float64 per-channel sums of the parameters' gradients, named."""
     with torch.no_grad():
         gx, g_w = _prelu_backward(grad, z, w)
-        return gx.to(z.dtype), torch.cat([_channel_sums(grad), g_w, _channel_sums(gx)])
+        return gx.to(z.dtype), ChainSums(bias1=_channel_sums(gx), weight=g_w, bias2=_channel_sums(grad))
 
 
 def decode(codes: Tensor, table: Tensor) -> Tensor:

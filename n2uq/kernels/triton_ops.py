@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from n2uq.kernels.op_utils import LTQSums, ltq_sums_from_buffer
+from n2uq.kernels.op_utils import ChainSums, LTQSums, chain_sums_from_buffer, ltq_sums_from_buffer
 
 try:  # pragma: no cover - depends on the machine
     import triton
@@ -338,7 +338,8 @@ def rprelu_forward(a: Tensor, residual: Optional[Tensor], chain,
     return y, z
 
 
-def rprelu_backward(grad: Tensor, z: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+def rprelu_backward(grad: Tensor, z: Tensor, weight: Tensor) -> tuple[Tensor, ChainSums]:
+    """Input gradient and the float64 per-channel sums of the parameters' gradients, named."""
     n, c, s, cl, bc, bs = _geometry(z, True)
     grad = _like(grad, z)
     gx = torch.empty_like(z)
@@ -346,7 +347,7 @@ def rprelu_backward(grad: Tensor, z: Tensor, weight: Tensor) -> tuple[Tensor, Te
     chpart = torch.empty(grid[0], 3 * c, device=z.device, dtype=torch.float32)
     _rprelu_bwd_kernel[grid](grad, z, gx, weight, chpart, c, s, n_sblocks, CHANNELS_LAST=cl, BLOCK_C=bc,
                              BLOCK_S=bs)
-    return gx, chpart.sum(0, dtype=torch.float64)
+    return gx, chain_sums_from_buffer(chpart.sum(0, dtype=torch.float64), c)
 
 
 def decode(codes: Tensor, table: Tensor) -> Tensor:
