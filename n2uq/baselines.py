@@ -13,7 +13,7 @@ these lines (straight-through rounding is ``x + (round(x) - x).detach()``). In a
 the place of :class:`~n2uq.quant.LTQ` (activations) and of the weight quantizer of
 :class:`~n2uq.quant.HardQuantizeConv` (:mod:`n2uq.methods`); everything else stays the same.
 
-``n2uq.PACT`` is a different thing: the reference's own PACT variant inside MobileNetV2 (its
+``n2uq.PACT`` is a different thing: the authors' own PACT variant inside MobileNetV2 (its
 gradient to the clip value also has a term from the rounding step, ``Σ grad·round(x·n/c)/n``, and
 none below zero is passed to ``x`` at 0); :func:`pact_quantize` is the paper's.
 """
@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from n2uq.bitwidth import check_bits
 from n2uq.numerics import conv2d
 
 __all__ = ["round_ste", "lsq_quantize", "pact_quantize", "dorefa_quantize_k", "dorefa_weight", "dorefa_activation",
@@ -97,11 +98,6 @@ def dorefa_activation(x: Tensor, n_bit: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_bits(name: str, n_bit: int, low: int = 1) -> None:
-    if not isinstance(n_bit, int) or not low <= n_bit <= 8:
-        raise ValueError(f"{name}: n_bit must be an integer in {low}..8, got {n_bit!r}")
-
-
 def _lsq_initial_step(t: Tensor, q_p: int) -> Tensor:
     """LSQ's initial step ``2·mean|t|/sqrt(Q_P)``, averaged over processes under torch.distributed
     (each sees its own first batch; the step must start equal everywhere)."""
@@ -128,7 +124,7 @@ class LSQActivation(_LSQStep):
 
     def __init__(self, n_bit: int):
         super().__init__()
-        _check_bits("LSQActivation", n_bit)
+        check_bits(n_bit, "LSQActivation")
         self.n_bit = n_bit
         self.step = nn.Parameter(torch.ones(1))
         self.register_buffer("initialized", torch.zeros(1))
@@ -149,7 +145,7 @@ class PACTActivation(nn.Module):
 
     def __init__(self, n_bit: int, init_alpha: float = 10.0):
         super().__init__()
-        _check_bits("PACTActivation", n_bit)
+        check_bits(n_bit, "PACTActivation")
         self.n_bit = n_bit
         self.clip_alpha = nn.Parameter(torch.tensor([float(init_alpha)]))
 
@@ -165,7 +161,7 @@ class DoReFaActivation(nn.Module):
 
     def __init__(self, n_bit: int):
         super().__init__()
-        _check_bits("DoReFaActivation", n_bit)
+        check_bits(n_bit, "DoReFaActivation")
         self.n_bit = n_bit
 
     def forward(self, x: Tensor) -> Tensor:
@@ -206,7 +202,7 @@ class LSQConv(_QuantizedConv, _LSQStep):
 
     def __init__(self, in_chn: int, out_chn: int, n_bit: int, kernel_size: int = 3, stride: int = 1,
                  padding: int = 1, groups: int = 1):
-        _check_bits("LSQConv", n_bit, low=2)  # signed 1-bit LSQ has Q_P = 0
+        check_bits(n_bit, "LSQConv", low=2)  # signed 1-bit LSQ has Q_P = 0
         super().__init__(in_chn, out_chn, n_bit, kernel_size, stride, padding, groups)
         self.step = nn.Parameter(torch.ones(1))
         self.register_buffer("initialized", torch.zeros(1))
@@ -222,7 +218,7 @@ class DoReFaConv(_QuantizedConv):
 
     def __init__(self, in_chn: int, out_chn: int, n_bit: int, kernel_size: int = 3, stride: int = 1,
                  padding: int = 1, groups: int = 1):
-        _check_bits("DoReFaConv", n_bit)
+        check_bits(n_bit, "DoReFaConv")
         super().__init__(in_chn, out_chn, n_bit, kernel_size, stride, padding, groups)
 
     def quantized_weight(self) -> Tensor:

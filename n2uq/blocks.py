@@ -1,4 +1,4 @@
-"""Building blocks shared by the N2UQ architectures, registered under the reference's names.
+"""Building blocks shared by the N2UQ architectures, registered under the names of the authors' code.
 
 Every quantized convolution of N2UQ sits in a *stage*: ``RPReLU → LTQ → HardQuantizeConv → BN``,
 where RPReLU is ``LearnableBias → PReLU → LearnableBias``. Stage ``i`` of a block owns the

@@ -9,11 +9,15 @@ BatchNorm, full-precision first conv and classifier, the downsample choice — i
 ========== ========================================== =======================================
 method     activations (``quan{i}``)                  weights (``conv{i}``)
 ========== ========================================== =======================================
-``n2uq``   :class:`~n2uq.quant.LTQ`                   :class:`~n2uq.quant.HardQuantizeConv`
+``n2uq``   :class:`~n2uq.LTQ`                         :class:`~n2uq.HardQuantizeConv`
 ``lsq``    :class:`~n2uq.baselines.LSQActivation`     :class:`~n2uq.baselines.LSQConv`
 ``pact``   :class:`~n2uq.baselines.PACTActivation`    :class:`~n2uq.baselines.DoReFaConv`
 ``dorefa`` :class:`~n2uq.baselines.DoReFaActivation`  :class:`~n2uq.baselines.DoReFaConv`
 ========== ========================================== =======================================
+
+``n2uq.LTQ`` and ``n2uq.HardQuantizeConv`` (:mod:`n2uq.kernels.modules`) are the definitions of
+:mod:`n2uq.quant` running the fast operators (the definitions under ``N2UQ_KERNELS=reference``):
+the same state dict and values, so a quantizer taken out of a model is as fast as inside it.
 
 N2UQ's ablations: ``learned_thresholds=False`` freezes every LTQ's interval lengths ``a`` at the
 uniform grid (uniform thresholds, uniform levels; ``start`` and the scales still learn), and
@@ -27,7 +31,9 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from n2uq.baselines import DoReFaActivation, DoReFaConv, LSQActivation, LSQConv, PACTActivation
-from n2uq.quant import LTQ, HardQuantizeConv, MaxAbsQuantizeConv
+from n2uq.bitwidth import check_bits
+from n2uq.kernels.modules import LTQ, HardQuantizeConv  # the definitions running the fused operators
+from n2uq.quant import MaxAbsQuantizeConv
 
 __all__ = ["METHODS", "Quantizers", "method_tag"]
 
@@ -58,8 +64,7 @@ class Quantizers:
     entropy_preserving: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n_bit, int) or not 1 <= self.n_bit <= 8:
-            raise ValueError(f"n_bit must be an integer in 1..8, got {self.n_bit!r}")
+        check_bits(self.n_bit, "Quantizers")
         if self.method not in METHODS:
             raise ValueError(f"unknown quantization method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.method != "n2uq" and not (self.learned_thresholds and self.entropy_preserving):
@@ -70,7 +75,7 @@ class Quantizers:
 
     @property
     def is_default(self) -> bool:
-        """Plain N2UQ: the paper's method, whose run folders and checkpoints keep the reference's names."""
+        """Plain N2UQ: the paper's method, whose run folders and checkpoints keep the names of the authors' code."""
         return self == Quantizers(self.n_bit)
 
     @property

@@ -3,7 +3,7 @@
 These helpers live beside the benchmark script, not in the installed ``n2uq`` package: they are
 measurement tools for comparing variants on one machine (timing protocol, saved-tensor counting),
 not part of training or inference, and the benchmark that uses them also needs the repository's
-``resnet/`` models and the reference forms in ``tests/reference.py``, which are not installed.
+``resnet/`` models and the specification's forms in ``tests/spec_forms.py``, which are not installed.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def interleaved(fns: Dict[str, Callable[[], None]], rounds: int, warmup: int,
     """Seconds per call of each function, measured round-robin ``rounds`` times after warm-up.
 
     Python's cyclic garbage collector is run before each call and paused during it (as ``timeit``
-    does): otherwise the garbage one variant leaves (the reference loop form leaves thousands of
+    does): otherwise the garbage one variant leaves (the spec loop form leaves thousands of
     objects) is collected, at random, inside the timing of the next one.
     """
     for _ in range(warmup):

@@ -1,7 +1,8 @@
 """What ``scripts/benchmark.py`` measures: the quantizer, a training step and GPU throughput.
 
-* :func:`quantizer_mode` — LTQ forward+backward (the fast path, and the definition of
-  ``n2uq/quant.py``) against ``nn.ReLU`` and the specification's loop form;
+* :func:`quantizer_mode` — forward+backward of ``n2uq.LTQ`` (the module users import: the fast
+  operator), of its definition (``n2uq.quant.LTQ``) and of the specification's literal form
+  (``tests/spec_forms.py``), each against ``nn.ReLU``;
 * :func:`step_mode` — one training step of N2UQ ResNet-18 students against full-precision
   ResNet-18, teacher off and on, with the activation memory each keeps for backward;
 * :func:`gpu_mode` — training and eval images/s on CUDA, fp32 and bf16 + channels_last, with the
@@ -9,7 +10,7 @@
 
 Each mode takes the parsed command line (``args``) and the device, and prints its table. Like the
 measurement helpers in ``scripts/bench_measure.py``, this stays out of the installed package: it
-builds the repository's ``resnet/`` models and the reference forms of ``tests/reference.py``.
+builds the repository's ``resnet/`` models and the specification's forms of ``tests/spec_forms.py``.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import torchvision
 from torch import Tensor, nn
 
 from n2uq import LTQ
-from n2uq.kernels import get_backend, ltq, use_backend
+from n2uq import quant as definitions
+from n2uq.kernels import get_backend, use_backend
 from n2uq.losses import kd_loss
 from resnet.resnet import resnet18
 from scripts.bench_measure import SavedTensors, interleaved, median_ms, min_ms
-from tests.reference import reference_ltq
+from tests.spec_forms import spec_ltq
 
 __all__ = ["quantizer_mode", "step_mode", "gpu_mode", "make_step", "saved_activation_bytes"]
 
@@ -52,7 +54,7 @@ def _trained_like_ltq(n_bit: int, device: torch.device) -> LTQ:
 
 
 def quantizer_mode(args: argparse.Namespace, device: torch.device) -> None:
-    """LTQ vs ReLU (and the reference loop form) forward+backward at each of ``args.bits``."""
+    """``n2uq.LTQ`` vs ReLU (and its definition, and the spec form) forward+backward at each of ``args.bits``."""
     shape = tuple(args.shape)
     g = torch.Generator(device="cpu").manual_seed(0)
     x = (torch.randn(shape, generator=g) * 0.8 + 0.5).to(device).requires_grad_(True)
@@ -60,7 +62,7 @@ def quantizer_mode(args: argparse.Namespace, device: torch.device) -> None:
     in_bytes = x.numel() * x.element_size()
     relu = nn.ReLU()
     if device.type != "cpu" and not args.skip_reference:
-        print("(reference loop form from tests/reference.py is written for CPU tensors: column skipped)")
+        print("(the spec form of tests/spec_forms.py is written for CPU tensors: column skipped)")
         args.skip_reference = True
 
     def fwd_bwd(forward: Callable[[Tensor], Tensor], params: List[Tensor]) -> Callable[[], None]:
@@ -77,44 +79,44 @@ def quantizer_mode(args: argparse.Namespace, device: torch.device) -> None:
 
     print(f"\n== quantizer: tensor {list(shape)} float32 on {device}, {args.rounds} interleaved rounds, "
           f"kernels={get_backend()}, threads={torch.get_num_threads()}")
-    print("LTQ: the fast path (n2uq.kernels.ltq); def: the definition (n2uq.quant.LTQFunction); ref: the "
-          "specification's loop form (tests/reference.py)")
+    print("LTQ: n2uq.LTQ, the module users import; def: its definition n2uq.quant.LTQ (LTQFunction); spec: "
+          "the specification's loop form (tests/spec_forms.py)")
     print("times: median over rounds (ratio of medians) and, in brackets, the ratio of the fastest rounds")
-    header = f"{'bits':>4} | {'ReLU ms':>8} | {'LTQ ms':>8} | {'LTQ/ReLU':>15} | {'def/ReLU':>8} | {'ref/ReLU':>8} |" \
-             f" {'saved/in LTQ':>12} | {'saved/in def':>12} | {'saved/in ref':>12}"
+    header = f"{'bits':>4} | {'ReLU ms':>8} | {'LTQ ms':>8} | {'LTQ/ReLU':>15} | {'def/ReLU':>8} | {'spec/ReLU':>9} |" \
+             f" {'saved/in LTQ':>12} | {'saved/in def':>12} | {'saved/in spec':>13}"
     print(header)
     print("-" * len(header))
     for n_bit in args.bits:
         q = _trained_like_ltq(n_bit, device)
         params = [q.start, q.a, q.scale1, q.scale2]
-        ref_params = [p.detach().clone().requires_grad_(True) for p in params]
+        definition = definitions.LTQ(n_bit).to(device)
+        definition.load_state_dict(q.state_dict())
+        def_params = [definition.start, definition.a, definition.scale1, definition.scale2]
+        spec_params = [p.detach().clone().requires_grad_(True) for p in params]
 
-        def fast(t: Tensor, q=q) -> Tensor:
-            return ltq(q, t)
-
-        def reference(t: Tensor, ref_params=ref_params) -> Tensor:
-            return reference_ltq(t, *ref_params)
+        def spec(t: Tensor, spec_params=spec_params) -> Tensor:
+            return spec_ltq(t, *spec_params)
 
         # LTQ and ReLU are interleaved on their own: the slower forms allocate many input-sized
         # temporaries per call, and the allocator churn they leave (pages returned to and faulted
         # back from the OS) would land at random in the timing of whatever runs next.
-        times = interleaved({"relu": fwd_bwd(relu, []), "ltq": fwd_bwd(fast, params)}, args.rounds, args.warmup,
+        times = interleaved({"relu": fwd_bwd(relu, []), "ltq": fwd_bwd(q, params)}, args.rounds, args.warmup,
                             device)
         relu_ms, ltq_ms = median_ms(times["relu"]), median_ms(times["ltq"])
         best = min_ms(times["ltq"]) / min_ms(times["relu"])
-        ratios = {"def": float("nan"), "ref": float("nan")}
-        saved = {"def": float("nan"), "ref": float("nan")}
-        slow_forms = {"def": (q, params)}
+        ratios = {"def": float("nan"), "spec": float("nan")}
+        saved = {"def": float("nan"), "spec": float("nan")}
+        slow_forms = {"def": (definition, def_params)}
         if not args.skip_reference:
-            slow_forms["ref"] = (reference, ref_params)
+            slow_forms["spec"] = (spec, spec_params)
         for key, (form, form_params) in slow_forms.items():  # each against ReLU, fewer rounds (slower)
             slow_times = interleaved({"relu": fwd_bwd(relu, []), key: fwd_bwd(form, form_params)},
                                      max(3, args.rounds // 4), 1, device)
             ratios[key] = median_ms(slow_times[key]) / median_ms(slow_times["relu"])
             saved[key] = saved_per_input(form)
         print(f"{n_bit:>4} | {relu_ms:8.2f} | {ltq_ms:8.2f} | {ltq_ms / relu_ms:5.2f}x [{best:5.2f}x] |"
-              f" {ratios['def']:7.1f}x | {ratios['ref']:7.1f}x | {saved_per_input(fast):11.2f}x |"
-              f" {saved['def']:11.2f}x | {saved['ref']:11.2f}x")
+              f" {ratios['def']:7.1f}x | {ratios['spec']:8.1f}x | {saved_per_input(q):11.2f}x |"
+              f" {saved['def']:11.2f}x | {saved['spec']:12.2f}x")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,8 +14,10 @@ import torch
 from torch import nn
 
 from mobilenetv2.mobilenet_v2 import MobileNetV2
-from n2uq import LTQ, HardQuantizeConv, LearnableBias
+from n2uq import quant as definitions
+from n2uq.kernels import modules as fast_modules
 from n2uq.kernels.fused import quant_stage, stage_output
+from n2uq.quant import LTQ, HardQuantizeConv, LearnableBias
 from resnet.resnet import resnet18, resnet50
 
 
@@ -49,9 +51,15 @@ def _randomise(module: nn.Module, seed: int) -> nn.Module:
 
 
 def _unfuse(model: nn.Module) -> nn.Module:
-    """A copy whose LTQs carry a no-op hook: the fused paths then call every module in turn."""
+    """A copy that runs the definitions module by module: its quantizers become the definitions'
+    classes (``n2uq.LTQ`` → ``n2uq.quant.LTQ``: same state) and its LTQs carry a no-op hook, so the
+    fused paths call every module in turn."""
     model = copy.deepcopy(model)
     for m in model.modules():
+        if type(m) is fast_modules.LTQ:
+            m.__class__ = definitions.LTQ
+        elif type(m) is fast_modules.HardQuantizeConv:
+            m.__class__ = definitions.HardQuantizeConv
         if isinstance(m, (LTQ, LearnableBias)):
             m.register_forward_hook(lambda *args: None)
     return model

@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from n2uq import LTQ, HardQuantizeConv
 from n2uq.kernels import cpu, get_backend, implementation, ltq, set_backend, torch_ops, use_backend
 from n2uq.kernels.block_ops import weight_ste
 from n2uq.kernels.ltq_state import ltq_state
-from n2uq.quant import ltq_breakpoints, ltq_forward_thresholds
+from n2uq.quant import LTQ, HardQuantizeConv, ltq_breakpoints, ltq_forward_thresholds
 
 needs_kernels = pytest.mark.skipif(not cpu.available(), reason="no C compiler: plain PyTorch path only")
 

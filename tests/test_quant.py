@@ -1,19 +1,26 @@
-"""The fast quantizers in n2uq.quant against the reference forms written from SPEC."""
+"""The definitions in n2uq.quant against the specification's literal forms (tests/spec_forms.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from n2uq import LTQ, PACT, HardQuantizeConv, LearnableBias
-from n2uq.quant import ltq_breakpoints, ltq_forward_thresholds, ltq_level_table
-from tests.reference import (
-    reference_ltq,
-    reference_ltq_levels,
-    reference_ltq_surrogate,
-    reference_pact,
-    reference_quant_conv,
-    reference_weight_quant,
+from n2uq.quant import (
+    LTQ,
+    PACT,
+    HardQuantizeConv,
+    LearnableBias,
+    ltq_breakpoints,
+    ltq_forward_thresholds,
+    ltq_level_table,
+)
+from tests.spec_forms import (
+    spec_ltq,
+    spec_ltq_levels,
+    spec_ltq_surrogate,
+    spec_pact,
+    spec_quant_conv,
+    spec_weight_quant,
 )
 
 BITS = [1, 2, 3, 4, 8]
@@ -60,9 +67,9 @@ def _inputs(q: LTQ, seed: int, size: int = 4000) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("n_bit", BITS)
-def test_level_table_matches_reference_accumulation(n_bit):
+def test_level_table_matches_spec_accumulation(n_bit):
     n = 2**n_bit - 1
-    assert torch.equal(ltq_level_table(n + 1), reference_ltq_levels(n))
+    assert torch.equal(ltq_level_table(n + 1), spec_ltq_levels(n))
 
 
 @pytest.mark.parametrize("n_bit", BITS)
@@ -73,23 +80,23 @@ def test_ltq_forward_bit_identical_and_gradients(n_bit, seed):
     hits_exact = (x.reshape(-1)[:, None] * q.scale1.detach() == q.thresholds()[None]).any()
     assert hits_exact, "test inputs must include values exactly on a threshold"
 
-    x_fast = x.clone().requires_grad_(True)
-    y_fast = q(x_fast)
+    x_def = x.clone().requires_grad_(True)
+    y_def = q(x_def)
     params_ref = [p.detach().clone().requires_grad_(True) for p in (q.start, q.a, q.scale1, q.scale2)]
     x_ref = x.clone().requires_grad_(True)
-    y_ref = reference_ltq(x_ref, *params_ref)
+    y_ref = spec_ltq(x_ref, *params_ref)
 
-    assert torch.equal(y_fast, y_ref), "LTQ forward must be bit-identical to SPEC §1"
+    assert torch.equal(y_def, y_ref), "LTQ forward must be bit-identical to SPEC §1"
     levels = ltq_level_table(q.n_val + 1) * q.scale2.detach()
-    assert torch.isin(y_fast, levels).all()
+    assert torch.isin(y_def, levels).all()
 
-    upstream = torch.randn(y_fast.shape, generator=torch.Generator().manual_seed(seed + 7))
-    grads_fast = torch.autograd.grad(y_fast, [x_fast, q.start, q.a, q.scale1, q.scale2], upstream)
+    upstream = torch.randn(y_def.shape, generator=torch.Generator().manual_seed(seed + 7))
+    grads_def = torch.autograd.grad(y_def, [x_def, q.start, q.a, q.scale1, q.scale2], upstream)
     grads_ref = torch.autograd.grad(y_ref, [x_ref, *params_ref], upstream)
-    for name, gf, gr in zip(["x", "start", "a", "scale1", "scale2"], grads_fast, grads_ref):
+    for name, gd, gr in zip(["x", "start", "a", "scale1", "scale2"], grads_def, grads_ref):
         tol = 1e-5 * max(gr.abs().max().item(), 1e-12)
-        assert gf.shape == gr.shape, name
-        assert (gf - gr).abs().max().item() <= tol, f"grad {name}: {gf} vs {gr}"
+        assert gd.shape == gr.shape, name
+        assert (gd - gr).abs().max().item() <= tol, f"grad {name}: {gd} vs {gr}"
 
 
 @pytest.mark.parametrize("n_bit", [2, 4])
@@ -115,8 +122,8 @@ def test_ltq_gradcheck_float64(n_bit):
     """``gradcheck`` of the closed-form backward against finite differences of ``scale2·g``.
 
     The forward is piecewise constant, so the checked function takes its *value* from the
-    surrogate ``scale2·g(scale1·x)`` and its *gradient* from the fast operator; gradcheck then
-    compares the fast backward with numerical derivatives of the surrogate, in float64, at points
+    surrogate ``scale2·g(scale1·x)`` and its *gradient* from the definition (LTQFunction); gradcheck then
+    compares the G-STE backward with numerical derivatives of the surrogate, in float64, at points
     away from thresholds and breakpoints.
     """
     from n2uq.quant import LTQFunction
@@ -134,11 +141,11 @@ def test_ltq_gradcheck_float64(n_bit):
     s2 = q.scale2.detach()
     levels = q.levels.double()
 
-    def fast_with_surrogate_value(x, start, a, s1):
+    def definition_with_surrogate_value(x, start, a, s1):
         y = LTQFunction.apply(x, start, a, s1, s2, q.eps, levels)
-        return y - y.detach() + (reference_ltq_surrogate(x, start, a, s1) * s2).detach()
+        return y - y.detach() + (spec_ltq_surrogate(x, start, a, s1) * s2).detach()
 
-    assert torch.autograd.gradcheck(fast_with_surrogate_value, (x, start, a, s1), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(definition_with_surrogate_value, (x, start, a, s1), eps=1e-6, atol=1e-6)
 
 
 def test_ltq_constants_are_not_trainable():
@@ -183,7 +190,7 @@ def test_hard_quantize_conv_values_levels_and_gradient(n_bit, groups):
     x = torch.randn(2, 8, 9, 9)
     w_ref = conv.weight.detach().clone().requires_grad_(True)
     y = conv(x)
-    y_ref = reference_quant_conv(x, w_ref, n_bit, 2, 1, groups)
+    y_ref = spec_quant_conv(x, w_ref, n_bit, 2, 1, groups)
     assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-6)
 
     # Levels: odd multiples of s/n.
@@ -194,7 +201,7 @@ def test_hard_quantize_conv_values_levels_and_gradient(n_bit, groups):
     wq = conv.quantized_weight().detach()
     # (Wq - Ws) + Ws carries float noise of order ulp(|Ws|) around the exact level.
     assert torch.allclose(wq, codes * step.view(-1, 1, 1, 1), rtol=1e-6, atol=1e-6)
-    assert torch.allclose(wq, reference_weight_quant(conv.weight.detach(), n_bit), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(wq, spec_weight_quant(conv.weight.detach(), n_bit), rtol=1e-6, atol=1e-6)
 
     # Weight gradient: upstream / s, no clipping mask.
     upstream = torch.randn_like(y)
@@ -233,7 +240,7 @@ def test_pact_values_and_both_gradients(n_bit):
     c_ref = pact.clip_val.detach().clone().requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
     y = pact(x)
-    y_ref = reference_pact(x_ref, c_ref, n_bit)
+    y_ref = spec_pact(x_ref, c_ref, n_bit)
     assert torch.equal(y, y_ref)
     upstream = torch.randn_like(y)
     gx, gc = torch.autograd.grad(y, [x, pact.clip_val], upstream)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from n2uq.kernels import select, torch_ops
 from n2uq.kernels.layout import as_layout_of, memory_order
-from n2uq.kernels.op_utils import EMPTY, channel_vector, compute_dtype, grad_like
+from n2uq.kernels.op_utils import EMPTY, ChainSums, channel_vector, compute_dtype, grad_like
 from n2uq.quant import quantize_weight, weight_scale
 
 __all__ = ["rprelu", "decode_codes", "weight_ste"]
@@ -48,16 +48,15 @@ def _rprelu_forward(x, residual, b1, w, b2, want_z: bool):
     return as_layout_of(y, x), (as_layout_of(z, x) if want_z else None)
 
 
-def _rprelu_backward(grad, z, w):
-    """``(grad of (x + residual), float64 [grad b2, grad w, grad b1] per channel [3, C])``."""
+def _rprelu_backward(grad, z, w) -> tuple[Tensor, ChainSums]:
+    """``(grad of (x + residual), float64 per-channel sums of the parameters' gradients)``."""
     impl = _rprelu_impl(z, None, z.dtype, ())
     gx, sums = impl.rprelu_backward(grad, z, channel_vector(w, z.shape[1], z.dtype))
-    return as_layout_of(gx, z), sums.reshape(3, z.shape[1])
+    return as_layout_of(gx, z), sums
 
 
-def _rprelu_param_grads(sums, b1, w, b2):
-    g_b2, g_w, g_b1 = (grad_like(s, p) for s, p in zip(sums, (b2, w, b1)))
-    return g_b1, g_w, g_b2
+def _rprelu_param_grads(sums: ChainSums, b1, w, b2):
+    return tuple(grad_like(s, p) for s, p in zip(sums, (b1, w, b2)))
 
 
 class _RPReLU(torch.autograd.Function):
@@ -95,7 +94,9 @@ def _(x, residual, b1, w, b2, want_z):
 
 @torch.library.custom_op("n2uq::rprelu_backward", mutates_args=())
 def _rprelu_backward_op(grad: Tensor, z: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
-    return _rprelu_backward(grad, z, w)
+    """``(grad of (x + residual), [3, C]: the fields of ChainSums stacked in their order)``."""
+    gx, sums = _rprelu_backward(grad, z, w)
+    return gx, torch.stack(list(sums))
 
 
 @_rprelu_backward_op.register_fake
@@ -111,10 +112,10 @@ def _rprelu_setup_context(ctx, inputs, output):
 
 def _rprelu_grad(ctx, grad, _grad_z):
     z, b1, w, b2 = ctx.saved_tensors
-    gx, sums = _rprelu_backward_op(grad if grad is not None else torch.zeros_like(z), z, w)
+    gx, stacked = _rprelu_backward_op(grad if grad is not None else torch.zeros_like(z), z, w)
     x_dtype, r_dtype = ctx.dtypes
-    return (gx.to(x_dtype), None if r_dtype is None else gx.to(r_dtype), *_rprelu_param_grads(sums, b1, w, b2),
-            None)
+    return (gx.to(x_dtype), None if r_dtype is None else gx.to(r_dtype),
+            *_rprelu_param_grads(ChainSums(*stacked), b1, w, b2), None)
 
 
 _rprelu_op.register_autograd(_rprelu_grad, setup_context=_rprelu_setup_context)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from n2uq.kernels.layout import memory_order
+from n2uq.kernels.op_utils import ChainSums, LTQSums, chain_sums_from_buffer, ltq_sums_from_buffer
 
 __all__ = ["library", "available", "build_error", "supports", "ltq_forward", "ltq_backward", "rprelu_forward",
            "rprelu_backward", "decode", "weight_ste", "FLAGS"]
@@ -187,11 +188,8 @@ def ltq_forward(x: Tensor, chain, scale1: Tensor, thresholds: Tensor, table: Ten
 
 
 def ltq_backward(x: Tensor, grad: Tensor, chain, scale1: Tensor, scale2: Tensor, thresholds: Tensor,
-                 levels: Tensor, breakpoints: Tensor, slope: Tensor) -> tuple[Tensor, Tensor]:
-    """Input gradient and the float64 sums ``[G(n), X(n), S1, S2, (grad b1, w, b2 per channel)]``.
-
-    See ``ltq_backward`` in ``cpu_kernels.c`` for their meaning.
-    """
+                 levels: Tensor, breakpoints: Tensor, slope: Tensor) -> tuple[Tensor, LTQSums]:
+    """Input gradient and the sums G-STE needs (see :mod:`n2uq.kernels.torch_ops`), named."""
     x = _dense(x, chain)
     grad = _like(grad, x)
     gx = torch.empty_like(x)
@@ -203,7 +201,7 @@ def ltq_backward(x: Tensor, grad: Tensor, chain, scale1: Tensor, scale2: Tensor,
                                  _ptr(w), _ptr(b2), float(scale1), float(scale2), thresholds.data_ptr(),
                                  levels.data_ptr(),
                                  breakpoints.data_ptr(), slope.data_ptr(), n, sums.data_ptr(), _threads())
-    return gx, sums
+    return gx, ltq_sums_from_buffer(sums, n, channels if chain is not None else None)
 
 
 def rprelu_forward(a: Tensor, residual: Optional[Tensor], chain,
@@ -219,15 +217,15 @@ def rprelu_forward(a: Tensor, residual: Optional[Tensor], chain,
     return y, (z if want_z else None)
 
 
-def rprelu_backward(grad: Tensor, z: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Input gradient and float64 ``[grad b2 (C), grad w (C), grad b1 (C)]``."""
+def rprelu_backward(grad: Tensor, z: Tensor, weight: Tensor) -> tuple[Tensor, ChainSums]:
+    """Input gradient and the float64 per-channel sums of the parameters' gradients, named."""
     z, grad = z.contiguous(), grad.contiguous()
     gx = torch.empty_like(z)
     planes, hw, channels = _planes(z, True)
     sums = torch.empty(3 * channels, dtype=torch.float64)
     _fn("rprelu_backward", z.dtype)(grad.data_ptr(), z.data_ptr(), gx.data_ptr(), planes, hw, channels,
                                     weight.data_ptr(), sums.data_ptr(), _threads())
-    return gx, sums
+    return gx, chain_sums_from_buffer(sums, channels)
 
 
 def decode(codes: Tensor, table: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from n2uq.kernels import select
+from n2uq.kernels import modules, select
 from n2uq.kernels.block_ops import decode_codes, weight_ste
 from n2uq.kernels.block_ops import rprelu as fused_rprelu
 from n2uq.kernels.ltq_op import ltq_stage
@@ -38,11 +38,17 @@ from n2uq.quant import LTQ, HardQuantizeConv, LearnableBias
 __all__ = ["quant_stage", "rprelu", "ltq", "stage_output"]
 
 
+#: The classes the fused operators stand in for: each definition and its fast module (``n2uq.LTQ``).
+_FUSABLE = {LTQ: (LTQ, modules.LTQ), HardQuantizeConv: (HardQuantizeConv, modules.HardQuantizeConv),
+            LearnableBias: (LearnableBias,), nn.PReLU: (nn.PReLU,)}
+
+
 def _plain(module: Optional[nn.Module], kind: type) -> bool:
-    """Exactly ``kind`` (not a subclass) and without hooks, so skipping its forward is invisible."""
+    """Exactly ``kind`` or its fast module (not another subclass) and without hooks, so skipping its
+    forward is invisible."""
     if module is None:
         return True
-    if type(module) is not kind:
+    if type(module) not in _FUSABLE[kind]:
         return False
     return not any(getattr(module, name, None) for name in ("_forward_hooks", "_forward_pre_hooks"))
 
@@ -92,7 +98,7 @@ def quant_stage(x: Tensor, bias1: Optional[LearnableBias], prelu: Optional[nn.PR
                 x = module(x)
         return conv(quan(x))
     y, codes, table = stage_output(x, bias1, prelu, bias2, quan, torch.is_grad_enabled(), _conv_input_code(x))
-    weight = weight_ste(conv.weight, conv.clip_val, conv.num_bits)
+    weight = weight_ste(conv.weight, conv.clip_val, conv.n_bit)
     if codes is None:
         return conv2d(y, weight, conv.stride, conv.padding, conv.groups)
     return _CodesConv.apply(y, codes, table, weight, conv.stride, conv.padding, conv.groups)

@@ -3,8 +3,9 @@
 ``ltq_stage(x, b1, w, b2, start, a, scale1, scale2, eps, levels)`` is
 ``LTQ(b2 + prelu(x + b1, w))`` (``b1 = w = b2 = None``: a plain LTQ) with the G-STE backward of
 :class:`n2uq.quant.LTQFunction`. Backward recomputes the chain from ``x`` (bit-identical: the same
-IEEE operations in the same order) and yields the input gradient and every parameter gradient in
-one more pass. The implementation (C, Triton or plain PyTorch) comes from
+IEEE operations in the same order) and yields, in one more pass, the input gradient and the sums
+G-STE needs (:class:`n2uq.quant.GSTESums`); the parameter gradients come from those sums through
+the definitions' own :func:`n2uq.quant.gste_param_grads`. The implementation (C, Triton or plain PyTorch) comes from
 :func:`n2uq.kernels.select.implementation`.
 
 Under ``torch.compile`` the operator is a ``torch.library`` custom op (a fake implementation gives
@@ -21,9 +22,10 @@ from typing import NamedTuple, Optional, Tuple  # real types, not strings: custo
 import torch
 from torch import Tensor
 
+from n2uq import quant as definitions  # looked up at each call: an edited formula reaches the fast path
 from n2uq.kernels import select
 from n2uq.kernels.layout import as_layout_of
-from n2uq.kernels.ltq_state import LTQState, ltq_param_grads, ltq_state
+from n2uq.kernels.ltq_state import LTQState, ltq_state
 from n2uq.kernels.op_utils import EMPTY, channel_vector, compute_dtype, grad_like
 
 __all__ = ["ltq_stage"]
@@ -63,13 +65,11 @@ def _backward(grad, x, b1, w, b2, start, a, scale1, scale2, eps, setup: _Setup):
     state = setup.state
     gx, sums = setup.impl.ltq_backward(x, grad, setup.chain, scale1.detach(), scale2.detach(), state.thresholds,
                                        state.levels, state.breakpoints, state.slope)
-    g_start, g_a, g_s1, g_s2 = ltq_param_grads(sums, state, a, eps, scale2)
+    grads = definitions.gste_param_grads(sums.gste, state.a_pos, a, eps, scale2)  # G-STE's one formula
     g_chain = (None, None, None)
     if b1 is not None:
-        n = a.numel()
-        g_b2, g_w, g_b1 = sums[2 * n + 2 :].reshape(3, x.shape[1])
-        g_chain = tuple(grad_like(g, p) for g, p in zip((g_b1, g_w, g_b2), (b1, w, b2)))
-    params = tuple(grad_like(g, p) for g, p in zip((g_start, g_a, g_s1, g_s2), (start, a, scale1, scale2)))
+        g_chain = tuple(grad_like(g, p) for g, p in zip(sums.chain, (b1, w, b2)))
+    params = tuple(grad_like(g, p) for g, p in zip(grads, (start, a, scale1, scale2)))
     return (as_layout_of(gx.to(x.dtype), x), *g_chain, *params)
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["EMPTY", "compute_dtype", "channel_vector", "grad_like"]
+from n2uq.quant import GSTESums
+
+__all__ = ["EMPTY", "compute_dtype", "channel_vector", "grad_like", "ChainSums", "LTQSums", "chain_sums_from_buffer",
+           "ltq_sums_from_buffer"]
 
 #: Shape of the placeholder a custom op returns for an output it did not compute.
 EMPTY = (0,)
@@ -35,3 +38,32 @@ def grad_like(sums: Tensor, param: Tensor) -> Tensor:
     if param.numel() == 1 and sums.numel() > 1:
         sums = sums.sum()
     return sums.to(param.dtype, copy=True).reshape(param.shape)
+
+
+class ChainSums(NamedTuple):
+    """Per-channel float64 gradient sums ``[C]`` of the RPReLU chain ``b2 + prelu(x + b1, w)``."""
+
+    bias1: Tensor
+    weight: Tensor
+    bias2: Tensor
+
+
+class LTQSums(NamedTuple):
+    """What an implementation's ``ltq_backward`` returns besides the input gradient: G-STE's sums
+    (float64, :class:`n2uq.quant.GSTESums`) and, with the chain fused in, its per-channel sums."""
+
+    gste: GSTESums
+    chain: Optional[ChainSums]
+
+
+def chain_sums_from_buffer(buffer: Tensor, channels: int) -> ChainSums:
+    """Name the float64 ``[grad b2 (C), grad w (C), grad b1 (C)]`` a C or Triton RPReLU backward fills."""
+    b2, w, b1 = buffer[: 3 * channels].reshape(3, channels)
+    return ChainSums(b1, w, b2)
+
+
+def ltq_sums_from_buffer(buffer: Tensor, n: int, channels: Optional[int]) -> LTQSums:
+    """Name the float64 buffer a C or Triton LTQ backward fills: ``[G (n), Q (n), S1, S2]``, then with
+    the chain its sums as :func:`chain_sums_from_buffer` — the one place that reads them by offset."""
+    gste = GSTESums(buffer[:n], buffer[n : 2 * n], buffer[2 * n], buffer[2 * n + 1])
+    return LTQSums(gste, None if channels is None else chain_sums_from_buffer(buffer[2 * n + 2 :], channels))

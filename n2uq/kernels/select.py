@@ -8,8 +8,9 @@
 ``torch``     the fused operators computed with plain PyTorch everywhere
 ``c``         like ``auto`` on CPU, but an error if the C kernels cannot be built
 ``triton``    like ``auto`` on CUDA, but an error if Triton is not installed
-``reference`` no fused operator at all: every block runs module by module through the
-              definitions in :mod:`n2uq.quant` (edit those and the models follow)
+``reference`` no fused operator at all: every block, and ``n2uq.LTQ`` & co., runs module by
+              module through the definitions in :mod:`n2uq.quant` (edit those and the
+              models follow). Not the authors' code: the name of this switch only
 ============  ==============================================================================
 
 Every implementation computes the same forward values, bit for bit, and the same gradients up to

@@ -12,10 +12,13 @@ plain LTQ:
 
 * ``ltq_forward(x, chain, scale1, thresholds, table, want_codes, out_dtype) -> (y, uint8 codes)``
 * ``ltq_backward(x, grad, chain, scale1, scale2, thresholds, levels, breakpoints, slope)
-  -> (input gradient, float64 sums [G(n), Q(n), S1, S2, (grad b2, w, b1 per channel)])`` — for
-  inner interval k (``d[k-1] < xs <= d[k]``) ``G_k = Σ grad`` and ``Q_k = Σ grad·(xs - d[k-1])``;
-  ``S1 = Σ ∂L/∂xs · z`` (z the LTQ input), ``S2 = Σ grad·L[m]``
-* ``rprelu_forward(x, residual, chain, want_z) -> (y, z)``, ``rprelu_backward(grad, z, w)``
+  -> (input gradient, LTQSums)`` — :class:`~n2uq.kernels.op_utils.LTQSums`: G-STE's float64 sums
+  (:class:`n2uq.quant.GSTESums`; for inner interval k, ``d[k-1] < xs <= d[k]``, ``G_k = Σ grad`` and
+  ``Q_k = Σ grad·(xs - d[k-1])``; ``Σ ∂L/∂xs · z`` with z the LTQ input; ``Σ grad·L[m]``) and the
+  chain's per-channel sums. The parameter gradients are not computed here:
+  :func:`n2uq.quant.gste_param_grads` makes them from these sums.
+* ``rprelu_forward(x, residual, chain, want_z) -> (y, z)``,
+  ``rprelu_backward(grad, z, w) -> (input gradient, ChainSums)``
 * ``decode(codes, table)``
 
 Channels_last (or any densely permuted) inputs are processed through their contiguous permuted
@@ -31,6 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from n2uq.kernels.layout import memory_order
+from n2uq.kernels.op_utils import ChainSums, LTQSums
+from n2uq.quant import GSTESums
 
 __all__ = ["ltq_forward", "ltq_backward", "rprelu_forward", "rprelu_backward", "decode", "codes_of", "lookup"]
 
@@ -96,7 +101,7 @@ def ltq_forward(x: Tensor, chain, scale1: Tensor, thresholds: Tensor, table: Ten
 
 
 def ltq_backward(x: Tensor, grad: Tensor, chain, scale1: Tensor, scale2: Tensor, thresholds: Tensor,
-                 levels: Tensor, breakpoints: Tensor, slope: Tensor) -> tuple[Tensor, Tensor]:
+                 levels: Tensor, breakpoints: Tensor, slope: Tensor) -> tuple[Tensor, LTQSums]:
     with torch.no_grad():
         order = memory_order(x)  # flatten every tensor in x's memory order (a view when it has x's layout)
         flat = (lambda t: t.permute(order[0]).reshape(-1)) if order is not None else (lambda t: t.reshape(-1))
@@ -115,13 +120,13 @@ def ltq_backward(x: Tensor, grad: Tensor, chain, scale1: Tensor, scale2: Tensor,
         sum_q = flat_grad.new_zeros(n + 2).index_add_(0, flat_seg, flat_grad * offset)[1 : n + 1]
         s1 = (grad_xs * z2).sum()
         s2 = (grad * lookup(levels, codes_of(xs, thresholds))).sum()
-        sums = [sum_g.double(), sum_q.double(), torch.stack([s1, s2]).double()]
+        gste = GSTESums(sum_g.double(), sum_q.double(), s1.double(), s2.double())
         gx = grad_xs * scale1
-        if chain is not None:  # back through b2 + prelu(z1, w), z1 = x + b1
-            g_b2 = _channel_sums(gx)
-            gx, g_w = _prelu_backward(gx, z1, chain[1])
-            sums += [g_b2, g_w, _channel_sums(gx)]
-        return gx, torch.cat(sums)
+        if chain is None:
+            return gx, LTQSums(gste, None)
+        g_b2 = _channel_sums(gx)  # back through b2 + prelu(z1, w), z1 = x + b1
+        gx, g_w = _prelu_backward(gx, z1, chain[1])
+        return gx, LTQSums(gste, ChainSums(_channel_sums(gx), g_w, g_b2))
 
 
 def rprelu_forward(x: Tensor, residual: Optional[Tensor], chain,
@@ -133,10 +138,11 @@ def rprelu_forward(x: Tensor, residual: Optional[Tensor], chain,
         return F.prelu(z, w) + _per_channel(b2, z), (z if want_z else None)
 
 
-def rprelu_backward(grad: Tensor, z: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+def rprelu_backward(grad: Tensor, z: Tensor, w: Tensor) -> tuple[Tensor, ChainSums]:
+    """Input gradient and the float64 per-channel sums of the parameters' gradients, named."""
     with torch.no_grad():
         gx, g_w = _prelu_backward(grad, z, w)
-        return gx.to(z.dtype), torch.cat([_channel_sums(grad), g_w, _channel_sums(gx)])
+        return gx.to(z.dtype), ChainSums(bias1=_channel_sums(gx), weight=g_w, bias2=_channel_sums(grad))
 
 
 def decode(codes: Tensor, table: Tensor) -> Tensor:

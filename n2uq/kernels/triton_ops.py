@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from n2uq.kernels.op_utils import ChainSums, LTQSums, chain_sums_from_buffer, ltq_sums_from_buffer
+
 try:  # pragma: no cover - depends on the machine
     import triton
     import triton.language as tl
@@ -29,8 +31,8 @@ try:  # pragma: no cover - depends on the machine
 except ImportError:  # pragma: no cover
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "MAX_THRESHOLDS", "supports", "state_supported", "ltq_state", "ltq_param_grads",
-           "ltq_forward", "ltq_backward", "rprelu_forward", "rprelu_backward", "decode"]
+__all__ = ["HAS_TRITON", "MAX_THRESHOLDS", "supports", "state_supported", "ltq_state", "ltq_forward",
+           "ltq_backward", "rprelu_forward", "rprelu_backward", "decode"]
 
 #: Thresholds (2^b - 1) of the largest LTQ these kernels take; larger ones use plain PyTorch.
 MAX_THRESHOLDS = 15
@@ -218,8 +220,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _state_kernel(start_ptr, a_ptr, eps_ptr, s2_ptr, lev_ptr, out_ptr, two_over_n, N: tl.constexpr):
-        """LTQ state in one program (the float32 operations of ``n2uq.kernels.ltq_state.ltq_state``, in its order):
-        out = [a⁺ (N), thresholds (N), breakpoints (N+1), slopes (N), table (N+1)]."""
+        """LTQ state in one program: the float32 operations of the definitions ``n2uq.quant.ltq_forward_thresholds``,
+        ``ltq_breakpoints`` and ``gste_slopes``, in their order, transcribed for the device (a host copy of
+        the parameters would cost a synchronisation per call); tests/test_kernels_gpu.py holds it to them bit
+        for bit. out = [a⁺ (N), thresholds (N), breakpoints (N+1), slopes (N), table (N+1)]."""
         eps = tl.load(eps_ptr)
         start = tl.load(start_ptr)
         s2 = tl.load(s2_ptr)
@@ -245,27 +249,6 @@ if HAS_TRITON:
             tl.store(out_ptr + 4 * N + 1 + i, tl.load(lev_ptr + i) * s2)
 
     @triton.jit
-    def _param_grads_kernel(sums_ptr, slope_ptr, apos_ptr, a_ptr, eps_ptr, s2_ptr, out_ptr, N: tl.constexpr):
-        """Gradients of start, a, scale1, scale2 from the per-interval sums (``quant.ltq_param_grads``),
-        in float64: out = [start, a (N), scale1, scale2] (float32)."""
-        s2 = tl.load(s2_ptr).to(tl.float64)
-        eps = tl.load(eps_ptr)
-        later = 0.0  # Σ_{k > j} W_k, a float64 value after the first interval
-        total = 0.0
-        for jj in tl.static_range(N):
-            j = N - 1 - jj  # from the last interval down: later = Σ_{k > j} W_k
-            coef = s2 * tl.load(slope_ptr + j).to(tl.float64)
-            w = coef * tl.load(sums_ptr + j)
-            r = coef * tl.load(sums_ptr + N + j)
-            g = -r / tl.load(apos_ptr + j).to(tl.float64) - later
-            tl.store(out_ptr + 1 + j, tl.where(tl.load(a_ptr + j) > eps, g.to(tl.float32), 0.0))
-            later = later + w
-            total = total + w
-        tl.store(out_ptr, (-total).to(tl.float32))
-        tl.store(out_ptr + N + 1, tl.load(sums_ptr + 2 * N).to(tl.float32))
-        tl.store(out_ptr + N + 2, tl.load(sums_ptr + 2 * N + 1).to(tl.float32))
-
-    @triton.jit
     def _decode_kernel(codes_ptr, y_ptr, table_ptr, numel, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
@@ -274,7 +257,7 @@ if HAS_TRITON:
 
 
 def state_supported(a: Tensor, dtype: torch.dtype, *others: Tensor) -> bool:
-    """Whether :func:`ltq_state` / :func:`ltq_param_grads` apply to an LTQ with intervals ``a`` and the
+    """Whether :func:`ltq_state` applies to an LTQ with intervals ``a`` and the
     other parameter tensors: CUDA, float32 throughout, at most 15 thresholds."""
     return (HAS_TRITON and a.is_cuda and dtype == torch.float32 and a.numel() <= MAX_THRESHOLDS
             and all(t.dtype == torch.float32 and t.is_cuda for t in (a, *others)))
@@ -287,14 +270,6 @@ def ltq_state(start: Tensor, a: Tensor, eps: Tensor, scale2: Tensor, levels: Ten
     _state_kernel[(1,)](start.detach(), a.detach(), eps, scale2.detach(), levels, out,
                         float(np.float32(2.0 / n)), N=n)
     return out.split([n, n, n + 1, n, n + 1])
-
-
-def ltq_param_grads(sums: Tensor, slope: Tensor, a_pos: Tensor, a: Tensor, eps: Tensor, scale2: Tensor):
-    """Gradients of ``start, a, scale1, scale2`` (float32) from the float64 sums, in one launch."""
-    n = a.numel()
-    out = torch.empty(n + 3, device=a.device, dtype=torch.float32)
-    _param_grads_kernel[(1,)](sums, slope, a_pos, a.detach(), eps, scale2.detach(), out, N=n)
-    return out.split([1, n, 1, 1])
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
@@ -329,7 +304,8 @@ def ltq_forward(x: Tensor, chain, scale1: Tensor, thresholds: Tensor, table: Ten
 
 
 def ltq_backward(x: Tensor, grad: Tensor, chain, scale1: Tensor, scale2: Tensor, thresholds: Tensor,
-                 levels: Tensor, breakpoints: Tensor, slope: Tensor) -> tuple[Tensor, Tensor]:
+                 levels: Tensor, breakpoints: Tensor, slope: Tensor) -> tuple[Tensor, LTQSums]:
+    """Input gradient and the sums G-STE needs (see :mod:`n2uq.kernels.torch_ops`), named."""
     n, c, s, cl, bc, bs = _geometry(x, chain is not None)
     grad = _like(grad, x)
     gx = torch.empty_like(x)
@@ -345,7 +321,7 @@ def ltq_backward(x: Tensor, grad: Tensor, chain, scale1: Tensor, scale2: Tensor,
     sums = part.sum(0, dtype=torch.float64)  # fixed shape and order: deterministic, no atomics
     if chain is not None:
         sums = torch.cat([sums, chpart.sum(0, dtype=torch.float64)])
-    return gx, sums
+    return gx, ltq_sums_from_buffer(sums, n_thr, c if chain is not None else None)
 
 
 def rprelu_forward(a: Tensor, residual: Optional[Tensor], chain,
@@ -362,7 +338,8 @@ def rprelu_forward(a: Tensor, residual: Optional[Tensor], chain,
     return y, z
 
 
-def rprelu_backward(grad: Tensor, z: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+def rprelu_backward(grad: Tensor, z: Tensor, weight: Tensor) -> tuple[Tensor, ChainSums]:
+    """Input gradient and the float64 per-channel sums of the parameters' gradients, named."""
     n, c, s, cl, bc, bs = _geometry(z, True)
     grad = _like(grad, z)
     gx = torch.empty_like(z)
@@ -370,7 +347,7 @@ def rprelu_backward(grad: Tensor, z: Tensor, weight: Tensor) -> tuple[Tensor, Te
     chpart = torch.empty(grid[0], 3 * c, device=z.device, dtype=torch.float32)
     _rprelu_bwd_kernel[grid](grad, z, gx, weight, chpart, c, s, n_sblocks, CHANNELS_LAST=cl, BLOCK_C=bc,
                              BLOCK_S=bs)
-    return gx, chpart.sum(0, dtype=torch.float64)
+    return gx, chain_sums_from_buffer(chpart.sum(0, dtype=torch.float64), c)
 
 
 def decode(codes: Tensor, table: Tensor) -> Tensor:

@@ -1,8 +1,10 @@
-"""Slow, obviously-correct reference forms of the N2UQ quantizers, written from SPEC §1-§3.
+"""The specification's literal forms of the N2UQ quantizers (``spec_*``), written from SPEC §1-§3.
 
-These follow the specification line by line (a loop over thresholds with ``torch.where``, the
-straight-through trick done with ``detach``) and let autograd derive every gradient. The fast
-implementations in :mod:`n2uq.quant` are checked against them.
+Slow and obviously correct: they follow the specification line by line (a loop over thresholds
+with ``torch.where``, the straight-through trick done with ``detach``) and let autograd derive
+every gradient. The definitions in :mod:`n2uq.quant` are checked against them
+(tests/test_quant.py). Not to be confused with the authors' released code or with the
+``N2UQ_KERNELS=reference`` backend (which runs the definitions module by module).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def reference_ltq(x: Tensor, start: Tensor, a: Tensor, scale1: Tensor, scale2: Tensor,
+def spec_ltq(x: Tensor, start: Tensor, a: Tensor, scale1: Tensor, scale2: Tensor,
                   eps: float = 1e-3) -> Tensor:
     """SPEC §1: forward levels ``L[m]·scale2``, gradient of ``scale2·g(scale1·x)``.
 
@@ -38,14 +40,14 @@ def reference_ltq(x: Tensor, start: Tensor, a: Tensor, scale1: Tensor, scale2: T
             threshold = threshold + (a_pos[i - 1] / 2 + a_pos[i] / 2)
         forward_value = torch.where(xs.detach() > threshold.detach(), level, forward_value)
 
-    g = reference_ltq_surrogate(x, start, a, scale1, eps)
+    g = spec_ltq_surrogate(x, start, a, scale1, eps)
 
     out = forward_value.detach() * scale2 + (g - g.detach()) * scale2.detach()
     # ∂/∂scale2 must be L[m]: the first term carries it; the second carries ∂/∂(x, start, a, scale1).
     return out
 
 
-def reference_ltq_surrogate(x: Tensor, start: Tensor, a: Tensor, scale1: Tensor, eps: float = 1e-3) -> Tensor:
+def spec_ltq_surrogate(x: Tensor, start: Tensor, a: Tensor, scale1: Tensor, eps: float = 1e-3) -> Tensor:
     """The G-STE surrogate ``g(scale1·x)`` of SPEC §1: piecewise linear over the breakpoints ``d[k]``.
 
     ``g = 0`` for ``xs <= d[0]``; ``interval/a⁺[k-1]·(xs - d[k-1]) + (k-1)·interval`` on
@@ -65,7 +67,7 @@ def reference_ltq_surrogate(x: Tensor, start: Tensor, a: Tensor, scale1: Tensor,
     return torch.where(xs > d_prev, torch.full_like(xs, 2.0), g)
 
 
-def reference_ltq_levels(n: int) -> Tensor:
+def spec_ltq_levels(n: int) -> Tensor:
     level = torch.zeros(1)
     out = [level]
     for _ in range(n):
@@ -74,7 +76,7 @@ def reference_ltq_levels(n: int) -> Tensor:
     return torch.cat(out)
 
 
-def reference_weight_quant(weight: Tensor, n_bit: int, clip_val: float = 2.0) -> Tensor:
+def spec_weight_quant(weight: Tensor, n_bit: int, clip_val: float = 2.0) -> Tensor:
     """SPEC §2: value Wq, gradient dW_ste/dW = 1/s (no clipping mask)."""
     gamma = (2**n_bit - 1) / 2 ** (n_bit - 1)
     s = (gamma * weight.abs().mean(dim=(1, 2, 3), keepdim=True)).detach()
@@ -87,12 +89,12 @@ def reference_weight_quant(weight: Tensor, n_bit: int, clip_val: float = 2.0) ->
     return (wq.detach() - ws.detach()) + ws
 
 
-def reference_quant_conv(x: Tensor, weight: Tensor, n_bit: int, stride: int, padding: int,
+def spec_quant_conv(x: Tensor, weight: Tensor, n_bit: int, stride: int, padding: int,
                          groups: int = 1) -> Tensor:
-    return F.conv2d(x, reference_weight_quant(weight, n_bit), None, stride, padding, 1, groups)
+    return F.conv2d(x, spec_weight_quant(weight, n_bit), None, stride, padding, 1, groups)
 
 
-def reference_pact(x: Tensor, clip_val: Tensor, n_bit: int) -> Tensor:
+def spec_pact(x: Tensor, clip_val: Tensor, n_bit: int) -> Tensor:
     """SPEC §3, literally."""
     x = torch.relu(x)
     x = torch.where(x < clip_val, x, clip_val)

@@ -1,0 +1,224 @@
+"""What a user imports: ``n2uq.LTQ`` / ``n2uq.HardQuantizeConv`` run the fast operators (the
+definitions under ``N2UQ_KERNELS=reference``) with the definitions' state and values; G-STE's
+parameter gradients have one home (n2uq.quant.gste_param_grads) that every fast path uses; one
+bit-width check and one name (``n_bit``, with the authors' ``num_bits`` kept working)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import n2uq
+from n2uq import quant as definitions
+from n2uq.bitwidth import check_bits
+from n2uq.kernels import cpu, torch_ops, use_backend
+from n2uq.kernels.ltq_state import ltq_state
+from n2uq.kernels.op_utils import LTQSums
+from n2uq.methods import Quantizers
+from tests.test_backends import _ltq
+
+
+def _counting(monkeypatch, cls, name: str, calls: dict, static: bool = False) -> None:
+    real = getattr(cls, name)
+
+    def counted(*args):
+        calls[name] = calls.get(name, 0) + 1
+        return real(*args)
+
+    monkeypatch.setattr(cls, name, staticmethod(counted) if static else counted)
+
+
+def _fwd_bwd(module, x, upstream, params):
+    x = x.clone().requires_grad_(True)
+    y = module(x)
+    return y, torch.autograd.grad(y, [x, *params], upstream)
+
+
+def _copy_into(kind, source, *args):
+    """A module of class ``kind`` holding ``source``'s state (strict both ways: the same state dict)."""
+    target = kind(*args)
+    target.load_state_dict(source.state_dict(), strict=True)
+    return target
+
+
+@pytest.mark.parametrize("n_bit", [2, 3, 4, 8])
+def test_n2uq_ltq_is_the_definition_running_the_fast_operator(monkeypatch, n_bit):
+    definition = _ltq(n_bit, n_bit, "cpu")
+    fast = _copy_into(n2uq.LTQ, definition, n_bit)
+    assert isinstance(fast, definitions.LTQ) and set(fast.state_dict()) == set(definition.state_dict())
+    g = torch.Generator().manual_seed(n_bit)
+    x, upstream = torch.randn(4, 6, 9, 9, generator=g) * 1.3, torch.randn(4, 6, 9, 9, generator=g)
+    calls: dict = {}
+    _counting(monkeypatch, definitions.LTQFunction, "forward", calls, static=True)
+    y_def, g_def = _fwd_bwd(definition, x, upstream, [definition.start, definition.a, definition.scale1,
+                                                      definition.scale2])
+    assert calls == {"forward": 1}
+    with use_backend("auto"):
+        y, grads = _fwd_bwd(fast, x, upstream, [fast.start, fast.a, fast.scale1, fast.scale2])
+    assert calls == {"forward": 1}, "n2uq.LTQ ran the definition under auto"
+    assert torch.equal(y, y_def)
+    for grad, grad_def in zip(grads, g_def):  # the definition sums in float32, the fast path in float64
+        assert (grad - grad_def).abs().max() <= 1e-4 * grad_def.abs().max().clamp_min(1e-12)
+    with use_backend("reference"):
+        y_ref, _ = _fwd_bwd(fast, x, upstream, [fast.start, fast.a, fast.scale1, fast.scale2])
+    assert calls == {"forward": 2} and torch.equal(y_ref, y_def)
+
+
+def test_n2uq_hard_quantize_conv_is_the_definition_running_the_weight_operator(monkeypatch):
+    torch.manual_seed(0)
+    definition = definitions.HardQuantizeConv(6, 8, 2, kernel_size=3, stride=2, padding=1, groups=2)
+    with torch.no_grad():
+        definition.weight.normal_(0, 0.1)
+    fast = _copy_into(n2uq.HardQuantizeConv, definition, 6, 8, 2, 3, 2, 1, 2)
+    x, upstream = torch.randn(2, 6, 9, 9), torch.randn(2, 8, 5, 5)
+    y_def, g_def = _fwd_bwd(definition, x, upstream, [definition.weight])
+    calls: dict = {}
+    _counting(monkeypatch, definitions.HardQuantizeConv, "quantized_weight", calls)
+    with use_backend("auto"):
+        y, grads = _fwd_bwd(fast, x, upstream, [fast.weight])
+    assert calls == {}, "n2uq.HardQuantizeConv ran the definition under auto"
+    assert torch.equal(y, y_def) and all(torch.equal(g, gd) for g, gd in zip(grads, g_def))
+    with use_backend("reference"):
+        fast(x)
+    assert calls == {"quantized_weight": 1}
+
+
+def test_a_subclass_that_changes_the_weight_scale_is_honoured():
+    class MaxAbs(n2uq.HardQuantizeConv):
+        scale = definitions.MaxAbsQuantizeConv.scale
+
+    torch.manual_seed(3)
+    mine = MaxAbs(4, 6, 2)
+    with torch.no_grad():
+        mine.weight.normal_(0, 0.1)
+    ablation = _copy_into(definitions.MaxAbsQuantizeConv, mine, 4, 6, 2)
+    x = torch.randn(2, 4, 7, 7)
+    with use_backend("auto"):
+        assert torch.equal(mine(x), ablation(x))
+
+
+def test_n2uq_pact_is_the_definition_with_a_closed_form_backward(monkeypatch):
+    definition = definitions.PACT(3, 1.5)
+    fast = _copy_into(n2uq.PACT, definition, 3, 1.5)
+    x = torch.randn(4, 5, 8, 8) * 2
+    x.view(-1)[:5] = torch.tensor([0.0, 1.5, float("inf"), -1.0, 1.5 * 6 / 7])  # on the clip, a level
+    upstream = torch.randn(x.shape)
+    y_def, g_def = _fwd_bwd(definition, x, upstream, [definition.clip_val])
+    calls: dict = {}
+    _counting(monkeypatch, definitions.PACT, "forward", calls)
+    with use_backend("auto"):
+        y, grads = _fwd_bwd(fast, x, upstream, [fast.clip_val])
+    assert calls == {} and torch.equal(y, y_def) and torch.equal(grads[0], g_def[0])
+    assert torch.allclose(grads[1], g_def[1], rtol=1e-5, atol=1e-6) and grads[1].shape == (1,)
+    with use_backend("reference"):
+        fast(x)
+    assert calls == {"forward": 1}
+
+
+def test_every_quantizer_exported_from_n2uq_has_a_fast_form():
+    exported = [getattr(n2uq, name) for name in n2uq.__all__]
+    quantizers = [c for c in exported if isinstance(c, type) and c.__module__ == "n2uq.kernels.modules"]
+    assert {c.__name__ for c in quantizers} == {"LTQ", "HardQuantizeConv", "PACT"}
+    for cls in quantizers:
+        assert cls.__bases__ == (getattr(definitions, cls.__name__),) and "forward" in vars(cls)
+
+
+def test_models_are_built_from_the_fast_modules():
+    stage = Quantizers(2)
+    assert type(stage.activation()) is n2uq.LTQ and type(stage.conv(4, 4, 3)) is n2uq.HardQuantizeConv
+    ablation = Quantizers(2, entropy_preserving=False).conv(4, 4, 3)
+    assert type(ablation) is definitions.MaxAbsQuantizeConv
+
+
+# --- G-STE: one formula --------------------------------------------------------------------------
+
+
+def _param_grads_of_fast_paths(q, x, upstream):
+    """Parameter gradients of ``n2uq.kernels.ltq`` under the C kernels and the plain-PyTorch ones."""
+    out = {}
+    for backend in ("c", "torch"):
+        with use_backend(backend):
+            out[backend] = _fwd_bwd(lambda t: n2uq.kernels.ltq(q, t), x, upstream, [q.start, q.a, q.scale1,
+                                                                                     q.scale2])[1][1:]
+    return out
+
+
+@pytest.mark.skipif(not cpu.available(), reason="the C kernels could not be built (no C compiler)")
+def test_an_edited_gste_formula_changes_every_fast_path(monkeypatch):
+    """The fast paths compute only the sums; the parameter gradients come from the definitions'
+    gste_param_grads, so editing it there changes them (and the definition's own backward) alike."""
+    q = _ltq(3, 1, "cpu")
+    x, upstream = torch.randn(2, 4, 12, 12), torch.randn(2, 4, 12, 12)
+    before = _param_grads_of_fast_paths(q, x, upstream)
+    real = definitions.gste_param_grads
+
+    def edited(sums, a_pos, a, eps, scale2):  # "a new estimator": twice the interval-length gradient
+        grads = real(sums, a_pos, a, eps, scale2)
+        return grads._replace(a=grads.a * 2)
+
+    monkeypatch.setattr(definitions, "gste_param_grads", edited)
+    after = _param_grads_of_fast_paths(q, x, upstream)
+    with use_backend("reference"):
+        by_definition = _fwd_bwd(q, x, upstream, [q.start, q.a, q.scale1, q.scale2])[1][1:]
+    for backend in ("c", "torch"):
+        assert torch.allclose(after[backend][1], 2 * before[backend][1], rtol=1e-6, atol=0)
+        assert torch.equal(after[backend][0], before[backend][0])  # start: untouched by the edit
+        assert torch.allclose(after[backend][1], by_definition[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not cpu.available(), reason="the C kernels could not be built (no C compiler)")
+def test_an_edited_slope_reaches_the_fast_state(monkeypatch):
+    """The slopes (and thresholds, breakpoints) of the fast paths' per-call state are the definitions'."""
+    q = _ltq(2, 4, "cpu")
+    with use_backend("c"):
+        slope = ltq_state(q.start, q.a, q.scale2, q.eps, q.levels, torch.float32).slope
+        monkeypatch.setattr(definitions, "gste_slopes", lambda a_pos: 3 * a_pos)
+        edited = ltq_state(q.start, q.a, q.scale2, q.eps, q.levels, torch.float32).slope
+    a_pos = torch.where(q.a > q.eps, q.a, q.eps).detach()
+    assert not torch.equal(slope, edited) and torch.equal(edited, 3 * a_pos)
+
+
+def test_the_kernels_return_named_sums():
+    q = _ltq(2, 2, "cpu")
+    state = ltq_state(q.start, q.a, q.scale2, q.eps, q.levels, torch.float32)
+    x, g = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    chain = tuple(torch.randn(3) for _ in range(3))
+    impls = [torch_ops] + ([cpu] if cpu.available() else [])
+    for impl in impls:
+        for ch in (None, chain):
+            _, sums = impl.ltq_backward(x, g, ch, q.scale1.detach(), q.scale2.detach(), state.thresholds,
+                                        state.levels, state.breakpoints, state.slope)
+            assert isinstance(sums, LTQSums) and isinstance(sums.gste, definitions.GSTESums)
+            assert sums.gste.grad.shape == sums.gste.offset.shape == (q.n_val,)
+            assert (sums.chain is None) == (ch is None)
+            if ch is not None:
+                assert all(s.shape == (3,) for s in sums.chain)
+
+
+# --- bit width: one check, one name --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [0, 9, 2.0, "2", True, None])
+def test_check_bits_rejects_what_is_not_1_to_8(bad):
+    with pytest.raises(ValueError, match=r"Thing: n_bit must be an integer in 1\.\.8"):
+        check_bits(bad, "Thing")
+    assert check_bits(8, "Thing") == 8
+
+
+@pytest.mark.parametrize("kind", [definitions.HardQuantizeConv, n2uq.HardQuantizeConv])
+def test_conv_takes_n_bit_and_the_references_num_bits(kind):
+    by_position, by_name, by_old_name = kind(4, 6, 3), kind(4, 6, n_bit=3), kind(4, 6, num_bits=3)
+    for conv in (by_position, by_name, by_old_name):
+        assert conv.n_bit == conv.num_bits == 3
+        assert set(conv.state_dict()) == {"clip_val", "zero", "weight"}
+    with pytest.raises(ValueError, match="once"):
+        kind(4, 6, 3, num_bits=3)
+    with pytest.raises(ValueError, match="n_bit"):
+        kind(4, 6, num_bits=9)
+
+
+def test_pact_takes_n_bit_and_the_references_num_bits():
+    assert n2uq.PACT(4).n_bit == n2uq.PACT(num_bits=4).n_bit == n2uq.PACT(n_bit=4).num_bits == 4
+    assert list(n2uq.PACT(num_bits=4, init_act_clip_val=3).state_dict()) == ["clip_val"]
+    with pytest.raises(ValueError, match="once"):
+        n2uq.PACT()
