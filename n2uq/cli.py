@@ -18,6 +18,7 @@ import os
 import sys
 from typing import Callable, List, Optional, Sequence
 
+from n2uq.bitwidth import MAX_BITS, MIN_BITS, check_bits
 from n2uq.distributed import env_world_size
 from n2uq.methods import METHODS, Quantizers
 from n2uq.recipe import PACT_ALPHA_DECAY
@@ -61,13 +62,11 @@ def parse_bool(value: str) -> bool:
 
 
 def _bits(value: str) -> int:
+    """``--n_bit``: an integer checked by the quantizers' own rule (:func:`n2uq.bitwidth.check_bits`)."""
     try:
-        bits = int(value)
+        return check_bits(int(value), "--n_bit")
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer number of bits in 1..8, got {value!r}") from None
-    if not 1 <= bits <= 8:
-        raise argparse.ArgumentTypeError(f"bits must be in 1..8, got {bits}")
-    return bits
+        raise argparse.ArgumentTypeError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {value}") from None
 
 
 class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
