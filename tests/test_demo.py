@@ -207,6 +207,21 @@ def test_unreadable_checkpoint_is_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("demo.sh: train failed: ") and "--fresh" in lines[0], proc.stderr
 
 
+def test_readme_by_hand_steps_use_the_demo_run_folder():
+    """The README's by-hand commands train, evaluate and export where demo.sh does (its defaults)."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = readme[readme.index("The same steps by hand:"):]
+    block = block[:block.index("## Tests")]
+    run = "models/demo/fashion_mnist_8ep/resnet18_2bit_quantize_downsample_False"
+    assert "--save models/demo/fashion_mnist_8ep " in block
+    checkpoints = [line.split("--checkpoint ")[1].split()[0] for line in block.splitlines() if "--checkpoint " in line]
+    assert checkpoints == [f"{run}/model_best.pth.tar"] * 2, checkpoints
+    assert "--out exports/demo/fashion_mnist_8ep/resnet18_2bit_quantize_downsample_False" in block
+    text = DEMO.read_text()  # the defaults those folders come from
+    assert 'SAVE="models/demo/$SETTING" RUNDIR="models/demo/$SETTING/$RUN"' in text
+    assert 'SETTING="$(basename "$DATA")_${EPOCHS}ep"' in text and "DATA=data/fashion_mnist;" in text
+
+
 def test_script_style():
     text = DEMO.read_text()
     assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
