@@ -291,6 +291,11 @@ read -r NEXT STEP BEST_TOP1 _ <<<"$(progress) - - -"
 if [ "$NEXT" = "?" ]; then
     fail "train" "$RUNDIR/checkpoint.pth.tar cannot be read (an interrupted copy?); run with --fresh to start over"
 fi
+if [ "$NEXT" != - ]; then  # reused or resumed: it must have been trained with these flags
+    DIFFS="$(PYTHONPATH="$REPO" "$PY" "$REPO/scripts/run_flags.py" "$RUNDIR/checkpoint.pth.tar" -- "${check[@]}" \
+        --data "$DATA" "${flags[@]}" 2>&1 | paste -sd ';' - | sed 's/;/; /g')"
+    [ -z "$DIFFS" ] || fail "train" "$RUNDIR was trained with other settings ($DIFFS); run with --fresh to retrain" "" 2
+fi
 if [ "$NEXT" != - ] && [ "$NEXT" -ge "$EPOCHS" ] && [ "$STEP" = 0 ] && [ -f "$BEST" ]; then
     say "train: reusing the finished run $RUNDIR ($EPOCHS/$EPOCHS epochs, best val top-1 $BEST_TOP1%; --fresh retrains)"
 else
@@ -328,7 +333,8 @@ T_TRAIN=$((SECONDS - T))
 # ---------------------------------------------------------------- 4. evaluate
 T=$SECONDS
 EVAL_JSON="$LOGDIR/evaluate.json" EVAL_LOG="$LOGDIR/evaluate.log"
-if [ "$FRESH" = 0 ] && [ -s "$EVAL_JSON" ] && [ "$EVAL_JSON" -nt "$BEST" ]; then
+# reused only when newer than both the checkpoint and the data (a rebuilt val/ is newer)
+if [ "$FRESH" = 0 ] && [ -s "$EVAL_JSON" ] && [ "$EVAL_JSON" -nt "$BEST" ] && [ "$EVAL_JSON" -nt "$DATA/val" ]; then
     say "evaluate: up to date ($EVAL_JSON)"
 else
     "$PY" "$REPO/scripts/evaluate.py" --checkpoint "$BEST" --data "$DATA" -j 1 --json >"$EVAL_JSON.tmp" 2>"$EVAL_LOG" ||
@@ -349,7 +355,8 @@ if has "$PY" onnx onnxruntime; then FORMATS="onnx,$FORMATS" EXPORT_ARGS=(--val_t
 if has "$PY" qonnx; then FORMATS="${FORMATS/packed/qonnx,packed}"; fi
 if [[ "$TAG" =~ ^(lsq|pact|dorefa) ]]; then
     say "export: skipped (integer export covers N2UQ models and their ablations, not --method ${TAG%%_*})"
-elif [ "$FRESH" = 0 ] && [ "$EXPORT_LOG" -nt "$BEST" ] && grep -q "^formats: $FORMATS\$" "$EXPORT_LOG" &&
+elif [ "$FRESH" = 0 ] && [ "$EXPORT_LOG" -nt "$BEST" ] && [ "$EXPORT_LOG" -nt "$DATA/val" ] &&
+        grep -q "^formats: $FORMATS\$" "$EXPORT_LOG" &&
         grep -q '^all exports verified' "$EXPORT_LOG"; then
     say "export: up to date ($EXPORTS)"
 else

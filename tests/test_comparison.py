@@ -51,6 +51,21 @@ def test_a_repeated_command_trains_nothing(comparison, tiny_imagefolder, capsys)
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
+@pytest.mark.parametrize("change, flag", [
+    (["--epochs", "3"], "--epochs: 3 asked, 2 recorded"),
+    (["--recipe", TINY_RECIPE.replace("--batch_size 6", "--batch_size 4")], "--batch_size: 4 asked, 6 recorded"),
+    (["--recipe", TINY_RECIPE + " --learning_rate 1e-2", "--report_only"], "--learning_rate: 1e-2 asked, 0.001"),
+])
+def test_runs_of_another_recipe_are_neither_reused_nor_resumed(comparison, tiny_imagefolder, capsys, change, flag):
+    before = {p: p.stat().st_mtime_ns for p in comparison.rglob("*.pth.tar")}
+    argv = ["--data", str(tiny_imagefolder), "--out", str(comparison), *GRID, *change]
+    assert _run(compare_methods.main, argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "was trained with other settings (" in lines[0] and flag in lines[0], lines
+    assert captured.out == "" and {p: p.stat().st_mtime_ns for p in before} == before
+
+
 def test_report_only_needs_finished_runs(tmp_path, capsys):
     assert _run(compare_methods.main, ["--out", str(tmp_path), "--report_only", *GRID]) == 2
     assert "no finished run of 2 epochs" in capsys.readouterr().err

@@ -222,6 +222,25 @@ def test_readme_by_hand_steps_use_the_demo_run_folder():
     assert 'SETTING="$(basename "$DATA")_${EPOCHS}ep"' in text and "DATA=data/fashion_mnist;" in text
 
 
+def test_a_run_of_other_flags_is_neither_reused_nor_resumed(tmp_path):
+    import torch
+
+    demo_args = {"student": "resnet18", "n_bit": 2, "quantize_downsample": False, "teacher": "none",
+                 "pretrained": "none", "epochs": 2, "batch_size": 128, "learning_rate": 0.002, "image_size": 32,
+                 "val_resize": 32, "min_crop_scale": 1.0, "method": "n2uq"}
+    run = _quick_data_and_run(tmp_path, b"")
+    for args, expected in (({**demo_args, "learning_rate": 0.01}, "--learning_rate: 2e-3 asked, 0.01 recorded"),
+                           (demo_args, "--label_smooth: 0.3 asked, 0.1 recorded")):
+        torch.save({"next_epoch": 2, "step_in_epoch": 0, "best_top1_acc": 50.0, "args": {**args, "label_smooth": 0.1}},
+                   run / "checkpoint.pth.tar")
+        extra = ["--", "--label_smooth", "0.3"] if args is demo_args else []
+        proc = run_demo(["--env", "active", "--quick", *extra], tmp_path)
+        lines = error_lines(proc)
+        assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr
+        assert lines[0].startswith(f"demo.sh: train failed: {run.relative_to(tmp_path)} was trained with other "
+                                   f"settings ({expected}); run with --fresh to retrain"), lines[0]
+
+
 def test_script_style():
     text = DEMO.read_text()
     assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
@@ -279,6 +298,14 @@ def test_end_to_end_then_reuse(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     top1 = [line for line in first.stdout.splitlines() if line.startswith("evaluate: top-1")]
     assert top1 and top1 == [line for line in second.stdout.splitlines() if line.startswith("evaluate: top-1")]
+
+    # A rebuilt data set is evaluated and exported again (a number is never reused across data sets).
+    next(iter(sorted((tmp_path / "data" / "fashion_mnist_13x3" / "val").rglob("*.png")))).unlink()
+    third = run_demo(args, tmp_path, source=source)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "data: data/fashion_mnist_13x3 is incomplete" in third.stdout and "train: reusing" in third.stdout
+    assert "evaluate: up to date" not in third.stdout and "export: up to date" not in third.stdout
+    assert [line for line in third.stdout.splitlines() if line.startswith("evaluate: top-1")] == top1
 
     # The summary's table tool on the demo's models folder finds the run and gives evaluate.py's number,
     # measured at the 32x32 the run was trained at.
