@@ -24,7 +24,7 @@ import hashlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -43,22 +43,11 @@ from n2uq.tables import (  # noqa: E402,E501
     render_csv,
     render_markdown,
 )
-from scripts.model_zoo import build_model, evaluation_sizes, training_args  # noqa: E402
+from scripts.evaluate import Settings, evaluation_settings  # noqa: E402
+from scripts.model_zoo import build_model  # noqa: E402
 
 #: Files under --models that are documentation or logs, not checkpoints.
 NOT_CHECKPOINTS = {".md", ".txt", ".json", ".jsonl", ".csv", ".log", ".yaml", ".yml", ".sh", ".py", ".tmp"}
-
-
-class Settings(NamedTuple):
-    """How one file is evaluated: center crop, resize before it, autocast."""
-
-    image_size: int
-    val_resize: int
-    amp: str
-
-    def describe(self) -> str:
-        amp = "" if self.amp == "none" else f", {self.amp} autocast"
-        return f"crop {self.image_size} after resize {self.val_resize}{amp}"
 
 
 class OtherDataError(CheckpointError):
@@ -120,26 +109,6 @@ def settings_key(data: str, args) -> str:
     return f"v2:{data}:crop={args.image_size}:resize={args.val_resize}:amp={args.amp}"
 
 
-def evaluation_settings(meta: Dict[str, Any], args) -> Settings:
-    """``(crop, resize, amp)`` for one file: what its training recorded, as ``scripts/evaluate.py`` does.
-
-    For files that record nothing (the released checkpoints) the flags, else 224 / 256 / none. A
-    flag that contradicts what the file records is refused (raises :class:`CheckpointError`): a
-    table never shows a number measured under preprocessing other than the model's."""
-    recorded = training_args(meta)
-    for flag, name in (("--image_size", "image_size"), ("--val_resize", "val_resize"), ("--amp", "amp")):
-        given = getattr(args, name)
-        if given is not None and name in recorded and str(recorded[name]) != str(given):
-            raise CheckpointError(f"was trained with {name} {recorded[name]}, but {flag} {given} was given; "
-                                  f"leave {flag} out to evaluate it as trained (the flag is for files that "
-                                  f"record no {name})")
-    image_size, val_resize = evaluation_sizes(meta, args.image_size, args.val_resize)
-    if val_resize < image_size:
-        raise CheckpointError(f"resize {val_resize} is smaller than the crop {image_size} (--val_resize, "
-                              f"--image_size)")
-    return Settings(image_size, val_resize, args.amp or str(recorded.get("amp", "none")))
-
-
 def read_for_evaluation(path: str, classes: List[str], args) -> Tuple[Dict[str, Any], ModelConfig, Settings]:
     """The file's state dict, configuration and evaluation settings, after every check that can refuse it."""
     state_dict, config, meta = load_model_state(path)
@@ -147,7 +116,10 @@ def read_for_evaluation(path: str, classes: List[str], args) -> Tuple[Dict[str, 
         raise OtherDataError(f"predicts {config.num_classes} classes, the validation data has {len(classes)}")
     if meta.get("classes") and list(meta["classes"]) != list(classes):
         raise CheckpointError("the validation class folders differ from the ones it was trained on")
-    return state_dict, config, evaluation_settings(meta, args)
+    try:
+        return state_dict, config, evaluation_settings(meta, args.image_size, args.val_resize, args.amp)
+    except UsageError as exc:  # a flag that contradicts this file: refuse the file, not the run
+        raise CheckpointError(str(exc)) from None
 
 
 def evaluate_checkpoint(path: str, read: Tuple[Dict[str, Any], ModelConfig, Settings], dataset, env: DistEnv,
@@ -185,10 +157,9 @@ def run_measurements(runs_root: str) -> Tuple[List[Measurement], List[str]]:
             continue
         config, meta = recorded
         best = max(epochs, key=lambda r: r["val"]["top1"])
-        amp = str(training_args(meta).get("amp", "none"))
         found.append(Measurement(config, best["val"]["top1"], best["val"].get("top5"), best["val"].get("count"),
                                  dirpath, kind="trained here",
-                                 preprocessing=Settings(*evaluation_sizes(meta), amp).describe()))
+                                 preprocessing=evaluation_settings(meta).describe()))
     return found, errors
 
 
