@@ -145,7 +145,7 @@ def run_measurements(runs_root: str) -> Tuple[List[Measurement], List[str]]:
         if "metrics.jsonl" not in filenames:
             continue
         try:
-            epochs = [r for r in read_metrics(os.path.join(dirpath, "metrics.jsonl"), "epoch") if r.get("val")]
+            epochs = current_run_epochs(read_metrics(os.path.join(dirpath, "metrics.jsonl")))
         except (OSError, ValueError) as exc:
             errors.append(f"{dirpath}/metrics.jsonl: unreadable ({exc})")
             continue
@@ -161,6 +161,20 @@ def run_measurements(runs_root: str) -> Tuple[List[Measurement], List[str]]:
                                  dirpath, kind="trained here",
                                  preprocessing=evaluation_settings(meta).describe()))
     return found, errors
+
+
+def current_run_epochs(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The validated epochs of the run the folder's checkpoint holds: those logged since its last
+    fresh start (a ``start`` record that resumes nothing; an earlier run started over in the same
+    folder may have had other settings), the last record of each epoch (a resumed run may log an
+    epoch again)."""
+    fresh = [i for i, r in enumerate(records) if r.get("event") == "start" and not r.get("resume")]
+    since = records[fresh[-1]:] if fresh else records
+    last: Dict[Any, Dict[str, Any]] = {}
+    for r in since:
+        if r.get("event") == "epoch" and r.get("val"):
+            last[r.get("epoch")] = r
+    return list(last.values())
 
 
 def _run_config(run_dir: str) -> Optional[Tuple[ModelConfig, Dict[str, Any]]]:

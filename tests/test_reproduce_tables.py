@@ -163,6 +163,18 @@ def test_runs_fill_trained_here_cells(tmp_path):
     assert found[0].preprocessing == "crop 224 after resize 256"  # what the run's validation used
 
 
+def test_runs_count_only_the_run_the_folder_holds():
+    """An earlier run started over in the same folder, and an epoch logged again after a resume,
+    do not count."""
+    def epoch(e, top1):
+        return {"event": "epoch", "epoch": e, "val": {"top1": top1}}
+
+    records = [{"event": "start", "resume": None}, epoch(0, 90.0), epoch(1, 91.0), epoch(3, 95.0),  # an earlier run
+               {"event": "start", "resume": None}, epoch(0, 40.0), epoch(1, 60.0),  # started over
+               {"event": "start", "resume": "checkpoint.pth.tar"}, epoch(1, 55.0), epoch(2, 58.0)]
+    assert [r["val"]["top1"] for r in reproduce_tables.current_run_epochs(records)] == [40.0, 55.0, 58.0]
+
+
 def test_imagenet_models_sit_beside_the_published_number_others_apart():
     paper = load_paper_results()
     imagenet = Measurement(ModelConfig("resnet18", 2, False, 1000), 68.2, source="x")
