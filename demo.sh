@@ -172,8 +172,9 @@ if [ "$ENV_MODE" = venv ]; then
     say "python: $PY ($("$BASE_PY" -V 2>&1), a local ./.venv; $WHY; --env active for $BASE_PY)"
     if [ ! -x "$VENV/bin/python" ]; then
         say "setup: creating ./.venv with $BASE_PY -m venv"
+        VENV_WAS_THERE=0; [ ! -e "$VENV" ] || VENV_WAS_THERE=1
         if ! "$BASE_PY" -m venv "$VENV" >>"$SETUP_LOG" 2>&1; then
-            rm -rf -- "$VENV"
+            [ "$VENV_WAS_THERE" = 1 ] || rm -rf -- "$VENV"  # only the half-made one of this attempt
             if ! { apt_usable && say "setup: installing python3-venv with apt-get" &&
                     apt_install "$SETUP_LOG" python3-venv; }; then
                 fail "setup" "$BASE_PY -m venv cannot create ./.venv; apt-get install -y python3-venv, or use --env active" \

@@ -25,8 +25,8 @@ DEMO = REPO_ROOT / "demo.sh"
 
 def _env(work: Path, source: Path, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("N2UQ_DEMO_")}
-    env.update(N2UQ_DEMO_WORKDIR=str(work), N2UQ_DEMO_SOURCE=str(source), N2UQ_DEMO_APT_GET="none",
-               N2UQ_DEMO_DOWNLOAD="0", PYTHON=sys.executable, **extra)
+    env.update({"N2UQ_DEMO_WORKDIR": str(work), "N2UQ_DEMO_SOURCE": str(source), "N2UQ_DEMO_APT_GET": "none",
+                "N2UQ_DEMO_DOWNLOAD": "0", "PYTHON": sys.executable, **extra})
     return env
 
 
@@ -98,6 +98,21 @@ def test_venv_is_stated_and_a_failed_install_is_one_line(tmp_path):
     assert lines[0].startswith("demo.sh: setup failed: pip install -e . failed (No matching distribution found for ")
     assert "check the network" in lines[0]
     assert lines[0].endswith("(full log: log/demo/setup.log)")
+
+
+def test_a_failed_venv_creation_removes_only_what_it_made(tmp_path):
+    python = tmp_path / "python_without_venv"
+    python.write_text(f'#!/bin/sh\n[ "$1 $2" = "-m venv" ] && {{ echo "venv: no ensurepip" >&2; exit 1; }}\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    for there_before in (False, True):
+        if there_before:
+            (tmp_path / ".venv").mkdir()
+            (tmp_path / ".venv" / "notes.txt").write_text("mine")
+        proc = run_demo(["--env", "venv", "--quick"], tmp_path, PYTHON=str(python))
+        lines = error_lines(proc)
+        assert proc.returncode == 1 and len(lines) == 1 and "cannot create ./.venv" in lines[0], proc.stderr
+        assert (tmp_path / ".venv" / "notes.txt").exists() == there_before
 
 
 def test_source_without_idx_files_is_exit_3(tmp_path):
