@@ -75,6 +75,26 @@ def evaluation_settings(meta: Dict[str, Any], image_size: Optional[int] = None, 
     return Settings(image_size, val_resize, amp or str(recorded.get("amp", "none")))
 
 
+def add_settings_flags(p: OneLineParser) -> None:
+    """``--image_size``, ``--val_resize``, ``--amp``: for files that record none (:func:`evaluation_settings`)."""
+    p.add_argument("--image_size", type=int, default=None,
+                   help="center crop, for a file that records none (default 224; else the training run's)")
+    p.add_argument("--val_resize", type=int, default=None,
+                   help="resize before the crop, for a file that records none (default 256; else training's)")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
+                   help="autocast, for a file that records none (default none; else the training run's)")
+
+
+def check_settings_flags(args) -> None:
+    """Those flags and ``--batch_size``, ``--workers``, ``--threads`` in range, before any file is read."""
+    check_ranges({"--batch_size": args.batch_size, "--image_size": args.image_size, "--val_resize": args.val_resize},
+                 {"--workers": args.workers, "--threads": args.threads})
+    if args.image_size and args.val_resize and args.val_resize < args.image_size:
+        raise UsageError(f"--val_resize {args.val_resize} is smaller than --image_size {args.image_size}")
+    if args.amp == "fp16" and args.device == "cpu":
+        raise UsageError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+
+
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="evaluate.py", description="Top-1/top-5 of an N2UQ checkpoint.")
     p.add_argument("--checkpoint", required=True, help="checkpoint file (ours, or a released N2UQ one)")
@@ -82,12 +102,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--split", default="val", help="sub-folder of --data to evaluate")
     p.add_argument("--batch_size", type=int, default=256, help="global batch size")
     p.add_argument("-j", "--workers", type=int, default=None, help="loader workers per process")
-    p.add_argument("--image_size", type=int, default=None,
-                   help="center crop, for a file that records none (default 224; else the training run's)")
-    p.add_argument("--val_resize", type=int, default=None,
-                   help="resize before the crop, for a file that records none (default 256; else training's)")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
-                   help="autocast, for a file that records none (default none; else the training run's)")
+    add_settings_flags(p)
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: cores / processes)")
@@ -122,12 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     split_dir = os.path.join(args.data, args.split)
     if not os.path.isdir(split_dir):
         raise D.DataError(f"no {args.split}/ folder in {args.data} (expected {split_dir}/<class>/<images>)")
-    check_ranges({"--batch_size": args.batch_size, "--image_size": args.image_size, "--val_resize": args.val_resize},
-                 {"--workers": args.workers, "--threads": args.threads})
-    if args.image_size and args.val_resize and args.val_resize < args.image_size:
-        raise UsageError(f"--val_resize {args.val_resize} is smaller than --image_size {args.image_size}")
-    if args.amp == "fp16" and args.device == "cpu":
-        raise UsageError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+    check_settings_flags(args)
     state_dict, (tag, description, num_classes, make_model), meta = _read(args.checkpoint)
     try:
         settings = evaluation_settings(meta, args.image_size, args.val_resize, args.amp)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from n2uq import data as D  # noqa: E402
 from n2uq.checkpoint import CheckpointError, ModelConfig, load_model_state, load_state_dict_strict  # noqa: E402
-from n2uq.cli import OneLineParser, UsageError, check_output_dir, check_ranges, run_main  # noqa: E402
+from n2uq.cli import OneLineParser, UsageError, check_output_dir, run_main  # noqa: E402
 from n2uq.distributed import DistEnv, cleanup, init_distributed  # noqa: E402
 from n2uq.engine import configure_threads, default_workers, evaluate  # noqa: E402
 from n2uq.metrics import read_metrics  # noqa: E402
@@ -43,7 +43,12 @@ from n2uq.tables import (  # noqa: E402,E501
     render_csv,
     render_markdown,
 )
-from scripts.evaluate import Settings, evaluation_settings  # noqa: E402
+from scripts.evaluate import (  # noqa: E402
+    Settings,
+    add_settings_flags,
+    check_settings_flags,
+    evaluation_settings,
+)
 from scripts.model_zoo import build_model  # noqa: E402
 
 #: Files under --models that are documentation or logs, not checkpoints.
@@ -62,12 +67,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--runs", default=None, help="also fill cells from training runs under this folder")
     p.add_argument("--batch_size", type=int, default=256, help="global evaluation batch size")
     p.add_argument("-j", "--workers", type=int, default=None, help="loader workers per process")
-    p.add_argument("--image_size", type=int, default=None,
-                   help="center crop for files that do not record their training's (default 224)")
-    p.add_argument("--val_resize", type=int, default=None,
-                   help="resize before the crop for files that do not record their training's (default 256)")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
-                   help="autocast for files that do not record their training's (default none)")
+    add_settings_flags(p)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: cores / processes)")
     p.add_argument("--no_cache", action="store_true", help="evaluate every file again")
@@ -196,12 +196,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                          f"see models/README.md)")
     if args.runs is not None and not os.path.isdir(args.runs):
         raise UsageError(f"--runs folder not found: {args.runs}")
-    check_ranges({"--batch_size": args.batch_size, "--image_size": args.image_size, "--val_resize": args.val_resize},
-                 {"--workers": args.workers, "--threads": args.threads})
-    if args.image_size and args.val_resize and args.val_resize < args.image_size:
-        raise UsageError(f"--val_resize {args.val_resize} is smaller than --image_size {args.image_size}")
-    if args.amp == "fp16" and args.device == "cpu":
-        raise UsageError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+    check_settings_flags(args)
     check_output_dir(args.out, "--out")
     files = find_checkpoints(args.models)
     val_dir = os.path.join(args.data, "val")
