@@ -24,7 +24,8 @@ reuses the data and a finished run and resumes an interrupted one; --fresh start
   --train-per-class N    training images per class, 1..6000 (default 1000)
   --val-per-class N      validation images per class, 1..1000 (default 200)
   --quick                short check: --epochs 2 --train-per-class 50 --val-per-class 20
-  --fresh                rebuild the data and retrain, evaluate and export from scratch
+  --fresh                rebuild the data and retrain, evaluate and export from scratch (every
+                         input is checked first; the old run goes when training starts)
   --env MODE             the Python environment that runs it all (also N2UQ_DEMO_ENV):
                            active: the active python3 ($PYTHON if set); missing packages are
                                    installed into it with pip
@@ -281,22 +282,21 @@ if [ "$FRESH" = 1 ]; then  # the old run goes only once the data is built and th
     rm -rf -- "$RUNDIR" "$LOGDIR" "$EXPORTS"
     mkdir -p "$LOGDIR"
 fi
-# "next_epoch step_in_epoch best_top1" of the run's checkpoint, or nothing
+# "next_epoch step_in_epoch best_top1 [flags it was trained without]" of the run's checkpoint, or nothing
 progress() {
     [ -f "$RUNDIR/checkpoint.pth.tar" ] || return 0
-    PYTHONPATH="$REPO" "$PY" -c 'import sys; from n2uq.checkpoint import read_checkpoint
-c = read_checkpoint(sys.argv[1]); print(int(c["next_epoch"]), int(c["step_in_epoch"]), "%.2f" % c["best_top1_acc"])' \
-        "$RUNDIR/checkpoint.pth.tar" 2>/dev/null || echo "? ? ?"
+    PYTHONPATH="$REPO" "$PY" -c 'import sys; from scripts.run_flags import differences, recorded_args, read_checkpoint
+c = read_checkpoint(sys.argv[1]); print(int(c["next_epoch"]), int(c["step_in_epoch"]), "%.2f" % c["best_top1_acc"],
+"; ".join(differences(sys.argv[2:], recorded_args(c))))' \
+        "$RUNDIR/checkpoint.pth.tar" "${check[@]}" --data "$DATA" "${flags[@]}" 2>/dev/null || echo "? ? ?"
 }
-read -r NEXT STEP BEST_TOP1 _ <<<"$(progress) - - -"
+read -r NEXT STEP BEST_TOP1 DIFFS <<<"$(progress) - - -"
+DIFFS="${DIFFS%- - -}" DIFFS="${DIFFS% }"
 if [ "$NEXT" = "?" ]; then
     fail "train" "$RUNDIR/checkpoint.pth.tar cannot be read (an interrupted copy?); run with --fresh to start over"
 fi
-if [ "$NEXT" != - ]; then  # reused or resumed: it must have been trained with these flags
-    DIFFS="$(PYTHONPATH="$REPO" "$PY" "$REPO/scripts/run_flags.py" "$RUNDIR/checkpoint.pth.tar" -- "${check[@]}" \
-        --data "$DATA" "${flags[@]}" 2>&1 | paste -sd ';' - | sed 's/;/; /g')"
-    [ -z "$DIFFS" ] || fail "train" "$RUNDIR was trained with other settings ($DIFFS); run with --fresh to retrain" "" 2
-fi
+# reused or resumed only when it was trained with these flags
+[ -z "$DIFFS" ] || fail "train" "$RUNDIR was trained with other settings ($DIFFS); run with --fresh to retrain" "" 2
 if [ "$NEXT" != - ] && [ "$NEXT" -ge "$EPOCHS" ] && [ "$STEP" = 0 ] && [ -f "$BEST" ]; then
     say "train: reusing the finished run $RUNDIR ($EPOCHS/$EPOCHS epochs, best val top-1 $BEST_TOP1%; --fresh retrains)"
 else

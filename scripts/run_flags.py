@@ -4,11 +4,6 @@ A checkpoint of this project records its training's arguments (``args``). Given 
 ``train.py`` command, :func:`differences` names every flag whose recorded value differs, so a tool
 that reuses a finished run (``demo.sh``, ``scripts/compare_methods.py``) never reports a number
 trained under other settings than it states.
-
-    python scripts/run_flags.py CHECKPOINT -- --epochs 8 --learning_rate 2e-3 ...
-
-prints one line per difference (nothing when the run matches) and exits 0; an unreadable file
-exits 1 with one line.
 """
 
 from __future__ import annotations
@@ -19,7 +14,9 @@ from typing import Any, List, Mapping, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from n2uq.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
+from n2uq.checkpoint import read_checkpoint  # noqa: E402
+
+__all__ = ["differences", "recorded_args", "read_checkpoint"]
 
 #: Flags that say where a run goes and how fast it runs, not what it trains.
 NOT_RESULTS = {"save", "workers", "no_progress", "threads", "device", "log_every", "resume", "check_only", "debug",
@@ -68,26 +65,10 @@ def differences(flags: Sequence[str], recorded: Mapping[str, Any]) -> List[str]:
     return found
 
 
-def recorded_args(path: str) -> Mapping[str, Any]:
-    """The training arguments a checkpoint records (``{}`` when it records none)."""
-    args = read_checkpoint(path).get("args")
+def recorded_args(checkpoint: Any) -> Mapping[str, Any]:
+    """The training arguments a checkpoint (a path, or what :func:`read_checkpoint` returned)
+    records; ``{}`` when it records none."""
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = read_checkpoint(checkpoint)
+    args = checkpoint.get("args")
     return args if isinstance(args, Mapping) else {}
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) < 2 or argv[1] != "--":
-        sys.stderr.write("usage: run_flags.py CHECKPOINT -- TRAIN_FLAGS...\n")
-        return 2
-    try:
-        recorded = recorded_args(argv[0])
-    except CheckpointError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 1
-    for line in differences(argv[2:], recorded):
-        print(line)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
