@@ -24,7 +24,8 @@ reuses the data and a finished run and resumes an interrupted one; --fresh start
   --train-per-class N    training images per class, 1..6000 (default 1000)
   --val-per-class N      validation images per class, 1..1000 (default 200)
   --quick                short check: --epochs 2 --train-per-class 50 --val-per-class 20
-  --fresh                rebuild the data and retrain, evaluate and export from scratch
+  --fresh                rebuild the data and retrain, evaluate and export from scratch (every
+                         input is checked first; the old run goes when training starts)
   --env MODE             the Python environment that runs it all (also N2UQ_DEMO_ENV):
                            active: the active python3 ($PYTHON if set); missing packages are
                                    installed into it with pip
@@ -46,30 +47,10 @@ torchvision download), N2UQ_KERNELS (torch: the plain-PyTorch kernels), PIP_* fo
 EOF
 }
 
-usage_error() { echo "demo.sh: error: $* (see bash demo.sh --help)" >&2; exit 2; }
-say() { printf '%s\n' "$*"; }
-elapsed() { local s=$(($1)); if [ "$s" -ge 60 ]; then printf '%dm%02ds' $((s / 60)) $((s % 60)); else printf '%ds' "$s"; fi; }
-
-# fail STEP WHAT [LOG] [STATUS]: one line naming the step, what went wrong and what to do; exit.
-fail() {
-    local msg="$2"
-    if [ -n "${3:-}" ] && [ -f "$3" ] && grep -aqiE 'no space left|ENOSPC|disk quota exceeded' "$3"; then
-        msg="the disk is full; free some space (df -h $WORK), then run bash demo.sh again"
-    fi
-    echo "demo.sh: $1 failed: $msg${3:+ (full log: $3)}" >&2
-    exit "${4:-1}"
-}
-
-# The most telling line of a log: the last "error: ..." line (the scripts' and pip's), else the last
-# one mentioning an error, else the last line.
-log_reason() {
-    local line
-    line="$(grep -aE '(^|[[:space:]])(error|ERROR): ' "$1" | grep -av 'subprocess-exited-with-error' | tail -n 1 || true)"
-    [ -n "$line" ] || line="$(grep -aiE 'error|no space left|failed|not found|denied' "$1" | tail -n 1 || true)"
-    [ -n "$line" ] || line="$(grep -av '^[[:space:]]*$' "$1" | tail -n 1 || true)"
-    line="$(sed -E 's/^.*(error|ERROR): //; s/^[[:space:]]+//' <<<"$line")"
-    printf '%s' "${line:0:300}"
-}
+# shellcheck disable=SC1091  # sibling files of this repository, checked on their own
+source "$REPO/scripts/demo_lib.sh"  # usage_error, say, elapsed, fail, log_reason
+# shellcheck disable=SC1091
+source "$REPO/scripts/launch_lib.sh"  # method_tag, method_name: the run folder and name of flags after --
 
 # ---------------------------------------------------------------- options
 BITS=2 ARCH=resnet18 QD=0 EPOCHS="" TRAIN_PC="" VAL_PC="" QUICK=0 FRESH=0
@@ -108,27 +89,38 @@ case "$ARCH" in resnet18|resnet34|resnet50|mobilenetv2) ;;
 { [[ "$VAL_PC" =~ ^[1-9][0-9]*$ ]] && [ "$VAL_PC" -le 1000 ]; } ||
     usage_error "--val-per-class must be an integer in 1..1000, got '$VAL_PC'"
 case "$ENV_MODE" in auto|active|venv) ;; *) usage_error "--env must be auto, active or venv, got '$ENV_MODE'";; esac
+[ -z "${NPROC:-}" ] || [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || usage_error "NPROC must be a positive integer, got '$NPROC'"
 
 WORK="${N2UQ_DEMO_WORKDIR:-$REPO}"
 [ -d "$WORK" ] || usage_error "N2UQ_DEMO_WORKDIR $WORK is not a folder"
 cd "$WORK"
 if [ "$TRAIN_PC/$VAL_PC" = 1000/200 ]; then DATA=data/fashion_mnist; else DATA="data/fashion_mnist_${TRAIN_PC}x${VAL_PC}"; fi
 SETTING="$(basename "$DATA")_${EPOCHS}ep"
-# shellcheck disable=SC1091  # a sibling file of this repository
-source "$REPO/scripts/launch_lib.sh"  # method_tag: the run folder of --method / ablation flags after --
+count_png() { { find "$1" -mindepth 2 -maxdepth 2 -name '*.png' 2>/dev/null || true; } | wc -l | tr -d ' '; }
+has_idx() {
+    { [ -e "$1/train-images-idx3-ubyte.gz" ] || [ -e "$1/train-images-idx3-ubyte" ]; } &&
+        { [ -e "$1/t10k-images-idx3-ubyte.gz" ] || [ -e "$1/t10k-images-idx3-ubyte" ]; }
+}
+NO_DATA="install the Debian/Ubuntu package dataset-fashion-mnist, or put the four Fashion-MNIST idx files"
+NO_DATA+=" in a folder and pass --source DIR"
+N_TRAIN=$((10 * TRAIN_PC)) N_VAL=$((10 * VAL_PC))
+n_tr="$(count_png "$DATA/train")" n_va="$(count_png "$DATA/val")"
+REUSE_DATA=0
+if [ "$FRESH" = 0 ] && [ "$n_tr" = "$N_TRAIN" ] && [ "$n_va" = "$N_VAL" ]; then REUSE_DATA=1; fi
+# Every input is checked before anything is deleted or built: a named --source must hold the files.
+if [ "$REUSE_DATA" = 0 ] && [ "$SOURCE" != "$PKG_DIR" ] && ! has_idx "$SOURCE"; then
+    fail "data" "no Fashion-MNIST idx files in $SOURCE (--source); $NO_DATA" "" 3
+fi
 TAG="$(method_tag ${EXTRA[@]+"${EXTRA[@]}"})"
 if [ "$ARCH" = mobilenetv2 ]; then RUN="mobilenetv2_${TAG}${BITS}bit"
 else RUN="${ARCH}_${TAG}${BITS}bit_quantize_downsample_$([ "$QD" = 1 ] && echo True || echo False)"; fi
 SAVE="models/demo/$SETTING" RUNDIR="models/demo/$SETTING/$RUN"
 LOGDIR="log/demo/$SETTING/$RUN" EXPORTS="exports/demo/$SETTING/$RUN"
-N_TRAIN=$((10 * TRAIN_PC)) N_VAL=$((10 * VAL_PC)) EPOCHS_TEXT="$EPOCHS epochs"
+EPOCHS_TEXT="$EPOCHS epochs" METHOD="$(method_name "$TAG")"
 
 trap 'echo; echo "demo.sh: interrupted; run bash demo.sh again to go on from where it stopped" >&2; exit 130' INT TERM
 mkdir -p log/demo 2>/dev/null ||
     fail "start" "cannot create $WORK/log/demo (permission denied?); run from a folder you can write to"
-if [ "$FRESH" = 1 ]; then
-    rm -rf -- "$RUNDIR" "$LOGDIR" "$EXPORTS"
-fi
 mkdir -p "$LOGDIR"
 
 free_mb() { df -Pk . | awk 'NR == 2 { print int($4 / 1024) }'; }
@@ -139,7 +131,7 @@ need_space() {  # need_space STEP MB
 }
 
 # ---------------------------------------------------------------- 1. setup
-say "N2UQ demo: W${BITS}A${BITS} $ARCH on Fashion-MNIST ($N_TRAIN train / $N_VAL val images, $EPOCHS_TEXT)"
+say "N2UQ demo: W${BITS}A${BITS} $ARCH, $METHOD, on Fashion-MNIST ($N_TRAIN train / $N_VAL val images, $EPOCHS_TEXT)"
 SETUP_LOG=log/demo/setup.log
 : >"$SETUP_LOG"
 BASE_PY="${PYTHON:-python3}"
@@ -181,8 +173,9 @@ if [ "$ENV_MODE" = venv ]; then
     say "python: $PY ($("$BASE_PY" -V 2>&1), a local ./.venv; $WHY; --env active for $BASE_PY)"
     if [ ! -x "$VENV/bin/python" ]; then
         say "setup: creating ./.venv with $BASE_PY -m venv"
+        VENV_WAS_THERE=0; [ ! -e "$VENV" ] || VENV_WAS_THERE=1
         if ! "$BASE_PY" -m venv "$VENV" >>"$SETUP_LOG" 2>&1; then
-            rm -rf -- "$VENV"
+            [ "$VENV_WAS_THERE" = 1 ] || rm -rf -- "$VENV"  # only the half-made one of this attempt
             if ! { apt_usable && say "setup: installing python3-venv with apt-get" &&
                     apt_install "$SETUP_LOG" python3-venv; }; then
                 fail "setup" "$BASE_PY -m venv cannot create ./.venv; apt-get install -y python3-venv, or use --env active" \
@@ -230,15 +223,7 @@ T_SETUP=$((SECONDS - T0))
 # ---------------------------------------------------------------- 2. data
 T=$SECONDS
 DATA_LOG="log/demo/data_$(basename "$DATA").log"
-count_png() { { find "$1" -mindepth 2 -maxdepth 2 -name '*.png' 2>/dev/null || true; } | wc -l | tr -d ' '; }
-has_idx() {
-    { [ -e "$1/train-images-idx3-ubyte.gz" ] || [ -e "$1/train-images-idx3-ubyte" ]; } &&
-        { [ -e "$1/t10k-images-idx3-ubyte.gz" ] || [ -e "$1/t10k-images-idx3-ubyte" ]; }
-}
-NO_DATA="install the Debian/Ubuntu package dataset-fashion-mnist, or put the four Fashion-MNIST idx files"
-NO_DATA+=" in a folder and pass --source DIR"
-n_tr="$(count_png "$DATA/train")" n_va="$(count_png "$DATA/val")"
-if [ "$FRESH" = 0 ] && [ "$n_tr" = "$N_TRAIN" ] && [ "$n_va" = "$N_VAL" ]; then
+if [ "$REUSE_DATA" = 1 ]; then
     say "data: reusing $DATA ($n_tr train / $n_va val images; --fresh rebuilds it)"
 else
     if [ "$FRESH" = 0 ] && [ -e "$DATA" ]; then
@@ -281,32 +266,48 @@ T_DATA=$((SECONDS - T))
 # ---------------------------------------------------------------- 3. train
 T=$SECONDS
 TRAIN_LOG="$LOGDIR/train.log" BEST="$RUNDIR/model_best.pth.tar"
-# "next_epoch step_in_epoch best_top1" of the run's checkpoint, or nothing
+if [ "$ARCH" = mobilenetv2 ]; then
+    cmd=(bash "$REPO/mobilenetv2/run.sh" --n_bit "$BITS") check=("$REPO/mobilenetv2/train.py" --n_bit "$BITS")
+else
+    cmd=(bash "$REPO/resnet/run.sh" "$ARCH" "$BITS" "$QD") check=("$REPO/resnet/train.py" --student "$ARCH" --n_bit
+        "$BITS" --quantize_downsample "$([ "$QD" = 1 ] && echo True || echo False)")
+fi
+# The README's quick-start training: the measured numbers hold for exactly these flags.
+flags=(--save "$SAVE" --teacher none --pretrained none --epochs "$EPOCHS" --batch_size 128 --learning_rate 2e-3
+       --image_size 32 --val_resize 32 --min_crop_scale 1.0 -j 1 --no_progress ${EXTRA[@]+"${EXTRA[@]}"})
+if [ "$FRESH" = 1 ]; then  # the old run goes only once the data is built and the training flags pass
+    CHECK_LOG=log/demo/check.log
+    "$PY" "${check[@]}" --data "$DATA" "${flags[@]}" --check_only >"$CHECK_LOG" 2>&1 ||
+        { status=$?; fail "train" "$(log_reason "$CHECK_LOG"); nothing was deleted" "$CHECK_LOG" "$status"; }
+    rm -rf -- "$RUNDIR" "$LOGDIR" "$EXPORTS"
+    mkdir -p "$LOGDIR"
+fi
+# "next_epoch step_in_epoch best_top1 [flags it was trained without]" of the run's checkpoint, or nothing
 progress() {
     [ -f "$RUNDIR/checkpoint.pth.tar" ] || return 0
-    PYTHONPATH="$REPO" "$PY" -c 'import sys; from n2uq.checkpoint import read_checkpoint
-c = read_checkpoint(sys.argv[1]); print(int(c["next_epoch"]), int(c["step_in_epoch"]), "%.2f" % c["best_top1_acc"])' \
-        "$RUNDIR/checkpoint.pth.tar" 2>/dev/null || echo "? ? ?"
+    PYTHONPATH="$REPO" "$PY" -c 'import sys; from scripts.run_flags import differences, recorded_args, read_checkpoint
+c = read_checkpoint(sys.argv[1]); print(int(c["next_epoch"]), int(c["step_in_epoch"]), "%.2f" % c["best_top1_acc"],
+"; ".join(differences(sys.argv[2:], recorded_args(c))))' \
+        "$RUNDIR/checkpoint.pth.tar" "${check[@]}" --data "$DATA" "${flags[@]}" 2>/dev/null || echo "? ? ?"
 }
-read -r NEXT STEP BEST_TOP1 _ <<<"$(progress) - - -"
+read -r NEXT STEP BEST_TOP1 DIFFS <<<"$(progress) - - -"
+DIFFS="${DIFFS%- - -}" DIFFS="${DIFFS% }"
 if [ "$NEXT" = "?" ]; then
     fail "train" "$RUNDIR/checkpoint.pth.tar cannot be read (an interrupted copy?); run with --fresh to start over"
 fi
+# reused or resumed only when it was trained with these flags
+[ -z "$DIFFS" ] || fail "train" "$RUNDIR was trained with other settings ($DIFFS); run with --fresh to retrain" "" 2
 if [ "$NEXT" != - ] && [ "$NEXT" -ge "$EPOCHS" ] && [ "$STEP" = 0 ] && [ -f "$BEST" ]; then
     say "train: reusing the finished run $RUNDIR ($EPOCHS/$EPOCHS epochs, best val top-1 $BEST_TOP1%; --fresh retrains)"
 else
     if [ "$NEXT" != - ]; then
         say "train: resuming $RUNDIR at epoch $((NEXT + 1))/$EPOCHS (log: $TRAIN_LOG)"
     else
-        say "train: W${BITS}A${BITS} $ARCH from scratch, $EPOCHS_TEXT, one line per epoch (log: $TRAIN_LOG)"
+        say "train: W${BITS}A${BITS} $ARCH ($METHOD) from scratch, $EPOCHS_TEXT, one line per epoch (log: $TRAIN_LOG)"
     fi
     case "$ARCH" in resnet18) need=600;; resnet34) need=1000;; resnet50) need=1200;; *) need=300;; esac
     need_space "train" "$need"  # two checkpoints (weights + Adam state) and a temporary copy
-    if [ "$ARCH" = mobilenetv2 ]; then cmd=(bash "$REPO/mobilenetv2/run.sh" --n_bit "$BITS")
-    else cmd=(bash "$REPO/resnet/run.sh" "$ARCH" "$BITS" "$QD"); fi
-    # The README's quick-start training: the measured numbers hold for exactly these flags.
-    cmd+=(--save "$SAVE" --teacher none --pretrained none --epochs "$EPOCHS" --batch_size 128 --learning_rate 2e-3
-          --image_size 32 --val_resize 32 --min_crop_scale 1.0 -j 1 --no_progress ${EXTRA[@]+"${EXTRA[@]}"})
+    cmd+=("${flags[@]}")
     echo "$(date '+%F %T') ${cmd[*]}" >>"$TRAIN_LOG"
     INTERRUPTED=0
     trap 'INTERRUPTED=1' INT TERM  # the training saves a checkpoint and stops; wait for it
@@ -333,7 +334,8 @@ T_TRAIN=$((SECONDS - T))
 # ---------------------------------------------------------------- 4. evaluate
 T=$SECONDS
 EVAL_JSON="$LOGDIR/evaluate.json" EVAL_LOG="$LOGDIR/evaluate.log"
-if [ "$FRESH" = 0 ] && [ -s "$EVAL_JSON" ] && [ "$EVAL_JSON" -nt "$BEST" ]; then
+# reused only when newer than both the checkpoint and the data (a rebuilt val/ is newer)
+if [ "$FRESH" = 0 ] && [ -s "$EVAL_JSON" ] && [ "$EVAL_JSON" -nt "$BEST" ] && [ "$EVAL_JSON" -nt "$DATA/val" ]; then
     say "evaluate: up to date ($EVAL_JSON)"
 else
     "$PY" "$REPO/scripts/evaluate.py" --checkpoint "$BEST" --data "$DATA" -j 1 --json >"$EVAL_JSON.tmp" 2>"$EVAL_LOG" ||
@@ -354,7 +356,8 @@ if has "$PY" onnx onnxruntime; then FORMATS="onnx,$FORMATS" EXPORT_ARGS=(--val_t
 if has "$PY" qonnx; then FORMATS="${FORMATS/packed/qonnx,packed}"; fi
 if [[ "$TAG" =~ ^(lsq|pact|dorefa) ]]; then
     say "export: skipped (integer export covers N2UQ models and their ablations, not --method ${TAG%%_*})"
-elif [ "$FRESH" = 0 ] && [ "$EXPORT_LOG" -nt "$BEST" ] && grep -q "^formats: $FORMATS\$" "$EXPORT_LOG" &&
+elif [ "$FRESH" = 0 ] && [ "$EXPORT_LOG" -nt "$BEST" ] && [ "$EXPORT_LOG" -nt "$DATA/val" ] &&
+        grep -q "^formats: $FORMATS\$" "$EXPORT_LOG" &&
         grep -q '^all exports verified' "$EXPORT_LOG"; then
     say "export: up to date ($EXPORTS)"
 else
@@ -376,12 +379,12 @@ for f in "$EXPORTS"/*; do [ -f "$f" ] && files+="${files:+, }$(basename "$f") ($
     say ""
     say "Done in $(elapsed $((SECONDS - T0))) (setup $(elapsed "$T_SETUP"), data $(elapsed "$T_DATA")," \
         "train $(elapsed "$T_TRAIN"), evaluate $(elapsed "$T_EVAL"), export $(elapsed "$T_EXPORT"))."
-    say "W${BITS}A${BITS} $ARCH, Fashion-MNIST $N_TRAIN train / $N_VAL val images, $EPOCHS_TEXT:" \
+    say "W${BITS}A${BITS} $ARCH, $METHOD, Fashion-MNIST $N_TRAIN train / $N_VAL val images, $EPOCHS_TEXT:" \
         "top-1 $TOP1%, top-5 $TOP5%${ONNX_TOP1:+ (integer ONNX model in onnxruntime: $ONNX_TOP1)}"
     say "  checkpoint   $BEST (and checkpoint.pth.tar, metrics.jsonl beside it)"
     say "  logs         $LOGDIR/ (train.log, evaluate.log, export.log)"
     say "  TensorBoard  $TBCMD --logdir $RUNDIR/tb"
-    say "  exports      ${files:+$EXPORTS/: $files}${files:-none}"
+    say "  exports      ${files:+$EXPORTS/: }${files:-none}"
     say "Next:"
     say "  bash demo.sh --bits 4    # W4A4; also --bits 3, --arch resnet34, --quantize-downsample, --epochs 12"
     say "  $PYCMD -m pip install -e \".[dev]\" && $PYCMD -m pytest -q    # the tests"

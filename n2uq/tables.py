@@ -69,6 +69,7 @@ class Measurement:
     count: Optional[int] = None
     source: str = ""  # a checkpoint path or a run directory
     kind: str = "checkpoint"  # "checkpoint" | "trained here"
+    preprocessing: str = ""  # how the images were prepared, e.g. "crop 224 after resize 256"
 
     def to_json(self) -> Dict:
         d = asdict(self)
@@ -91,10 +92,6 @@ class TableRow:
     published: Dict[int, Optional[float]] = field(default_factory=dict)
     measured: Dict[int, List[Measurement]] = field(default_factory=dict)
     released: Dict[int, PaperRow] = field(default_factory=dict)
-
-    @property
-    def is_n2uq(self) -> bool:
-        return self.method.startswith("N2UQ")
 
 
 def load_paper_results(path: Path = PAPER_RESULTS) -> List[PaperRow]:
@@ -135,6 +132,21 @@ def cell_of(config: ModelConfig) -> Tuple[str, str, int]:
     return network, "N2UQ" if config.quantize_downsample else "N2UQ *", config.n_bit
 
 
+#: Class count of the paper's data set (ImageNet): only such models are set beside the published numbers.
+PAPER_CLASSES = 1000
+
+
+def row_method(m: Measurement) -> str:
+    """The row a measurement goes to: the paper's method row, or a row of its own for a run of this
+    project ("(trained here)") or a model of another data set ("(10 classes)"), which are never
+    compared with the published ImageNet number."""
+    method = cell_of(m.config)[1]
+    notes = ["trained here"] if m.kind != "checkpoint" else []
+    if m.config.num_classes != PAPER_CLASSES:
+        notes.append(f"{m.config.num_classes} classes")
+    return f"{method} ({', '.join(notes)})" if notes else method
+
+
 def build_table(paper: Iterable[PaperRow], measurements: Iterable[Measurement]) -> List[TableRow]:
     """Rows in the paper's order; measurements of configurations the paper lacks get rows at the end."""
     rows: Dict[Tuple[str, str], TableRow] = {}
@@ -144,9 +156,8 @@ def build_table(paper: Iterable[PaperRow], measurements: Iterable[Measurement]) 
         if p.checkpoint_url:
             row.released[p.bits] = p
     for m in measurements:
-        network, method, bits = cell_of(m.config)
-        if m.kind != "checkpoint":
-            method = f"{method} (trained here)"
+        network, _, bits = cell_of(m.config)
+        method = row_method(m)
         row = rows.setdefault((network, method), TableRow(network, method))
         row.measured.setdefault(bits, []).append(m)
     return list(rows.values())
@@ -159,8 +170,6 @@ def _best(ms: List[Measurement]) -> Measurement:
 def _cell_text(row: TableRow, bits: int) -> str:
     published = row.published.get(bits)
     measured = row.measured.get(bits)
-    if not row.is_n2uq and "(trained here)" not in row.method:
-        return "—" if published is None else f"{published:.1f}"
     if measured:
         best = _best(measured)
         if published is None:
@@ -182,8 +191,9 @@ def render_markdown(table: List[TableRow], title: str = "ImageNet top-1 (%)") ->
     lines = [
         f"### {title}",
         "",
-        "Cells of N2UQ rows: `published / measured here (difference)`; `no checkpoint` where no file",
-        "under the models folder has that configuration. Other rows are the published baselines.",
+        "Cells: `published / measured here (difference)`; `no checkpoint` where no file under the models",
+        "folder has a released configuration. Runs of this project and models of other data sets (another",
+        "class count) get rows of their own, with no published number beside them.",
         "",
         "| Network | Method | W2/A2 | W3/A3 | W4/A4 |",
         "|---|---|---|---|---|",
@@ -197,12 +207,14 @@ def render_markdown(table: List[TableRow], title: str = "ImageNet top-1 (%)") ->
         lines.append(f"| {row.network} | {_md(row.method)} | " + " | ".join(cells) + " |")
     files = [(row, b, m) for row in table for b in sorted(row.measured) for m in row.measured[b]]
     if files:
-        lines += ["", "Measured:", "", "| cell | top-1 | top-5 | images | source |", "|---|---|---|---|---|"]
+        lines += ["", "Measured:", "", "| cell | top-1 | top-5 | images | preprocessing | source |",
+                  "|---|---|---|---|---|---|"]
         for row, b, m in files:
             top5 = "" if m.top5 is None else f"{m.top5:.2f}"
             count = "" if m.count is None else str(m.count)
+            prep = m.preprocessing or ("as in training" if m.kind != "checkpoint" else "")
             lines.append(f"| {row.network} {_md(row.method)} W{b}/A{b} | {m.top1:.2f} | {top5} | {count} | "
-                         f"`{m.source}` |")
+                         f"{prep} | `{m.source}` |")
     return "\n".join(lines) + "\n"
 
 
@@ -211,7 +223,7 @@ def render_csv(table: List[TableRow]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["network", "method", "bits", "published_top1", "measured_top1", "difference", "measured_top5",
-                "images", "source"])
+                "images", "source", "preprocessing"])
     for row in table:
         for b in BITS:
             published = row.published.get(b)
@@ -227,6 +239,7 @@ def render_csv(table: List[TableRow]) -> str:
                 "" if best is None or best.top5 is None else f"{best.top5:.4f}",
                 "" if best is None or best.count is None else best.count,
                 "" if best is None else best.source,
+                "" if best is None else best.preprocessing,
             ])
     return buf.getvalue()
 
@@ -241,7 +254,10 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
 
 
 class ResultCache:
-    """Evaluation results keyed by ``(checkpoint sha256, evaluation-data fingerprint)``, in one JSON file.
+    """Evaluation results keyed by ``(checkpoint sha256, evaluation settings)``, in one JSON file.
+
+    The settings key names the evaluation images and every flag that changes how a file is
+    evaluated (``scripts/reproduce_tables.py``'s ``settings_key``).
 
     Written atomically, so an interrupted run never leaves a half-written cache.
     """
@@ -256,15 +272,15 @@ class ResultCache:
                 self.entries = {}  # a damaged cache only costs re-evaluation
 
     @staticmethod
-    def key(sha256: str, data_fingerprint: str) -> str:
-        return f"{sha256}:{data_fingerprint}"
+    def key(sha256: str, settings: str) -> str:
+        return f"{sha256}:{settings}"
 
-    def get(self, sha256: str, data_fingerprint: str) -> Optional[Measurement]:
-        entry = self.entries.get(self.key(sha256, data_fingerprint))
+    def get(self, sha256: str, settings: str) -> Optional[Measurement]:
+        entry = self.entries.get(self.key(sha256, settings))
         return None if entry is None else Measurement.from_json(entry)
 
-    def put(self, sha256: str, data_fingerprint: str, measurement: Measurement) -> None:
-        self.entries[self.key(sha256, data_fingerprint)] = measurement.to_json()
+    def put(self, sha256: str, settings: str, measurement: Measurement) -> None:
+        self.entries[self.key(sha256, settings)] = measurement.to_json()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True))

@@ -37,6 +37,7 @@ from n2uq.cli import OneLineParser, UsageError, check_output_dir, run_main  # no
 from n2uq.methods import METHODS, Quantizers  # noqa: E402
 from n2uq.train_state import run_name  # noqa: E402
 from scripts.comparison_report import RunResult, write_report  # noqa: E402
+from scripts.run_flags import differences, recorded_args  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = ("--teacher none --pretrained none --batch_size 128 --learning_rate 2e-3 --image_size 32 "
@@ -115,13 +116,35 @@ def finished(run_dir: Path, epochs: int) -> Optional[Tuple[float, float]]:
     return float(ckpt["val_top1"]), float(ckpt["best_top1_acc"])
 
 
+def train_flags(spec: RunSpec, args, out: Path) -> List[str]:
+    """The ``resnet/train.py`` flags of one run of the grid."""
+    return ["--data", args.data, "--student", "resnet18", "--quantize_downsample", "0", "--epochs", str(args.epochs),
+            "--seed", str(spec.seed), "--save", str(out / f"seed{spec.seed}"), "--no_progress",
+            *shlex.split(args.recipe), *spec.flags()]
+
+
+def check_existing_runs(specs: List[RunSpec], args, out: Path) -> None:
+    """Every run already in ``out`` (finished or interrupted) must have been trained with this grid's
+    flags: it is reused or resumed, and reported under this recipe. Raises :class:`UsageError` naming
+    the first one that differs, before anything is trained."""
+    for spec in specs:
+        path = out / f"seed{spec.seed}" / spec.folder / "checkpoint.pth.tar"
+        if not path.is_file():
+            continue
+        try:
+            diffs = differences(train_flags(spec, args, out), recorded_args(str(path)))
+        except CheckpointError:
+            continue  # unreadable: train.py's resume says what to do with it
+        if diffs:
+            raise UsageError(f"{path.parent} was trained with other settings ({'; '.join(diffs)}); pass the "
+                             f"--epochs/--recipe it was trained with, or another --out")
+
+
 def train(spec: RunSpec, args, out: Path) -> float:
     """Run (or resume) one training; returns its wall time. A failure stops with its log's path."""
     log = out / "logs" / f"seed{spec.seed}_{spec.folder}.txt"
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(ROOT / "resnet" / "train.py"), "--data", args.data, "--student", "resnet18",
-           "--quantize_downsample", "0", "--epochs", str(args.epochs), "--seed", str(spec.seed),
-           "--save", str(out / f"seed{spec.seed}"), "--no_progress", *shlex.split(args.recipe), *spec.flags()]
+    cmd = [sys.executable, str(ROOT / "resnet" / "train.py"), *train_flags(spec, args, out)]
     start = time.time()
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
@@ -142,12 +165,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     for bits in (*args.bits, *args.ablation_bits):
         if not 2 <= bits <= 8:
             raise UsageError(f"bit widths must be in 2..8 (LSQ has no 1-bit signed grid), got {bits}")
-    out = Path(args.out)
-    check_output_dir(str(out), "--out")
+    check_output_dir(args.out, "--out")
+    out = Path(args.out).resolve()  # the runs are started in the repository root
     if not args.report_only and not (Path(args.data) / "train").is_dir():
         raise UsageError(f"no train/ folder in {args.data}; build the demo data with "
                          f"python3 scripts/prepare_demo_data.py --out {args.data}")
+    args.data = str(Path(args.data).resolve())
     specs = grid(args)
+    check_existing_runs(specs, args, out)
     results: List[RunResult] = []
     for i, spec in enumerate(specs, 1):
         run_dir = out / f"seed{spec.seed}" / spec.folder

@@ -114,32 +114,62 @@ def render_csv(results: List[RunResult]) -> str:
     return buf.getvalue()
 
 
-def plot(summary: Dict[Tuple[str, Optional[int]], Summary], path: Path) -> bool:
-    """Top-1 against bits per method, with ±std bars and the full-precision line; False without matplotlib."""
-    try:
-        import matplotlib
+#: One marker per method, so points that overlap stay told apart.
+MARKERS = {"n2uq": "o", "n2uq-uniform-thresholds": "s", "n2uq-maxabs-weights": "D", "lsq": "^", "pact": "v",
+           "dorefa": "P"}
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+
+def point_positions(summary: Dict[Tuple[str, Optional[int]], Summary]) -> Dict[Tuple[str, int], float]:
+    """x of each (method, bits) point: bit widths are categories at 0, 1, ...; the methods measured at a
+    bit width are spread evenly over 0.7 of its slot, centred on its tick."""
+    bits = sorted({b for (_, b) in summary if b is not None})
+    positions = {}
+    for slot, b in enumerate(bits):
+        labels = [label for label in ORDER if (label, b) in summary]
+        step = 0.7 / max(len(labels), 1)
+        for j, label in enumerate(labels):
+            positions[label, b] = slot + (j - (len(labels) - 1) / 2) * step
+    return positions
+
+
+def figure(summary: Dict[Tuple[str, Optional[int]], Summary]):
+    """Top-1 per method at each bit width (unconnected points with ±std bars, a marker per method)
+    and the full-precision line; bit widths are categories, each tick centred under its methods."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for i, label in enumerate(ORDER[:-1]):
+    positions = point_positions(summary)
+    for label in ORDER[:-1]:
         points = sorted((b, s) for (name, b), s in summary.items() if name == label and b is not None)
         if points:
-            xs = [b + (i - 2.5) * 0.04 for b, _ in points]
-            ax.errorbar(xs, [s.mean for _, s in points], yerr=[s.std for _, s in points], marker="o", capsize=3,
-                        label=DISPLAY[label], linestyle="-" if len(points) > 1 else "none")
+            ax.errorbar([positions[label, b] for b, _ in points], [s.mean for _, s in points],
+                        yerr=[s.std for _, s in points], marker=MARKERS[label], capsize=3, linestyle="none",
+                        markersize=6, label=DISPLAY[label])
     for (_, b), s in summary.items():
         if b is None:
             ax.axhline(s.mean, color="0.3", ls="--", lw=1, label=f"full precision ({s.mean:.1f})")
     bits = sorted({b for (_, b) in summary if b is not None})
-    ax.set_xticks(bits, [f"W{b}A{b}" for b in bits])
+    ax.set_xticks(range(len(bits)), [f"W{b}A{b}" for b in bits])
+    ax.set_xlim(-0.5, len(bits) - 0.5)
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title("Same skeleton and recipe, only the quantizers differ")
     ax.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def plot(summary: Dict[Tuple[str, Optional[int]], Summary], path: Path) -> bool:
+    """:func:`figure` saved as a PNG; False without matplotlib."""
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig = figure(summary)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return True
 
 

@@ -8,8 +8,10 @@ The architecture, bit width, quantization method (N2UQ, LSQ, PACT, DoReFa-Net, N
 downsample kind and class count are read from the checkpoint (``n2uq.checkpoint.infer_config``:
 its state dict, and the choices this project's checkpoints record); the weights are loaded strictly. A torchvision
 ResNet state dict (the ``--full_precision`` baseline, or torchvision's weights) is evaluated as
-that full-precision model. Image size,
-resize and AMP default to what the training run used (stored in the checkpoint), else 224/256/none.
+that full-precision model. Image size, resize and AMP are what the training run used (stored in
+the checkpoint), as the result line says; ``--image_size``/``--val_resize``/``--amp`` are for files
+that record none (else 224/256/none), and one that contradicts the file is refused: a number is
+never printed for preprocessing other than the model's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -44,6 +46,55 @@ from scripts.model_zoo import (  # noqa: E402
 )
 
 
+class Settings(NamedTuple):
+    """How a checkpoint is evaluated: center crop, resize before it, autocast."""
+
+    image_size: int
+    val_resize: int
+    amp: str
+
+    def describe(self) -> str:
+        amp = "" if self.amp == "none" else f", {self.amp} autocast"
+        return f"crop {self.image_size} after resize {self.val_resize}{amp}"
+
+
+def evaluation_settings(meta: Dict[str, Any], image_size: Optional[int] = None, val_resize: Optional[int] = None,
+                        amp: Optional[str] = None) -> Settings:
+    """What the checkpoint's training recorded (``meta['args']``); the given values only where it
+    records none, else 224 / 256 / none. A given value that contradicts the file raises
+    :class:`UsageError` naming the flag."""
+    recorded = training_args(meta)
+    for flag, name, given in (("--image_size", "image_size", image_size), ("--val_resize", "val_resize", val_resize),
+                              ("--amp", "amp", amp)):
+        if given is not None and name in recorded and str(recorded[name]) != str(given):
+            raise UsageError(f"was trained with {name} {recorded[name]}, but {flag} {given} was given; leave {flag} "
+                             f"out to evaluate it as trained (the flag is for files that record no {name})")
+    image_size, val_resize = evaluation_sizes(meta, image_size, val_resize)
+    if val_resize < image_size:
+        raise UsageError(f"resize {val_resize} is smaller than the crop {image_size} (--val_resize, --image_size)")
+    return Settings(image_size, val_resize, amp or str(recorded.get("amp", "none")))
+
+
+def add_settings_flags(p: OneLineParser) -> None:
+    """``--image_size``, ``--val_resize``, ``--amp``: for files that record none (:func:`evaluation_settings`)."""
+    p.add_argument("--image_size", type=int, default=None,
+                   help="center crop, for a file that records none (default 224; else the training run's)")
+    p.add_argument("--val_resize", type=int, default=None,
+                   help="resize before the crop, for a file that records none (default 256; else training's)")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
+                   help="autocast, for a file that records none (default none; else the training run's)")
+
+
+def check_settings_flags(args) -> None:
+    """Those flags and ``--batch_size``, ``--workers``, ``--threads`` in range, before any file is read."""
+    check_ranges({"--batch_size": args.batch_size, "--image_size": args.image_size, "--val_resize": args.val_resize},
+                 {"--workers": args.workers, "--threads": args.threads})
+    if args.image_size and args.val_resize and args.val_resize < args.image_size:
+        raise UsageError(f"--val_resize {args.val_resize} is smaller than --image_size {args.image_size}")
+    if args.amp == "fp16" and args.device == "cpu":
+        raise UsageError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+
+
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="evaluate.py", description="Top-1/top-5 of an N2UQ checkpoint.")
     p.add_argument("--checkpoint", required=True, help="checkpoint file (ours, or a released N2UQ one)")
@@ -51,9 +102,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--split", default="val", help="sub-folder of --data to evaluate")
     p.add_argument("--batch_size", type=int, default=256, help="global batch size")
     p.add_argument("-j", "--workers", type=int, default=None, help="loader workers per process")
-    p.add_argument("--image_size", type=int, default=None, help="center crop (default: the training run's, or 224)")
-    p.add_argument("--val_resize", type=int, default=None, help="resize before the crop (default: training's, or 256)")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None, help="default: the training run's")
+    add_settings_flags(p)
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: cores / processes)")
@@ -88,17 +137,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     split_dir = os.path.join(args.data, args.split)
     if not os.path.isdir(split_dir):
         raise D.DataError(f"no {args.split}/ folder in {args.data} (expected {split_dir}/<class>/<images>)")
-    check_ranges({"--batch_size": args.batch_size, "--image_size": args.image_size, "--val_resize": args.val_resize},
-                 {"--workers": args.workers, "--threads": args.threads})
-    if args.image_size and args.val_resize and args.val_resize < args.image_size:
-        raise UsageError(f"--val_resize {args.val_resize} is smaller than --image_size {args.image_size}")
-    if args.amp == "fp16" and args.device == "cpu":
-        raise UsageError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+    check_settings_flags(args)
     state_dict, (tag, description, num_classes, make_model), meta = _read(args.checkpoint)
-    image_size, val_resize = evaluation_sizes(meta, args.image_size, args.val_resize)
-    amp = args.amp or str(training_args(meta).get("amp", "none"))
+    try:
+        settings = evaluation_settings(meta, args.image_size, args.val_resize, args.amp)
+    except UsageError as exc:
+        raise UsageError(f"{args.checkpoint}: {exc}") from None
 
-    dataset = D.image_folder(args.data, args.split, D.val_transform(image_size, val_resize))
+    dataset = D.image_folder(args.data, args.split, D.val_transform(settings.image_size, settings.val_resize))
     if len(dataset.classes) != num_classes:
         raise D.DataError(f"{split_dir} has {len(dataset.classes)} classes but the checkpoint predicts "
                           f"{num_classes}")
@@ -120,19 +166,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         workers = default_workers(env) if args.workers is None else args.workers
         loader = D.build_val_loader(dataset, args.batch_size // env.world_size, env.rank, env.world_size,
                                     workers, pin_memory=env.device.type == "cuda")
-        result = evaluate(model, loader, env.device, amp, args.channels_last, skip_bad=args.skip_bad_images)
+        result = evaluate(model, loader, env.device, settings.amp, args.channels_last, skip_bad=args.skip_bad_images)
     finally:
         cleanup()
     if env.is_main:
         if args.json:
             print(json.dumps({"checkpoint": args.checkpoint, "config": tag, **result,
-                              "logged_top1": meta.get("val_top1")}))
+                              "logged_top1": meta.get("val_top1"), "preprocessing": settings._asdict()}))
         else:
             logged = meta.get("val_top1")
             note = f" (training logged {logged:.2f}%)" if isinstance(logged, float) else ""
             print(f"{tag} [{description}] {args.checkpoint}\n"
                   f"{split_dir}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
-                  f"on {result['count']} images{note}")
+                  f"on {result['count']} images, {settings.describe()}{note}")
             for path in result["skipped_images"]:
                 print(f"left out unreadable image {path}")
             if result["skipped"]:

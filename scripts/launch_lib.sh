@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by resnet/run.sh and mobilenetv2/run.sh (sourced, not run): choose the number of
 # processes, check the flags once, launch train.py (torchrun when several processes), tee the log.
 # Needs: PYTHON, die(). Reads: NPROC, TORCHRUN_ARGS.
@@ -17,6 +18,23 @@ method_tag() {
     done
     tag="$method$uniform$maxabs"
     if [ "$tag" != n2uq ]; then echo "${tag}_"; fi
+}
+
+# The method a method_tag stands for, as the paper names it: "N2UQ", "LSQ", "PACT", "DoReFa-Net",
+# with N2UQ's ablations after it ("N2UQ with uniform thresholds, max-abs weights").
+method_name() {
+    local tag="${1%_}" name ablations=()
+    case "${tag%%-*}" in
+        ""|n2uq) name=N2UQ;; lsq) name=LSQ;; pact) name=PACT;; dorefa) name=DoReFa-Net;; *) name="${tag%%-*}";;
+    esac
+    case "$tag" in *-uniform-thresholds*) ablations+=("uniform thresholds");; esac
+    case "$tag" in *-maxabs-weights*) ablations+=("max-abs weights");; esac
+    if [ ${#ablations[@]} -gt 0 ]; then
+        local IFS=,
+        name+=" with ${ablations[*]}"
+        name="${name//,/, }"
+    fi
+    echo "$name"
 }
 
 launch_training() {
@@ -41,7 +59,7 @@ launch_training() {
     echo "log: $log"
     local cmd
     if [ "$nproc" -gt 1 ] || [ -n "${TORCHRUN_ARGS:-}" ]; then
-        # shellcheck disable=SC2086  # TORCHRUN_ARGS is a list of flags
+        # shellcheck disable=SC2086,SC2206  # TORCHRUN_ARGS is a list of flags
         cmd=("$PYTHON" -m torch.distributed.run ${TORCHRUN_ARGS:---standalone} --nproc_per_node "$nproc" "$script" "$@")
     else
         cmd=("$PYTHON" "$script" "$@")

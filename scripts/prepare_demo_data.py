@@ -45,24 +45,35 @@ def _open(path: str):
 
 
 def read_idx(path: str) -> np.ndarray:
-    """An idx file (``.gz`` or plain) as a uint8 array: images [N, 28, 28] or labels [N]."""
+    """An idx file (``.gz`` or plain) as a uint8 array: images [N, 28, 28] or labels [N].
+
+    A missing, truncated or damaged file is a one-line :class:`UsageError` naming it."""
     f = _open(path)
     if f is None:
-        raise FileNotFoundError(path)
-    with f:
-        raw = f.read()
+        raise UsageError(f"{path}(.gz) not found: the four Fashion-MNIST idx files must be in one folder")
+    try:
+        with f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise UsageError(f"{path}: unreadable ({exc}); fetch the file again") from None
     magic = int.from_bytes(raw[:4], "big")
     ndim = magic & 0xFF
     if magic >> 8 != 0x08 or ndim not in (1, 3):
         raise UsageError(f"{path}: not an idx uint8 file (magic {magic:#x})")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise UsageError(f"{path}: truncated ({data.size} of {int(np.prod(dims))} values); fetch the file again")
     return data.reshape(dims)
 
 
 def load_split(source: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
-    images, labels = FILES[split]
-    return read_idx(os.path.join(source, images)), read_idx(os.path.join(source, labels))
+    names = FILES[split]
+    images, labels = (read_idx(os.path.join(source, name)) for name in names)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise UsageError(f"{source}: {names[0]} ({images.shape}) and {names[1]} ({labels.shape}) do not "
+                         f"pair up as images and labels")
+    return images, labels
 
 
 def download_with_torchvision(cache: str) -> str:
@@ -129,14 +140,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(f"no Fashion-MNIST idx files in {args.source} and the download failed ({reason}); "
                              f"install them with: apt-get install -y dataset-fashion-mnist") from None
+    # Both splits are read and checked before an existing --out is touched.
+    chosen = {}
+    for split, per_class in (("train", args.train_per_class), ("val", args.val_per_class)):
+        images, labels = load_split(source, split)
+        chosen[split] = images, labels, first_per_class(labels, per_class, split)
     if args.overwrite and os.path.isdir(args.out):
         import shutil
 
         for split in ("train", "val"):
             shutil.rmtree(os.path.join(args.out, split), ignore_errors=True)
     for split, per_class in (("train", args.train_per_class), ("val", args.val_per_class)):
-        images, labels = load_split(source, split)
-        indices = first_per_class(labels, per_class, split)
+        images, labels, indices = chosen[split]
         write_split(images, labels, indices, os.path.join(args.out, split), args.size)
         print(f"{split}: {len(indices)} images ({per_class} per class, {args.size}x{args.size} RGB PNG) "
               f"in {os.path.join(args.out, split)}")

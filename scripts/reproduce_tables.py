@@ -4,14 +4,18 @@
     torchrun --nproc_per_node=8 scripts/reproduce_tables.py --models models/ --data /path/to/imagenet
 
 Every file under ``--models`` (any name, any depth) is read as a checkpoint, its configuration is
-inferred from its contents, and it is evaluated on ``val/`` (strict load; the numbers are those
-``scripts/evaluate.py`` prints for the same file). Results are cached in ``<out>/cache.json``,
-keyed by the file's SHA-256 and the validation data, so a rerun evaluates only new files. The
-table is written to ``<out>/tables.md`` and ``<out>/tables.csv`` and printed. ``--runs DIR`` also
-fills cells from this project's training runs (best val top-1 of each run's ``metrics.jsonl``).
+inferred from its contents, and it is evaluated on ``val/`` (strict load) under the crop, resize
+and autocast its training recorded, as ``scripts/evaluate.py`` does, so the numbers are those
+``scripts/evaluate.py`` prints for the same file. ``--image_size``/``--val_resize``/``--amp`` apply
+to files that record none (the released checkpoints: 224/256/none by default); a flag that
+contradicts what a file records refuses that file. A model of another data set (another class
+count than ``val/`` has) is skipped with a line. Results are cached in ``<out>/cache.json``, keyed
+by the file's SHA-256, the validation images and those flags, so a rerun evaluates only new files.
+The table is written to ``<out>/tables.md`` and ``<out>/tables.csv`` and printed. ``--runs DIR``
+also fills cells from this project's training runs (best val top-1 of each run's ``metrics.jsonl``).
 
-Exit status 1 when a file cannot be read or recognised (after evaluating the others); every such
-file is named.
+Exit status 1 when a file cannot be read, recognised or evaluated as asked (after evaluating the
+others); each such file is named on its progress line as it comes and again at the end.
 """
 
 from __future__ import annotations
@@ -20,13 +24,13 @@ import hashlib
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from n2uq import data as D  # noqa: E402
 from n2uq.checkpoint import CheckpointError, ModelConfig, load_model_state, load_state_dict_strict  # noqa: E402
-from n2uq.cli import OneLineParser, UsageError, check_output_dir, check_ranges, run_main  # noqa: E402
+from n2uq.cli import OneLineParser, UsageError, check_output_dir, run_main  # noqa: E402
 from n2uq.distributed import DistEnv, cleanup, init_distributed  # noqa: E402
 from n2uq.engine import configure_threads, default_workers, evaluate  # noqa: E402
 from n2uq.metrics import read_metrics  # noqa: E402
@@ -39,10 +43,20 @@ from n2uq.tables import (  # noqa: E402,E501
     render_csv,
     render_markdown,
 )
+from scripts.evaluate import (  # noqa: E402
+    Settings,
+    add_settings_flags,
+    check_settings_flags,
+    evaluation_settings,
+)
 from scripts.model_zoo import build_model  # noqa: E402
 
 #: Files under --models that are documentation or logs, not checkpoints.
 NOT_CHECKPOINTS = {".md", ".txt", ".json", ".jsonl", ".csv", ".log", ".yaml", ".yml", ".sh", ".py", ".tmp"}
+
+
+class OtherDataError(CheckpointError):
+    """The file is a model of another data set (its class count differs); it is skipped, not an error."""
 
 
 def build_parser() -> OneLineParser:
@@ -53,8 +67,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--runs", default=None, help="also fill cells from training runs under this folder")
     p.add_argument("--batch_size", type=int, default=256, help="global evaluation batch size")
     p.add_argument("-j", "--workers", type=int, default=None, help="loader workers per process")
-    p.add_argument("--image_size", type=int, default=224)
-    p.add_argument("--val_resize", type=int, default=256)
+    add_settings_flags(p)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: cores / processes)")
     p.add_argument("--no_cache", action="store_true", help="evaluate every file again")
@@ -76,9 +89,9 @@ def find_checkpoints(root: str) -> List[str]:
     return found
 
 
-def data_fingerprint(val_dir: str, image_size: int, val_resize: int) -> str:
-    """Identity of the evaluation data: every image's relative path and size, plus the transform."""
-    h = hashlib.sha256(f"{image_size}/{val_resize}".encode())
+def data_fingerprint(val_dir: str) -> str:
+    """Identity of the evaluation images: every file's path relative to ``val_dir`` and its size."""
+    h = hashlib.sha256()
     for dirpath, dirnames, filenames in os.walk(val_dir):
         dirnames.sort()
         for name in sorted(filenames):
@@ -87,51 +100,90 @@ def data_fingerprint(val_dir: str, image_size: int, val_resize: int) -> str:
     return h.hexdigest()[:16]
 
 
-def evaluate_checkpoint(path: str, dataset, env: DistEnv, args) -> Measurement:
+def settings_key(data: str, args) -> str:
+    """Cache identity of an evaluation: the images, and the preprocessing and autocast flags.
+
+    A file's evaluation settings are a function of its bytes (the SHA-256 the cache key starts
+    with) and these flags (:func:`evaluation_settings`), so equal keys mean equal settings. The
+    resolved settings are stored with each result and shown in the table."""
+    return f"v2:{data}:crop={args.image_size}:resize={args.val_resize}:amp={args.amp}"
+
+
+def read_for_evaluation(path: str, classes: List[str], args) -> Tuple[Dict[str, Any], ModelConfig, Settings]:
+    """The file's state dict, configuration and evaluation settings, after every check that can refuse it."""
+    state_dict, config, meta = load_model_state(path)
+    if len(classes) != config.num_classes:
+        raise OtherDataError(f"predicts {config.num_classes} classes, the validation data has {len(classes)}")
+    if meta.get("classes") and list(meta["classes"]) != list(classes):
+        raise CheckpointError("the validation class folders differ from the ones it was trained on")
+    try:
+        return state_dict, config, evaluation_settings(meta, args.image_size, args.val_resize, args.amp)
+    except UsageError as exc:  # a flag that contradicts this file: refuse the file, not the run
+        raise CheckpointError(str(exc)) from None
+
+
+def evaluate_checkpoint(path: str, read: Tuple[Dict[str, Any], ModelConfig, Settings], dataset, env: DistEnv,
+                        args) -> Measurement:
     """Strict load + top-1/top-5 on ``dataset``: what ``scripts/evaluate.py`` does for one file."""
-    state_dict, config, _ = load_model_state(path)
-    if len(dataset.classes) != config.num_classes:
-        raise CheckpointError(f"{path}: predicts {config.num_classes} classes but the validation data has "
-                              f"{len(dataset.classes)}")
+    state_dict, config, settings = read
     model = build_model(config)
     load_state_dict_strict(model, state_dict, source=path)
     model.to(env.device)
     workers = default_workers(env) if args.workers is None else args.workers
     loader = D.build_val_loader(dataset, args.batch_size // env.world_size, env.rank, env.world_size, workers,
                                 pin_memory=env.device.type == "cuda")
-    result = evaluate(model, loader, env.device)
-    return Measurement(config, result["top1"], result["top5"], int(result["count"]), path)
+    result = evaluate(model, loader, env.device, settings.amp)
+    return Measurement(config, result["top1"], result["top5"], int(result["count"]), path,
+                       preprocessing=settings.describe())
 
 
 def run_measurements(runs_root: str) -> Tuple[List[Measurement], List[str]]:
-    """Best val top-1 of every training run (a folder with ``metrics.jsonl``) under ``runs_root``."""
+    """Best val top-1 of every training run (a folder with ``metrics.jsonl``) under ``runs_root``,
+    measured by the run itself under the preprocessing its checkpoint records."""
     found, errors = [], []
     for dirpath, _, filenames in sorted(os.walk(runs_root)):
         if "metrics.jsonl" not in filenames:
             continue
         try:
-            epochs = [r for r in read_metrics(os.path.join(dirpath, "metrics.jsonl"), "epoch") if r.get("val")]
+            epochs = current_run_epochs(read_metrics(os.path.join(dirpath, "metrics.jsonl")))
         except (OSError, ValueError) as exc:
             errors.append(f"{dirpath}/metrics.jsonl: unreadable ({exc})")
             continue
         if not epochs:
             continue
-        config = _run_config(dirpath)
-        if config is None:
+        recorded = _run_config(dirpath)
+        if recorded is None:
             errors.append(f"{dirpath}: cannot tell the run's configuration (no readable checkpoint.pth.tar)")
             continue
+        config, meta = recorded
         best = max(epochs, key=lambda r: r["val"]["top1"])
         found.append(Measurement(config, best["val"]["top1"], best["val"].get("top5"), best["val"].get("count"),
-                                 dirpath, kind="trained here"))
+                                 dirpath, kind="trained here",
+                                 preprocessing=evaluation_settings(meta).describe()))
     return found, errors
 
 
-def _run_config(run_dir: str) -> Optional[ModelConfig]:
+def current_run_epochs(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The validated epochs of the run the folder's checkpoint holds: those logged since its last
+    fresh start (a ``start`` record that resumes nothing; an earlier run started over in the same
+    folder may have had other settings), the last record of each epoch (a resumed run may log an
+    epoch again)."""
+    fresh = [i for i, r in enumerate(records) if r.get("event") == "start" and not r.get("resume")]
+    since = records[fresh[-1]:] if fresh else records
+    last: Dict[Any, Dict[str, Any]] = {}
+    for r in since:
+        if r.get("event") == "epoch" and r.get("val"):
+            last[r.get("epoch")] = r
+    return list(last.values())
+
+
+def _run_config(run_dir: str) -> Optional[Tuple[ModelConfig, Dict[str, Any]]]:
     for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
         path = os.path.join(run_dir, name)
         if os.path.isfile(path):
             try:
-                return load_model_state(path)[1]
+                _, config, meta = load_model_state(path)
+                return config, meta
             except CheckpointError:
                 continue
     return None
@@ -144,46 +196,57 @@ def main(argv: Optional[List[str]] = None) -> int:
                          f"see models/README.md)")
     if args.runs is not None and not os.path.isdir(args.runs):
         raise UsageError(f"--runs folder not found: {args.runs}")
-    check_ranges({"--batch_size": args.batch_size, "--image_size": args.image_size, "--val_resize": args.val_resize},
-                 {"--workers": args.workers, "--threads": args.threads})
+    check_settings_flags(args)
     check_output_dir(args.out, "--out")
     files = find_checkpoints(args.models)
     val_dir = os.path.join(args.data, "val")
     if not os.path.isdir(val_dir):
         raise D.DataError(f"no val/ folder in {args.data} (expected {val_dir}/<class>/<images>)")
+    classes = sorted(e.name for e in os.scandir(val_dir) if e.is_dir())  # ImageFolder's class order
 
     cache = ResultCache(os.path.join(args.out, "cache.json"))
-    fingerprint = data_fingerprint(val_dir, args.image_size, args.val_resize)
+    key = settings_key(data_fingerprint(val_dir), args)
     env = init_distributed(args.device)
     measurements: List[Measurement] = []
     errors: List[str] = []
-    dataset = None
+    skipped = 0
     try:
         if args.batch_size % env.world_size:
             raise UsageError(f"--batch_size {args.batch_size} is not divisible by the {env.world_size} processes")
         configure_threads(args.threads, env)
+        datasets: Dict[Tuple[int, int], Any] = {}
         for i, path in enumerate(files, 1):
+            where = f"[{i}/{len(files)}] {path}"
             try:
                 digest = file_sha256(path)
-                cached = None if args.no_cache else cache.get(digest, fingerprint)
+                cached = None if args.no_cache else cache.get(digest, key)
                 if cached is not None:
                     cached.source = path
                     measurements.append(cached)
-                    _say(env, f"[{i}/{len(files)}] {path}: {cached.config.tag} top-1 {cached.top1:.2f} (cached)")
+                    _say(env, f"{where}: {cached.config.tag} top-1 {cached.top1:.2f}, {cached.preprocessing} (cached)")
                     continue
-                if dataset is None:
-                    dataset = D.image_folder(args.data, "val", D.val_transform(args.image_size, args.val_resize))
-                _say(env, f"[{i}/{len(files)}] {path}: evaluating ...")
-                m = evaluate_checkpoint(path, dataset, env, args)
-                _say(env, f"[{i}/{len(files)}] {path}: {m.config.tag} top-1 {m.top1:.2f} top-5 {m.top5:.2f} "
-                          f"on {m.count} images")
+                read = read_for_evaluation(path, classes, args)
+                settings = read[2]
+                _say(env, f"{where}: {read[1].tag}, evaluating at {settings.describe()} ...")
+                if (settings.image_size, settings.val_resize) not in datasets:
+                    datasets[settings.image_size, settings.val_resize] = D.image_folder(
+                        args.data, "val", D.val_transform(settings.image_size, settings.val_resize))
+                m = evaluate_checkpoint(path, read, datasets[settings.image_size, settings.val_resize], env, args)
+                _say(env, f"{where}: {m.config.tag} top-1 {m.top1:.2f} top-5 {m.top5:.2f} on {m.count} images, "
+                          f"{m.preprocessing}")
                 if env.is_main:
-                    cache.put(digest, fingerprint, m)
+                    cache.put(digest, key, m)
                 measurements.append(m)
-            except CheckpointError as exc:
-                errors.append(str(exc) if path in str(exc) else f"{path}: {exc}")
-            except OSError as exc:
-                errors.append(f"{path}: cannot read ({exc.strerror or exc})")
+            except OtherDataError as exc:
+                skipped += 1
+                _say(env, f"{where}: skipped: {exc} (a model of another data set)")
+            except (CheckpointError, OSError) as exc:
+                reason = f"cannot read ({exc.strerror or exc})" if isinstance(exc, OSError) else str(exc)
+                errors.append(reason if path in reason else f"{path}: {reason}")
+                _say(env, f"{where}: not evaluated: {reason.replace(path + ': ', '')}")
+        if files and skipped == len(files):
+            errors.append(f"none of the {len(files)} files under {args.models} predicts the {len(classes)} classes "
+                          f"of {val_dir}; check --data")
         if args.runs is not None:
             run_ms, run_errors = run_measurements(args.runs)
             measurements += run_ms

@@ -1,7 +1,7 @@
 """Picture what N2UQ learned: each LTQ's input thresholds against the uniform grid.
 
-    python scripts/show_thresholds.py --checkpoint models/resnet18_2bit_quantize_downsample_False/model_best.pth.tar \\
-        --data data/fashion_mnist --out docs/thresholds.png
+    python scripts/show_thresholds.py --data data/fashion_mnist --out thresholds.png \\
+        --checkpoint models/demo/fashion_mnist_8ep/resnet18_2bit_quantize_downsample_False/model_best.pth.tar
 
 For a few LTQ layers (``--layers``, default four spread over the depth) one panel each, on the
 quantizer's scaled input ``scale1·x``: the learned thresholds (solid), the uniform thresholds over

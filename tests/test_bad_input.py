@@ -319,3 +319,20 @@ def test_every_documented_row_has_a_test():
         name = test.split("::")[-1]
         assert name in ids or name in functions, f"docs/reliability.md names {test}, which is not a test"
     assert ids <= {t.split("::")[-1] for t in rows}, "a case of test_bad_input.py is missing from the doc"
+
+
+def test_evaluation_flags_never_contradict_the_checkpoint(inputs, capsys):
+    """A flag that contradicts the preprocessing a checkpoint records is refused on one line naming
+    it (no number printed); the result line states the preprocessing it used, the recorded one."""
+    base = [a.format(data=inputs["data"]) for a in E[:6]] + ["--checkpoint", str(inputs["ckpt"])]
+    for flags, named in ((["--image_size", "24"], "--image_size 24"), (["--val_resize", "20"], "--val_resize 20"),
+                         (["--amp", "bf16"], "--amp bf16")):
+        with pytest.raises(SystemExit) as exc:
+            run_main(evaluate.main, [*base, *flags])
+        out, err = capsys.readouterr()
+        assert exc.value.code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"error: {inputs['ckpt']}: was trained with ") and named in err
+        assert f"leave {named.split()[0]} out to evaluate it as trained" in err
+    with pytest.raises(SystemExit) as exc:
+        run_main(evaluate.main, base)
+    assert exc.value.code == 0 and "on 7 images, crop 16 after resize 16" in capsys.readouterr().out

@@ -51,6 +51,21 @@ def test_a_repeated_command_trains_nothing(comparison, tiny_imagefolder, capsys)
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
+@pytest.mark.parametrize("change, flag", [
+    (["--epochs", "3"], "--epochs: 3 asked, 2 recorded"),
+    (["--recipe", TINY_RECIPE.replace("--batch_size 6", "--batch_size 4")], "--batch_size: 4 asked, 6 recorded"),
+    (["--recipe", TINY_RECIPE + " --learning_rate 1e-2", "--report_only"], "--learning_rate: 1e-2 asked, 0.001"),
+])
+def test_runs_of_another_recipe_are_neither_reused_nor_resumed(comparison, tiny_imagefolder, capsys, change, flag):
+    before = {p: p.stat().st_mtime_ns for p in comparison.rglob("*.pth.tar")}
+    argv = ["--data", str(tiny_imagefolder), "--out", str(comparison), *GRID, *change]
+    assert _run(compare_methods.main, argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "was trained with other settings (" in lines[0] and flag in lines[0], lines
+    assert captured.out == "" and {p: p.stat().st_mtime_ns for p in before} == before
+
+
 def test_report_only_needs_finished_runs(tmp_path, capsys):
     assert _run(compare_methods.main, ["--out", str(tmp_path), "--report_only", *GRID]) == 2
     assert "no finished run of 2 epochs" in capsys.readouterr().err
@@ -87,3 +102,47 @@ def test_show_thresholds_bad_input_is_one_line(comparison, tmp_path, capsys, run
     assert _run(show_thresholds.main, argv + (["--layers", *layers] if layers else [])) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def _summary(bits):
+    results = [RunResult(label, b, seed, 80.0 + seed, 80.0 + seed) for b in bits for seed in (0, 1)
+               for label in ("n2uq", "n2uq-uniform-thresholds", "lsq", "pact", "dorefa")]
+    return summarize(results + [RunResult("full precision", None, 0, 86.0, 86.0)])
+
+
+@pytest.mark.parametrize("bits", [(2,), (2, 4)])
+def test_plot_points_are_centred_on_their_bit_width_apart_and_unjoined(bits):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from scripts.comparison_report import figure, point_positions
+
+    summary = _summary(bits)
+    positions = point_positions(summary)
+    for slot, b in enumerate(bits):
+        xs = sorted(x for (_, pb), x in positions.items() if pb == b)
+        assert len(xs) == 5 and sum(xs) / len(xs) == pytest.approx(slot)  # centred on the tick
+        assert min(x2 - x1 for x1, x2 in zip(xs, xs[1:])) >= 0.1  # apart, so no marker hides another
+        assert slot - 0.5 < xs[0] and xs[-1] < slot + 0.5  # inside the bit width's own slot
+    fig = figure(summary)
+    try:
+        ax = fig.axes[0]
+        assert list(ax.get_xticks()) == list(range(len(bits))) and ax.get_xlim() == (-0.5, len(bits) - 0.5)
+        data_lines = [line for line in ax.lines if len(line.get_xdata()) > 1 and line.get_linestyle() != "--"]
+        assert all(line.get_linestyle() == "None" for line in data_lines)  # categories are not joined
+        markers = {line.get_marker() for line in ax.lines if line.get_marker() not in (None, "None", "", "_")}
+        assert len(markers) == 5  # a marker of its own per method
+    finally:
+        plt.close(fig)
+
+
+def test_the_documented_commands_write_the_shipped_pictures():
+    import re
+
+    from tests.conftest import REPO_ROOT
+
+    doc = (REPO_ROOT / "docs" / "comparison.md").read_text()
+    shown = set(re.findall(r"!\[[^\]]*\]\(comparison/([\w.]+\.png)\)", doc))
+    written = set(re.findall(r"--out docs/comparison/([\w.]+\.png)", doc)) | {"comparison.png"}  # the report's
+    assert shown and shown == written, (shown, written)
+    assert all((REPO_ROOT / "docs" / "comparison" / name).is_file() for name in shown)

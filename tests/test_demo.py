@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import pytest
@@ -24,8 +25,8 @@ DEMO = REPO_ROOT / "demo.sh"
 
 def _env(work: Path, source: Path, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("N2UQ_DEMO_")}
-    env.update(N2UQ_DEMO_WORKDIR=str(work), N2UQ_DEMO_SOURCE=str(source), N2UQ_DEMO_APT_GET="none",
-               N2UQ_DEMO_DOWNLOAD="0", PYTHON=sys.executable, **extra)
+    env.update({"N2UQ_DEMO_WORKDIR": str(work), "N2UQ_DEMO_SOURCE": str(source), "N2UQ_DEMO_APT_GET": "none",
+                "N2UQ_DEMO_DOWNLOAD": "0", "PYTHON": sys.executable, **extra})
     return env
 
 
@@ -99,6 +100,21 @@ def test_venv_is_stated_and_a_failed_install_is_one_line(tmp_path):
     assert lines[0].endswith("(full log: log/demo/setup.log)")
 
 
+def test_a_failed_venv_creation_removes_only_what_it_made(tmp_path):
+    python = tmp_path / "python_without_venv"
+    python.write_text(f'#!/bin/sh\n[ "$1 $2" = "-m venv" ] && {{ echo "venv: no ensurepip" >&2; exit 1; }}\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    for there_before in (False, True):
+        if there_before:
+            (tmp_path / ".venv").mkdir()
+            (tmp_path / ".venv" / "notes.txt").write_text("mine")
+        proc = run_demo(["--env", "venv", "--quick"], tmp_path, PYTHON=str(python))
+        lines = error_lines(proc)
+        assert proc.returncode == 1 and len(lines) == 1 and "cannot create ./.venv" in lines[0], proc.stderr
+        assert (tmp_path / ".venv" / "notes.txt").exists() == there_before
+
+
 def test_source_without_idx_files_is_exit_3(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
@@ -106,6 +122,15 @@ def test_source_without_idx_files_is_exit_3(tmp_path):
     assert proc.returncode == 3
     lines = error_lines(proc)
     assert len(lines) == 1 and f"no Fashion-MNIST idx files in {other} (--source)" in lines[0], proc.stderr
+
+
+def test_a_method_after_double_dash_is_named(tmp_path):
+    empty = tmp_path / "empty_source"
+    empty.mkdir()
+    proc = run_demo(["--env", "active", "--quick", "--", "--method=lsq"], tmp_path, source=empty)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("N2UQ demo: W2A2 resnet18, LSQ, on Fashion-MNIST (500 train / 200 val images"), \
+        proc.stdout
 
 
 def _quick_data_and_run(work: Path, checkpoint: bytes) -> Path:
@@ -118,12 +143,74 @@ def _quick_data_and_run(work: Path, checkpoint: bytes) -> Path:
     return run
 
 
-def test_fresh_removes_the_run_and_rebuilds_the_data(tmp_path):
-    run = _quick_data_and_run(tmp_path, b"old run")
-    proc = run_demo(["--env", "active", "--quick", "--fresh"], tmp_path)
-    # the old run is gone; the complete data set is not reused but rebuilt, for which there is no source here
-    assert not run.exists()
-    assert proc.returncode == 3 and "data: reusing" not in proc.stdout, proc.stdout + proc.stderr
+def _old_work(work: Path) -> Dict[Path, bytes]:
+    """A finished-looking quick run with its logs and exports; returns every file and its bytes."""
+    run = _quick_data_and_run(work, b"old run")
+    name = f"{run.parent.name}/{run.name}"
+    for folder in (work / "log" / "demo" / name, work / "exports" / "demo" / name):
+        folder.mkdir(parents=True)
+        (folder / "kept.txt").write_text("old")
+    return {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
+
+
+def _quick_source(work: Path) -> Path:
+    source = work / "idx"
+    source.mkdir()
+    _write_idx(source, "train", 50, 0)
+    _write_idx(source, "val", 20, 1)
+    return source
+
+
+def test_fresh_deletes_nothing_before_every_input_is_checked(tmp_path):
+    before = _old_work(tmp_path)
+    # a --source without the files: refused before anything starts
+    proc = run_demo(["--env", "active", "--quick", "--fresh", "--source", str(tmp_path / "nope")], tmp_path)
+    assert proc.returncode == 3 and proc.stdout == "", proc.stdout + proc.stderr
+    lines = error_lines(proc)
+    assert len(lines) == 1 and f"no Fashion-MNIST idx files in {tmp_path / 'nope'} (--source)" in lines[0], lines
+    assert {p: p.read_bytes() for p in before} == before
+
+    # damaged idx files: the data is not rebuilt, the run not deleted
+    source = _quick_source(tmp_path)
+    labels = source / "train-labels-idx1-ubyte.gz"
+    good_labels = labels.read_bytes()
+    labels.write_bytes(good_labels[: len(good_labels) // 2])
+    proc = run_demo(["--env", "active", "--quick", "--fresh"], tmp_path, source=source)
+    lines = error_lines(proc)
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("demo.sh: data failed: "), proc.stderr
+    assert "train-labels-idx1-ubyte" in lines[0]
+    assert {p: p.read_bytes() for p in before} == before
+    labels.write_bytes(good_labels)
+
+    # a training flag after -- that train.py refuses: the old run stays
+    proc = run_demo(["--env", "active", "--quick", "--fresh", "--", "--epochs_per_run", "-3"], tmp_path,
+                    source=source)
+    lines = error_lines(proc)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr
+    assert lines[0].startswith("demo.sh: train failed: ") and "--epochs_per_run" in lines[0], lines
+    assert "nothing was deleted" in lines[0]
+    run_files = [p for p in before if "/models/" in str(p) or "/exports/" in str(p) or "/log/demo/fashion" in str(p)]
+    assert run_files and {p: p.read_bytes() for p in run_files} == {p: before[p] for p in run_files}
+
+
+def test_fresh_with_good_inputs_starts_the_run_over(tmp_path):
+    before = _old_work(tmp_path)
+    source = _quick_source(tmp_path)
+    proc = subprocess.Popen(["bash", str(DEMO), "--env", "active", "--quick", "--fresh"],
+                            env=_env(tmp_path, source), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        seen = []
+        for line in proc.stdout:  # stop it as soon as the training starts
+            seen.append(line)
+            if line.startswith("train: "):
+                break
+        assert seen[-1].startswith("train: W2A2 resnet18 (N2UQ) from scratch"), "".join(seen)
+        assert any(line.startswith("data: building data/fashion_mnist_50x20") for line in seen)
+        assert not any(p.exists() for p in before if "/models/" in str(p) or "/exports/" in str(p))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def test_unreadable_checkpoint_is_one_line(tmp_path):
@@ -135,13 +222,48 @@ def test_unreadable_checkpoint_is_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("demo.sh: train failed: ") and "--fresh" in lines[0], proc.stderr
 
 
+def test_readme_by_hand_steps_use_the_demo_run_folder():
+    """The README's by-hand commands train, evaluate and export where demo.sh does (its defaults)."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = readme[readme.index("The same steps by hand:"):]
+    block = block[:block.index("## Tests")]
+    run = "models/demo/fashion_mnist_8ep/resnet18_2bit_quantize_downsample_False"
+    assert "--save models/demo/fashion_mnist_8ep " in block
+    checkpoints = [line.split("--checkpoint ")[1].split()[0] for line in block.splitlines() if "--checkpoint " in line]
+    assert checkpoints == [f"{run}/model_best.pth.tar"] * 2, checkpoints
+    assert "--out exports/demo/fashion_mnist_8ep/resnet18_2bit_quantize_downsample_False" in block
+    text = DEMO.read_text()  # the defaults those folders come from
+    assert 'SAVE="models/demo/$SETTING" RUNDIR="models/demo/$SETTING/$RUN"' in text
+    assert 'SETTING="$(basename "$DATA")_${EPOCHS}ep"' in text and "DATA=data/fashion_mnist;" in text
+
+
+def test_a_run_of_other_flags_is_neither_reused_nor_resumed(tmp_path):
+    import torch
+
+    demo_args = {"student": "resnet18", "n_bit": 2, "quantize_downsample": False, "teacher": "none",
+                 "pretrained": "none", "epochs": 2, "batch_size": 128, "learning_rate": 0.002, "image_size": 32,
+                 "val_resize": 32, "min_crop_scale": 1.0, "method": "n2uq"}
+    run = _quick_data_and_run(tmp_path, b"")
+    for args, expected in (({**demo_args, "learning_rate": 0.01}, "--learning_rate: 2e-3 asked, 0.01 recorded"),
+                           (demo_args, "--label_smooth: 0.3 asked, 0.1 recorded")):
+        torch.save({"next_epoch": 2, "step_in_epoch": 0, "best_top1_acc": 50.0, "args": {**args, "label_smooth": 0.1}},
+                   run / "checkpoint.pth.tar")
+        extra = ["--", "--label_smooth", "0.3"] if args is demo_args else []
+        proc = run_demo(["--env", "active", "--quick", *extra], tmp_path)
+        lines = error_lines(proc)
+        assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr
+        assert lines[0].startswith(f"demo.sh: train failed: {run.relative_to(tmp_path)} was trained with other "
+                                   f"settings ({expected}); run with --fresh to retrain"), lines[0]
+
+
 def test_script_style():
     text = DEMO.read_text()
     assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
     assert len(text.splitlines()) <= 400
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed")
-    proc = subprocess.run(["shellcheck", str(DEMO)], capture_output=True, text=True)
+    libraries = [str(REPO_ROOT / "scripts" / name) for name in ("demo_lib.sh", "launch_lib.sh")]
+    proc = subprocess.run(["shellcheck", str(DEMO), *libraries], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
 
@@ -170,8 +292,13 @@ def test_end_to_end_then_reuse(tmp_path):
     exports = tmp_path / "exports" / "demo" / "fashion_mnist_13x3_2ep" / "resnet18_2bit_quantize_downsample_False"
     assert (run / "model_best.pth.tar").is_file() and (run / "tb").is_dir()
     assert (exports / "resnet18_w2a2_qd0.n2uq").is_file()
-    assert any(line.startswith("W2A2 resnet18, Fashion-MNIST 130 train / 30 val images, 2 epochs: top-1 ")
+    assert first.stdout.startswith("N2UQ demo: W2A2 resnet18, N2UQ, on Fashion-MNIST (130 train / 30 val images")
+    assert any(line.startswith("W2A2 resnet18, N2UQ, Fashion-MNIST 130 train / 30 val images, 2 epochs: top-1 ")
                and "(integer ONNX model in onnxruntime: " in line for line in first.stdout.splitlines())
+    # the exports line names each file once, comma-separated
+    exports_line = next(line for line in first.stdout.splitlines() if line.startswith("  exports "))
+    names = sorted(p.name for p in exports.iterdir())
+    assert exports_line.endswith(": " + ", ".join(f"{n} ({_du(exports / n)})" for n in names)), exports_line
     logs = tmp_path / "log" / "demo" / "fashion_mnist_13x3_2ep" / "resnet18_2bit_quantize_downsample_False"
     assert (logs / "summary.txt").read_text() in first.stdout
     stamps = {p: p.stat().st_mtime_ns for p in (run / "checkpoint.pth.tar", run / "model_best.pth.tar",
@@ -187,6 +314,29 @@ def test_end_to_end_then_reuse(tmp_path):
     top1 = [line for line in first.stdout.splitlines() if line.startswith("evaluate: top-1")]
     assert top1 and top1 == [line for line in second.stdout.splitlines() if line.startswith("evaluate: top-1")]
 
+    # A rebuilt data set is evaluated and exported again (a number is never reused across data sets).
+    next(iter(sorted((tmp_path / "data" / "fashion_mnist_13x3" / "val").rglob("*.png")))).unlink()
+    third = run_demo(args, tmp_path, source=source)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "data: data/fashion_mnist_13x3 is incomplete" in third.stdout and "train: reusing" in third.stdout
+    assert "evaluate: up to date" not in third.stdout and "export: up to date" not in third.stdout
+    assert [line for line in third.stdout.splitlines() if line.startswith("evaluate: top-1")] == top1
+
+    # The summary's table tool on the demo's models folder finds the run and gives evaluate.py's number,
+    # measured at the 32x32 the run was trained at.
+    table = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "reproduce_tables.py"), "--models", "models/",
+                            "--data", "data/fashion_mnist_13x3", "-j", "0"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+    assert table.returncode == 0, table.stdout + table.stderr
+    evaluated = top1[0].split()[2]  # "evaluate: top-1 NN.NN%  ..."
+    assert f"resnet18_w2a2_qd0 top-1 {evaluated.rstrip('%')} " in table.stdout and "crop 32 after resize 32" in \
+        table.stdout, table.stdout
+    assert f"| ResNet-18 | N2UQ \\* (10 classes) | {evaluated.rstrip('%')} | — | — |" in table.stdout
+
+
+def _du(path: Path) -> str:
+    return subprocess.run(["du", "-h", str(path)], capture_output=True, text=True, check=True).stdout.split()[0]
+
 
 @pytest.mark.slow
 def test_train_flags_after_double_dash_name_the_run_as_train_py_does(tmp_path):
@@ -200,6 +350,8 @@ def test_train_flags_after_double_dash_name_the_run_as_train_py_does(tmp_path):
             "--method", "dorefa"]
     proc = run_demo(args, tmp_path, source=source)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("N2UQ demo: W2A2 resnet18, DoReFa-Net, on Fashion-MNIST")
+    assert "\nW2A2 resnet18, DoReFa-Net, Fashion-MNIST 130 train / 30 val images, 2 epochs: top-1 " in proc.stdout
     run = "resnet18_dorefa_2bit_quantize_downsample_False"
     assert (tmp_path / "models" / "demo" / "fashion_mnist_13x3_2ep" / run / "model_best.pth.tar").is_file()
     assert f"scripts/evaluate.py on models/demo/fashion_mnist_13x3_2ep/{run}/model_best.pth.tar" in proc.stdout
