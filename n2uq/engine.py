@@ -192,7 +192,7 @@ def _fit(env: DistEnv, build_model: Callable[[int], nn.Module], cfg: TrainConfig
     if resume_path is not None:
         ckpt = read_resume(resume_path, run.resume == "auto")
         source = f"--resume {resume_path}" if run.resume != "auto" else f"the run's checkpoint {resume_path}"
-        check_resume(ckpt, source, config, cfg.data.batch_size, run.seed, record.layout)
+        check_resume(ckpt, source, config, record.args, record.layout)
     else:
         _initialise(model, cfg, config, run_dir, env)
     model.to(device)

@@ -123,19 +123,48 @@ class _FetchFailed(Exception):
 
 
 def _gdown(file_id: str, path: str) -> None:
-    """Download Google Drive file ``file_id`` to ``path`` (through ``path.part``), or raise :class:`_FetchFailed`."""
+    """Download Google Drive file ``file_id`` to ``path`` (through ``path.part``), or raise :class:`_FetchFailed`.
+
+    What came back replaces ``path`` only when the project's checkpoint reader reads it (Google Drive
+    answers a quota or sign-in problem with an HTML page); otherwise the ``.part`` file is deleted."""
+    tmp = path + ".part"
     try:
         import gdown
 
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = path + ".part"
         out = gdown.download(id=file_id, output=tmp, quiet=True)
         if not out or not os.path.isfile(tmp) or os.path.getsize(tmp) == 0:
             raise OSError("gdown returned no file")
-        os.replace(tmp, path)
     except Exception as exc:  # gdown raises many kinds (network, quota, HTML pages)
+        _remove(tmp)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _FetchFailed(reason) from None
+    problem = _not_a_checkpoint(tmp)
+    if problem is not None:
+        _remove(tmp)
+        raise _FetchFailed(problem)
+    os.replace(tmp, path)
+
+
+def _not_a_checkpoint(path: str) -> Optional[str]:
+    """Why the downloaded file ``path`` is no checkpoint (what came back instead), or ``None`` when
+    :func:`~n2uq.checkpoint.read_checkpoint` reads it."""
+    with open(path, "rb") as f:
+        head = f.read(512).lstrip().lower()
+    size = os.path.getsize(path)
+    if head.startswith(b"<"):  # an HTML or XML page
+        return (f"Google Drive sent a {size}-byte web page, not the file (a download quota, sign-in or error "
+                f"page)")
+    try:
+        read_checkpoint(path)
+    except CheckpointError as exc:
+        return f"the {size}-byte download is not a readable checkpoint ({str(exc).splitlines()[0].rstrip('.')})"
+    return None
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
 
 
 def fetch_authors_file(arch: str, quantize_downsample: bool, models_dir: str) -> str:
@@ -147,7 +176,8 @@ def fetch_authors_file(arch: str, quantize_downsample: bool, models_dir: str) ->
         _gdown(file_id, path)
     except _FetchFailed as exc:
         raise PretrainedError(f"could not fetch {os.path.basename(path)} ({exc}); download "
-                              f"https://drive.google.com/uc?id={file_id} by hand and save it as {path}") from None
+                              f"https://drive.google.com/uc?id={file_id} by hand and save it as {path} "
+                              f"(models/README.md)") from None
     return path
 
 
@@ -172,7 +202,8 @@ def _authors_path(arch: str, quantize_downsample: bool, models_dir: str, save_di
         raise PretrainedError(
             f"{name} is not in {_places(models_dir, save_dir)}, and fetching it failed ({exc}); fetch it with "
             f"`python scripts/download_pretrained.py --arch {arch}{qd} --models_dir {models_dir}` (or download "
-            f"https://drive.google.com/uc?id={file_id} into one of these folders), or pass --pretrained none"
+            f"https://drive.google.com/uc?id={file_id} by hand into one of these folders: models/README.md), or pass "
+            f"--pretrained none"
         ) from None
     return path
 

@@ -3,9 +3,11 @@
 ``--resume auto`` takes the run folder's ``checkpoint.pth.tar`` when there is one (else the one in
 the folder where the reference's script writes this model, when that differs), ``none`` starts
 over, any other value is a file. The file must hold the model this run trains (architecture, bits,
-downsample kind, classes) and, when it stopped inside an epoch, the data layout of this run (batch
-size, seed, process count, number of training images), or the run stops with one line saying so.
-Files of the reference's format are resumed too (:mod:`n2uq.reference_format`).
+downsample kind, classes), have been trained with this run's recipe (every recorded flag but the
+run-control ones of :data:`RUN_CONTROL_FLAGS`: a resumed run never changes its schedule, loss or
+data mid-way) and, when it stopped inside an epoch, the data layout of this run (batch size, seed,
+process count, number of training images), or the run stops with one line saying so. Files of the
+reference's format (no recorded flags) are resumed too (:mod:`n2uq.reference_format`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from n2uq.checkpoint import CheckpointError, infer_config, load_state_dict_strict, read_checkpoint
 from n2uq.cli import UsageError
 from n2uq.reference_format import is_reference_checkpoint, map_reference_adam_state, replay_schedule
+from n2uq.run_config import TrainConfig
 from n2uq.train_state import (
     BEST_NAME,
     CHECKPOINT_NAME,
@@ -26,9 +29,23 @@ from n2uq.train_state import (
     restore_rng,
 )
 
-__all__ = ["resolve_resume", "read_training_checkpoint", "read_resume", "check_resume", "restore_training"]
+__all__ = ["RUN_CONTROL_FLAGS", "resolve_resume", "read_training_checkpoint", "read_resume", "check_resume",
+           "recipe_differences", "restore_training"]
 
 _CONFIG_KEYS = ("arch", "n_bit", "quantize_downsample", "num_classes", "full_precision", "method")
+
+#: The flags (:meth:`n2uq.run_config.TrainConfig.flags`) a resumed run may change: where the run
+#: reads and writes (``data``, ``save``, ``models_dir``: folders may move), how and how fast it runs
+#: (device, threads, workers, memory format, compile), how long this invocation runs and how often it
+#: saves, what it prints, how it handles faults (``skip_*``), and ``pretrained``, read only when a run
+#: starts (a resume takes every weight from the checkpoint). Every other recorded flag is the recipe
+#: (the model, the images and their transforms, the loss, Adam and its groups, the schedule's length,
+#: the seed, the numerics of ``amp``) and must be the checkpoint's: a flag added later is compared
+#: unless it is named here (docs/reliability.md).
+RUN_CONTROL_FLAGS = frozenset({
+    "data", "save", "models_dir", "pretrained", "resume", "device", "threads", "workers", "channels_last",
+    "compile", "epochs_per_run", "steps_per_run", "save_every_steps", "log_every", "no_progress", "check_only",
+    "debug", "skip_nonfinite", "skip_bad_images"})
 
 
 def resolve_resume(resume: str, run_dir: str, other_dirs: Sequence[str] = ()) -> Optional[str]:
@@ -81,14 +98,16 @@ def read_resume(path: str, auto: bool) -> Dict[str, Any]:
         raise CheckpointError(f"cannot resume: {str(exc).rstrip('.')}; {hint}") from None
 
 
-def check_resume(ckpt: Mapping[str, Any], source: str, config: Mapping[str, Any], batch_size: int, seed: int,
+def check_resume(ckpt: Mapping[str, Any], source: str, config: Mapping[str, Any], flags: Mapping[str, Any],
                  layout: Mapping[str, int]) -> None:
-    """The checkpoint to resume (``source`` names it) must be of this run's model, and a mid-epoch
-    one of this run's data layout (``--batch_size``, ``--seed``, ``layout``: ``world_size`` and
-    ``train_images``); raises :class:`~n2uq.cli.UsageError` otherwise.
+    """The checkpoint to resume (``source`` names it) must be of this run's model, trained with this
+    run's recipe (``flags``: this run's :meth:`~n2uq.run_config.TrainConfig.flags`) and, when it
+    stopped inside an epoch, of this run's data layout (``--batch_size``, ``--seed``, ``layout``:
+    ``world_size`` and ``train_images``); raises :class:`~n2uq.cli.UsageError` otherwise.
 
     The checkpoint's flags are read from its ``args`` entry, the ``{flag: value}`` dictionary every
-    checkpoint of this project records (:meth:`n2uq.run_config.TrainConfig.flags`)."""
+    checkpoint of this project records; a file of the reference's format records none and is
+    checked by its model only."""
     saved = ckpt.get("config") or {}
     if not saved:  # a reference checkpoint: what its state dict says
         try:
@@ -108,8 +127,31 @@ def check_resume(ckpt: Mapping[str, Any], source: str, config: Mapping[str, Any]
                          f"pass the flags it was trained with, or --resume none (or another --save) to start "
                          f"a new run")
     if int(ckpt["step_in_epoch"]) > 0:
-        _check_layout(ckpt, source, {"--batch_size": batch_size, "--seed": seed, "process count": layout["world_size"],
-                                     "train images": layout["train_images"]})
+        _check_layout(ckpt, source, {"--batch_size": flags.get("batch_size"), "--seed": flags.get("seed"),
+                                     "process count": layout["world_size"], "train images": layout["train_images"]})
+    recipe = recipe_differences(ckpt.get("args"), flags)
+    if recipe:
+        raise UsageError(f"{source} was trained with another recipe ({', '.join(recipe)}: checkpoint vs now), and "
+                         f"resuming would change it mid-run; pass the flags it was trained with, or --resume none "
+                         f"(or another --save) to start a new run")
+
+
+def recipe_differences(saved_args: Any, flags: Mapping[str, Any]) -> List[str]:
+    """``"--flag SAVED vs NOW"`` for each recipe flag (not in :data:`RUN_CONTROL_FLAGS`) whose value in
+    ``flags`` differs from a checkpoint's recorded ``args``; none when it records none (reference format).
+
+    A flag the checkpoint does not record (written before the flag existed) counts as its default."""
+    if not isinstance(saved_args, Mapping) or not saved_args:
+        return []
+    defaults = TrainConfig().flags()
+    found = []
+    for name, now in flags.items():
+        if name in RUN_CONTROL_FLAGS:
+            continue
+        before = saved_args[name] if name in saved_args else defaults.get(name)
+        if before is not None and before != now:
+            found.append(f"--{name} {before} vs {now}")
+    return found
 
 
 def _check_layout(ckpt: Mapping[str, Any], source: str, now: Mapping[str, Any]) -> None:

@@ -247,11 +247,11 @@ def test_a_checkpoint_written_with_the_namespace_args_is_read_back(tmp_path):
     old = {"state_dict": {}, "scheduler": {}, "config": config, "args": old_args, "next_epoch": 0,
            "step_in_epoch": 2, "world_size": 1, "train_images": 12}
     layout = {"world_size": 1, "train_images": 12}
-    check_resume(old, "OLD", config, 8, 3, layout)
+    check_resume(old, "OLD", config, cfg.flags(), layout)
     with pytest.raises(UsageError, match=r"--batch_size 8 vs 4: checkpoint vs now"):
-        check_resume(old, "OLD", config, 4, 3, layout)
+        check_resume(old, "OLD", config, {**cfg.flags(), "batch_size": 4}, layout)
     with pytest.raises(UsageError, match=r"--seed 3 vs 0: checkpoint vs now"):
-        check_resume(old, "OLD", config, 8, 0, layout)
+        check_resume(old, "OLD", config, {**cfg.flags(), "seed": 0}, layout)
 
 
 def test_help_describes_every_flag_once_with_one_default():
