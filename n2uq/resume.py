@@ -148,8 +148,13 @@ def recipe_differences(saved_args: Any, flags: Mapping[str, Any]) -> List[str]:
     for name, now in flags.items():
         if name in RUN_CONTROL_FLAGS:
             continue
-        before = saved_args[name] if name in saved_args else defaults.get(name)
-        if before is not None and before != now:
+        if name in saved_args:
+            before = saved_args[name]
+        elif name in defaults:
+            before = defaults[name]
+        else:  # an optional flag the checkpoint's script did not have either (quantize_downsample)
+            continue
+        if before != now:
             found.append(f"--{name} {before} vs {now}")
     return found
 

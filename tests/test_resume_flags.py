@@ -40,6 +40,7 @@ def test_recipe_differences_rules():
                "epochs_per_run": 1, "pretrained": "none", "device": "cpu"}
     assert recipe_differences(flags, changed) == ["--image_size 224 vs 32", "--momentum 0.9 vs 0.5",
                                                   "--amp none vs bf16"]
+    assert recipe_differences(flags, {**flags, "pact_alpha_decay": 0.01}) == ["--pact_alpha_decay None vs 0.01"]
     older = {k: v for k, v in flags.items() if k != "label_smooth"}  # written before the flag: its default
     assert recipe_differences(older, flags) == []
     assert recipe_differences(older, {**flags, "label_smooth": 0.0}) == ["--label_smooth 0.1 vs 0.0"]
