@@ -3,9 +3,12 @@ recipe flag is refused in one line naming each flag, a changed run-control flag 
 
 from __future__ import annotations
 
+import re
+
 from n2uq.resume import RUN_CONTROL_FLAGS, recipe_differences
 from n2uq.run_config import TrainConfig
 from resnet import train as resnet_train
+from tests.conftest import REPO_ROOT
 from tests.test_reliability import RUN, fresh_data, one_error_line, run_cli, train_argv
 
 
@@ -44,3 +47,10 @@ def test_recipe_differences_rules():
     older = {k: v for k, v in flags.items() if k != "label_smooth"}  # written before the flag: its default
     assert recipe_differences(older, flags) == []
     assert recipe_differences(older, {**flags, "label_smooth": 0.0}) == ["--label_smooth 0.1 vs 0.0"]
+
+
+def test_the_documented_run_control_flags_are_those_of_the_code():
+    doc = (REPO_ROOT / "docs" / "reliability.md").read_text()
+    section = doc[doc.index("(`n2uq.resume.RUN_CONTROL_FLAGS`)"):doc.index("So\n  the compared flags")]
+    named = set(re.findall(r"`--(\w+)`", section))
+    assert named == set(RUN_CONTROL_FLAGS), named ^ set(RUN_CONTROL_FLAGS)
