@@ -219,3 +219,32 @@ def test_report_pairs_by_seed_and_says_when_the_interval_covers_zero(tmp_path):
 def statistics_stdev(values):
     mean = sum(values) / len(values)
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+@pytest.mark.slow
+def test_two_stages_end_to_end_on_tiny_data(tmp_path, subprocess_env):
+    """The real resnet/train.py: stage-2 checkpoints record the seed's stage-1 file as init and teacher,
+    N2UQ's interval lengths are snapshotted per epoch, and the report and pictures are written."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT, make_image_folder
+
+    data = make_image_folder(tmp_path / "data", classes=3, train_per_class=50, val_per_class=4, size=16)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO_ROOT / "scripts" / "compare_methods.py"), "--recipe", "paper", "--data", str(data),
+           "--out", str(out), "--seeds", "0", "1", "--fp_epochs", "2", "--epochs", "2", "--arms", "n2uq", "lsq"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for seed in (0, 1):
+        fp = str(out / f"seed{seed}" / "resnet18_fp" / "checkpoint.pth.tar")
+        for run in ("resnet18_2bit_quantize_downsample_False", "resnet18_lsq_2bit_quantize_downsample_False"):
+            args = torch.load(out / f"seed{seed}" / run / "checkpoint.pth.tar")["args"]
+            assert (args["pretrained"], args["teacher_weights"], args["teacher"]) == (fp, fp, "resnet18")
+        snapshots = (out / f"seed{seed}" / "resnet18_2bit_quantize_downsample_False" / "intervals.jsonl").read_text()
+        assert [json.loads(line)["epoch"] for line in snapshots.splitlines()] == [1, 2]
+    text = (out / "paper_recipe.md").read_text()
+    assert "| n2uq − lsq | W2A2 |" in text and "| full precision | FP |" in text
+    assert {p.name for p in out.glob("*.png")} == {"curves.png", "movement.png", "thresholds_n2uq_w2.png"}
+    again = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "trained" not in again.stdout.replace("reused", ""), again.stdout
