@@ -82,8 +82,8 @@ class Quantizers:
             raise ValueError(f"unknown quantization method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.method != "n2uq" and not (self.learned_thresholds and self.entropy_preserving
                                           and not self.full_lr_thresholds):
-            raise ValueError(f"the uniform-threshold, max-abs-weight and full-lr-threshold variants are N2UQ's; "
-                             f"they do not apply to {self.method}")
+            raise ValueError(f"the full-lr-threshold variant and the uniform-threshold and max-abs-weight ablations "
+                             f"are N2UQ's; they do not apply to {self.method}")
         if self.full_lr_thresholds and not self.learned_thresholds:
             raise ValueError("full_lr_thresholds needs learned thresholds: frozen interval lengths have no lr")
         if self.method == "lsq" and self.n_bit < 2:

@@ -213,7 +213,7 @@ def stage_two(run: Run, args, out: Path) -> str:
     calls = 0
     while ckpt is None or int(ckpt["next_epoch"]) < target or int(ckpt.get("step_in_epoch", 0)):
         done = 0 if ckpt is None else int(ckpt["next_epoch"])
-        call_train(run, to_argv({**flags, "epochs_per_run": min(args.snapshot_every, target - done)}), out)
+        call_train(run, to_argv({**flags, "epochs_per_run": min(args.snapshot_every, max(1, target - done))}), out)
         ckpt = progress(run.folder(out), flags)
         if ckpt is None or int(ckpt["next_epoch"]) <= done:
             raise RuntimeError(f"{run.folder(out)} made no progress; see {out / 'logs'}")
