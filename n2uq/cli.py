@@ -126,6 +126,10 @@ def build_train_parser(archs: Sequence[str], default_arch: str, default_bits: in
                    help="N2UQ ablation: every LTQ's intervals frozen at the uniform grid (uniform thresholds)")
     g.add_argument("--maxabs_weights", action="store_true",
                    help="N2UQ ablation: weight scale max|W| instead of the L1 entropy-preserving scale")
+    g.add_argument("--full_lr_thresholds", action="store_true",
+                   help="N2UQ variant, not the reference's recipe: every LTQ interval length 'a' trains at the full "
+                        "lr (the reference trains the ResNets' quan1.a/quan2.a at lr/10); the opposite of "
+                        "--alpha_group all_ltq")
     g.add_argument("--pact_alpha_decay", type=float, default=_OPTIM.pact_alpha_decay,
                    help=f"--method pact: L2 weight decay on the clipping levels alpha (default: {PACT_ALPHA_DECAY})")
 
@@ -138,7 +142,8 @@ def build_train_parser(archs: Sequence[str], default_arch: str, default_bits: in
                    help="where the full-precision init files are kept (--save is searched too, as the reference "
                         "does; missing authors' files are fetched into this folder)")
     g.add_argument("--alpha_group", choices=("reference", "all_ltq"), default=_OPTIM.alpha_group,
-                   help="reference name rules, or every LTQ 'a' in the lr/10 group")
+                   help="reference name rules, or every LTQ 'a' in the lr/10 group (--full_lr_thresholds: every "
+                        "'a' at the full lr)")
     g.add_argument("--image_size", type=int, default=_DATA.image_size, help="train crop and val crop size")
     g.add_argument("--val_resize", type=int, default=_DATA.val_resize,
                    help="validation resize before the center crop")
@@ -186,13 +191,16 @@ def parse_train_config(parser: argparse.ArgumentParser, argv: Optional[List[str]
 def quantizers_from_config(student: StudentConfig) -> Quantizers:
     """The quantizers the flags ask for; a flag that does not apply to ``--method`` is a usage error."""
     if student.method != "n2uq":
-        for flag in ("uniform_thresholds", "maxabs_weights"):
+        for flag in ("uniform_thresholds", "maxabs_weights", "full_lr_thresholds"):
             if getattr(student, flag):
                 raise UsageError(f"--{flag} is an ablation of N2UQ; it does not apply to --method {student.method}")
     if student.method == "lsq" and student.n_bit < 2:
         raise UsageError("--method lsq needs --n_bit 2 or more (its signed 1-bit weight grid is empty)")
+    if student.full_lr_thresholds and student.uniform_thresholds:
+        raise UsageError("--full_lr_thresholds sets the lr of the interval lengths, which --uniform_thresholds "
+                         "freezes; pass one of them")
     return Quantizers(student.n_bit, student.method, learned_thresholds=not student.uniform_thresholds,
-                      entropy_preserving=not student.maxabs_weights)
+                      entropy_preserving=not student.maxabs_weights, full_lr_thresholds=student.full_lr_thresholds)
 
 
 def check_ranges(positive: Optional[dict] = None, non_negative: Optional[dict] = None) -> None:
@@ -224,6 +232,9 @@ def validate_train_config(cfg: TrainConfig, world_size: Optional[int] = None) ->
     world_size = env_world_size() if world_size is None else world_size
     data, optim, run = cfg.data, cfg.optim, cfg.run
     quantizers = quantizers_from_config(cfg.student)
+    if cfg.student.full_lr_thresholds and optim.alpha_group == "all_ltq":
+        raise UsageError("--alpha_group all_ltq puts every interval length at lr/10 and --full_lr_thresholds at the "
+                         "full lr; pass one of them")
     if optim.pact_alpha_decay is not None and cfg.student.method != "pact":
         raise UsageError(f"--pact_alpha_decay applies to --method pact only (not {cfg.student.method})")
     check_data_dir(data.data)

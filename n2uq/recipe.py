@@ -5,8 +5,12 @@ Groups, in the reference's order:
 * ``alpha`` (lr / 10, no weight decay): parameters whose name contains one of the architecture's
   alpha patterns — ``quan1.a``, ``quan2.a``, ``scale``, ``start`` for the ResNets (so, as in the
   reference, ResNet-50's ``quan3.a`` and every ``downsample.0.a`` train at the full lr) and also
-  ``quan3.a`` for MobileNetV2. ``all_ltq_a=True`` puts every :class:`~n2uq.LTQ` ``a`` here.
-* ``other`` (lr, no weight decay): everything else.
+  ``quan3.a`` for MobileNetV2. ``all_ltq_a=True`` (``--alpha_group all_ltq``) puts every
+  :class:`~n2uq.LTQ` ``a`` here.
+* ``other`` (lr, no weight decay): everything else — and every LTQ ``a`` of a model built with
+  ``--full_lr_thresholds`` (:attr:`n2uq.methods.Quantizers.full_lr_thresholds`, a departure from the
+  reference: its ResNets train ``quan1.a``/``quan2.a`` at lr/10). The two switches move the same
+  parameters in opposite directions, so they cannot be combined.
 * ``weights`` (lr, the configured weight decay): 4-D parameters without ``bias`` in the name
   (a 4-D parameter that is also an alpha parameter stays in ``alpha``).
 
@@ -24,6 +28,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from n2uq.methods import intervals_at_full_lr
 from n2uq.quant import LTQ
 
 __all__ = ["RESNET_ALPHA_PATTERNS", "MOBILENETV2_ALPHA_PATTERNS", "GROUP_NAMES", "split_parameters", "parameter_group",
@@ -39,23 +44,31 @@ PACT_ALPHA_DECAY = 1e-4
 
 def split_parameters(model: nn.Module, alpha_patterns: Iterable[str],
                      all_ltq_a: bool = False) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
-    """``{'alpha': [...], 'other': [...], 'weights': [...]}`` of ``(name, parameter)`` (trainable only)."""
+    """``{'alpha': [...], 'other': [...], 'weights': [...]}`` of ``(name, parameter)`` (trainable only).
+
+    Raises ``ValueError`` for ``all_ltq_a`` on a model whose LTQs are marked for the full lr."""
     patterns = tuple(alpha_patterns)
-    ltq_a = set()
-    if all_ltq_a:
-        ltq_a = {id(m.a) for m in model.modules() if isinstance(m, LTQ)}
+    full_lr_a = {id(m.a) for m in model.modules() if intervals_at_full_lr(m)}
+    if all_ltq_a and full_lr_a:
+        raise ValueError("--alpha_group all_ltq puts every interval length at lr/10 and --full_lr_thresholds at the "
+                         "full lr; pass one of them")
+    ltq_a = {id(m.a) for m in model.modules() if isinstance(m, LTQ)} if all_ltq_a else set()
     groups: Dict[str, List[Tuple[str, nn.Parameter]]] = {name: [] for name in GROUP_NAMES}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        group = "alpha" if id(p) in ltq_a else parameter_group(name, p, patterns)
+        group = "alpha" if id(p) in ltq_a else parameter_group(name, p, patterns, id(p) in full_lr_a)
         groups[group].append((name, p))
     return groups
 
 
-def parameter_group(name: str, value: torch.Tensor, alpha_patterns: Iterable[str]) -> str:
+def parameter_group(name: str, value: torch.Tensor, alpha_patterns: Iterable[str],
+                    full_lr_interval: bool = False) -> str:
     """The reference's group of one parameter: ``alpha`` (name matches a pattern), ``weights`` (4-d,
-    not a bias), else ``other``."""
+    not a bias), else ``other``. ``full_lr_interval``: the parameter is an LTQ ``a`` of a
+    ``--full_lr_thresholds`` model, which goes to ``other`` (full lr) whatever its name."""
+    if full_lr_interval:
+        return "other"
     if any(pattern in name for pattern in alpha_patterns):
         return "alpha"
     return "weights" if value.dim() == 4 and "bias" not in name else "other"

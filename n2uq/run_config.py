@@ -77,6 +77,8 @@ class StudentConfig:
 
     ``quantize_downsample`` and ``full_precision`` are ``None`` when the script has no such flag
     (MobileNetV2); ``pretrained`` is resolved by the script (``auto`` becomes the paper's choice).
+    ``full_lr_thresholds`` changes the optimizer's groups, not the model, but is recorded with the
+    quantizers (:class:`~n2uq.methods.Quantizers`) so that its runs get their own folder and tag.
     """
 
     student: str = "resnet18"
@@ -86,6 +88,7 @@ class StudentConfig:
     method: str = "n2uq"
     uniform_thresholds: bool = False
     maxabs_weights: bool = False
+    full_lr_thresholds: bool = False
     pretrained: str = "auto"
     models_dir: str = "models"
 

@@ -84,7 +84,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--ablation_bits", nargs="+", type=int, default=[2])
     p.add_argument("--no_full_precision", action="store_true", help="skip the full-precision reference runs")
     p.add_argument("--epochs", type=int, default=4, help="per run; the last one trains at lr 0 (the schedule)")
-    p.add_argument("--recipe", default=DEMO_RECIPE, help="the resnet/train.py flags every run shares")
+    p.add_argument("--recipe", default=DEMO_RECIPE, help="the resnet/train.py flags every run shares; or paper: "
+                   "scripts/paper_recipe.py with the other options (docs/paper_recipe.md)")
     p.add_argument("--report_only", action="store_true", help="train nothing; report the runs found in --out")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return p
@@ -159,6 +160,12 @@ def train(spec: RunSpec, args, out: Path) -> float:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from scripts.paper_recipe import delegated_argv
+    from scripts.paper_recipe import main as paper_recipe_main
+
+    paper_argv = delegated_argv(list(sys.argv[1:] if argv is None else argv))
+    if paper_argv is not None:  # --recipe paper: the paper's recipe scaled down (docs/paper_recipe.md)
+        return paper_recipe_main(paper_argv)
     args = build_parser().parse_args(argv)
     if args.epochs < 2:
         raise UsageError("--epochs must be at least 2: the paper's schedule trains its last epoch at lr 0")

@@ -70,7 +70,8 @@ def test_checkpoint_layout_and_logs(uninterrupted):
     assert all(k.startswith("module.") for k in ckpt["state_dict"])
     assert ckpt["config"] == {"arch": "resnet18", "n_bit": 2, "quantize_downsample": False, "num_classes": 3,
                               "method": "n2uq", "quantizers": {"n_bit": 2, "method": "n2uq", "learned_thresholds": True,
-                                                               "entropy_preserving": True}}
+                                                               "entropy_preserving": True,
+                                                               "full_lr_thresholds": False}}
     assert (uninterrupted / "model_best.pth.tar").is_file()
     assert not [p for p in uninterrupted.iterdir() if p.name.endswith(".tmp")]
     records = read_metrics(str(uninterrupted / "metrics.jsonl"), "epoch")

@@ -41,7 +41,7 @@ def test_run_folders_and_checkpoints_record_the_method(runs):
     ablation_dir = runs / "resnet18_n2uq-uniform-thresholds-maxabs-weights_2bit_quantize_downsample_False"
     ablation = read_checkpoint(ablation_dir / "checkpoint.pth.tar")
     assert ablation["config"]["quantizers"] == {"n_bit": 2, "method": "n2uq", "learned_thresholds": False,
-                                                "entropy_preserving": False}
+                                                "entropy_preserving": False, "full_lr_thresholds": False}
     model, tag, _ = load_checkpoint_model(str(ablation_dir / "model_best.pth.tar"))
     assert tag == "resnet18_n2uq-uniform-thresholds-maxabs-weights_w2a2_qd0"
     assert all(not m.a.requires_grad for n, m in model.named_modules() if n.endswith("quan1"))

@@ -191,6 +191,7 @@ RECORDED_RESNET_DEFAULT = {
     "full_precision": False, "image_size": 224, "label_smooth": 0.1, "learning_rate": 0.00125, "log_every": 50,
     "maxabs_weights": False, "method": "n2uq", "min_crop_scale": 0.08, "models_dir": "models", "momentum": 0.9,
     "n_bit": 2, "no_progress": False, "pact_alpha_decay": None, "pretrained": "authors", "quantize_downsample": True,
+    "full_lr_thresholds": False,
     "resume": "auto", "save": "./models", "save_every_steps": 0, "seed": 0, "skip_bad_images": False,
     "skip_nonfinite": False, "steps_per_run": 0, "student": "resnet18", "teacher": "resnet101",
     "teacher_weights": "imagenet", "threads": 0, "uniform_thresholds": False, "val_resize": 256, "weight_decay": 0.0,
