@@ -6,7 +6,8 @@ Every variant runs once per round, one after another (interleaved, so load on th
 hits them alike); the table gives each variant's fastest round and its ratio to the float32 model's
 fastest round. Models use random weights (the speed does not depend on them): the N2UQ model gets
 generated trained-looking quantizer parameters (``n2uq.export.synthetic``), the float model
-torchvision's layout with 1000 classes.
+torchvision's layout with 1000 classes. With ``--checkpoint`` the N2UQ model is that trained
+model (its classes also set the float model's).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from n2uq.checkpoint import ModelConfig
+from n2uq.checkpoint import ModelConfig, load_model_state, load_state_dict_strict
 from n2uq.export.fast_onnx import export_fast
 from n2uq.export.integer import convert
 from n2uq.export.onnx_export import export_onnx
@@ -34,8 +35,8 @@ __all__ = ["inference_mode", "build_variants", "fused_ops"]
 CALIBRATION_IMAGES = 8
 
 
-def _float_onnx(arch: str, path: str, size: int) -> None:
-    model = build_full_precision(arch, 1000).eval()
+def _float_onnx(arch: str, path: str, size: int, classes: int) -> None:
+    model = build_full_precision(arch, classes).eval()
     torch.onnx.export(model, torch.randn(1, 3, size, size), path, dynamo=False, opset_version=17,
                       input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "N"}})
 
@@ -62,15 +63,20 @@ def build_variants(args: argparse.Namespace, folder: str) -> List[Tuple[str, str
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(CALIBRATION_IMAGES, 3, size, size, generator=gen)
     variants = []
+    if args.checkpoint:  # a trained model: its thresholds decide how many 8-bit output windows it needs
+        state_dict, config, _ = load_model_state(args.checkpoint)
+        model = build_model(config).eval()
+        load_state_dict_strict(model, state_dict, source=args.checkpoint)
+    else:
+        config = ModelConfig(args.arch, args.bits, bool(args.quantize_downsample), 1000)
+        model = build_model(config).eval()
+        randomize_(model, images[:4], seed=0, negative_slope_fraction=0.0)  # trained models: slopes >= 0
     fp = os.path.join(folder, "float32.onnx")
-    _float_onnx(args.arch, fp, size)
+    _float_onnx(config.arch, fp, size, config.num_classes)
     variants.append(("float32 ONNX (torchvision layout)", fp))
     int8 = os.path.join(folder, "ort_int8.onnx")
     _quantize_static(fp, int8, images.numpy())
     variants.append(("onnxruntime quantize_static int8 (QDQ, per-channel)", int8))
-    config = ModelConfig(args.arch, args.bits, bool(args.quantize_downsample), 1000)
-    model = build_model(config).eval()
-    randomize_(model, images[:4], seed=0, negative_slope_fraction=0.0)  # trained models: slopes >= 0
     int_model = convert(model, meta={**config.as_dict(), "tag": config.tag})
     exact = os.path.join(folder, "n2uq_exact.onnx")
     export_onnx(int_model, exact)
@@ -79,7 +85,7 @@ def build_variants(args: argparse.Namespace, folder: str) -> List[Tuple[str, str
         fast = os.path.join(folder, f"n2uq_fast_{residual}.onnx")
         export_fast(int_model, images, fast, residual=residual)
         variants.append((f"N2UQ {config.tag}: fast export, {residual} residual convs", fast))
-    if args.bits <= 3:
+    if config.n_bit <= 3:
         fast4 = os.path.join(folder, "n2uq_fast_int4.onnx")
         export_fast(int_model, images, fast4, weight_type="int4", residual="int8")
         variants.append((f"N2UQ {config.tag}: fast export, int8 residual, INT4 weights", fast4))
@@ -126,7 +132,9 @@ def inference_mode(args: argparse.Namespace, device: torch.device) -> None:
     if device.type != "cpu":
         raise SystemExit("benchmark: --mode inference measures onnxruntime on the CPU; use --device cpu")
     threads = args.threads or os.cpu_count()
-    print(f"\n== inference: {args.arch} W{args.bits}A{args.bits} qd{int(args.quantize_downsample)}, "
+    what = args.checkpoint or (f"{args.arch} W{args.bits}A{args.bits} qd{int(args.quantize_downsample)} "
+                               "(generated weights)")
+    print(f"\n== inference: {what}, "
           f"{args.image_size}x{args.image_size}, onnxruntime {ort.__version__} CPU, {threads} threads, "
           f"fastest of {args.rounds} interleaved rounds ({args.warmup} warm-up); {platform.processor() or ''}")
     with tempfile.TemporaryDirectory() as folder:

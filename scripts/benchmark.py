@@ -71,6 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     inference.add_argument("--inference-bits", type=int, default=2, help="W/A bits of the N2UQ model")
     inference.add_argument("--quantize-downsample", type=int, choices=[0, 1], default=0)
     inference.add_argument("--inference-batch-sizes", type=int, nargs="+", default=[1, 32])
+    inference.add_argument("--checkpoint", default=None, help="a trained N2UQ checkpoint instead of generated weights")
     inference.add_argument("--plot", default=None, metavar="PNG", help="bar chart of the time ratios")
     return parser
 

@@ -47,8 +47,9 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 class FastExport(OnnxBuilder):
-    """Builds the QDQ graph of one integer model; ``unit_stats`` records per unit whether its codes
-    are exact given its input (accumulator units whose every channel has ``a = 1``)."""
+    """Builds the QDQ graph of one integer model; ``unit_stats`` records per unit what it reads
+    (``source``), its channels and its 8-bit conv output windows (0: its input is a float tensor,
+    or an accumulator from a float32 conv)."""
 
     def __init__(self, model: I.IntegerModel, ranges: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
                  weight_type: str = "int8", residual: str = "int8"):
@@ -58,10 +59,11 @@ class FastExport(OnnxBuilder):
         if residual not in RESIDUAL_FORMS:
             raise ValueError(f"residual must be one of {', '.join(RESIDUAL_FORMS)}, got {residual!r}")
         self.model, self.ranges, self.weight_type, self.residual = model, ranges, weight_type, residual
-        self.consumer: Dict[str, I.Op] = {}
+        self.consumers: Dict[str, List[I.Op]] = {}
         for op in model.ops:
             for name in op.inputs:
-                self.consumer.setdefault(name, op)
+                self.consumers.setdefault(name, []).append(op)
+        self.float_acc: set = set()  # accumulators computed by a float32 Conv
         self.unit_stats: Dict[str, Dict[str, object]] = {}
         self.env: Dict[str, str] = {}
 
@@ -118,9 +120,16 @@ class FastExport(OnnxBuilder):
     # -- emitters -----------------------------------------------------------------------------
 
     def int_conv(self, op: I.IntConv, codes: str) -> str:
-        user = self.consumer.get(op.output)
+        users = self.consumers.get(op.output, [])
+        user = users[0] if len(users) == 1 else None
+        plan = None
         if isinstance(user, I.Threshold) and user.source == "acc" and not bool(user.fallback.any()):
             plan = accumulator_plan(user, op.bound)
+            if plan is not None and op.groups > 1 and (len(plan.channel_of) > op.weight.shape[0] or len(plan.slots)
+                                                       and any(bool((w >= len(plan.channel_of)).any())
+                                                               for w, _ in plan.slots)):
+                plan = None  # a grouped conv cannot copy output channels into windows
+        if plan is not None:
             self._plans[user.name] = plan
             sign = _np(user.direction).astype(np.int32)[_np(plan.channel_of)]
             weight = _np(op.weight).astype(np.int32)[_np(plan.channel_of)] * sign.reshape(-1, 1, 1, 1)
@@ -131,15 +140,17 @@ class FastExport(OnnxBuilder):
             y = self.conv(op, codes, scale, bias, weight)
             return self.node("QuantizeLinear", [y, self.scalar("one", 1.0, np.float32),
                                                 self.scalar("zero", 0, np.uint8)], f"{op.name}.q")
-        if isinstance(user, I.Threshold) or (isinstance(user, I.Dequant) and self.residual == "float"):
-            # float32 conv of the codes: the exact accumulator (integer sums below 2^24), float speed
+        if user is None or isinstance(user, I.Threshold) or self.residual == "float":
+            # float32 conv of the codes: the exact accumulator (integer sums below 2^24), float speed;
+            # also for an accumulator read by a quantizer and by a float op (MobileNetV2 block outputs)
+            self.float_acc.add(op.output)
             x = self.dq(codes, self.scalar("one", 1.0, np.float32), self.scalar("zero", 0, np.uint8))
             c_out = op.weight.shape[0]
             w = self.dq(self.const(f"{op.name}.weight_codes", _np(op.weight).astype(np.int8)),
                         self.const(f"{op.name}.weight_one", np.ones(c_out, np.float32)),
                         self.const(f"{op.name}.weight_zero", np.zeros(c_out, np.int8)), axis=0)
-            acc = self.node("Conv", [x, w], f"{op.name}.acc", strides=op.stride, pads=op.padding * 2, group=op.groups)
-            return self.dequant(user, acc) if isinstance(user, I.Dequant) else acc
+            return self.node("Conv", [x, w], f"{op.name}.acc", strides=op.stride, pads=op.padding * 2,
+                             group=op.groups)
         if isinstance(user, I.Dequant):
             if user.name not in self.ranges:
                 raise ValueError(f"{user.name}: no calibrated range (calibrate on images first)")
@@ -160,12 +171,11 @@ class FastExport(OnnxBuilder):
         plan = self._plans.get(op.name)
         if plan is None:  # float input, or an accumulator computed in float32: compare u with T
             u = self.threshold_input(op, x)
-            self.unit_stats[op.name] = {"source": op.source, "channels": c, "exact_channels": c, "windows": 0}
+            self.unit_stats[op.name] = {"source": op.source, "channels": c, "windows": 0}
             levels = [_np(op.thresholds[:, j]) for j in range(op.thresholds.shape[1])]
             return self.count(op.output, [u] * len(levels), levels, np.zeros(c, np.uint8), "")
         windows = len(plan.channel_of)
-        self.unit_stats[op.name] = {"source": "acc", "channels": c, "exact_channels": int(plan.exact.sum()),
-                                    "windows": windows}
+        self.unit_stats[op.name] = {"source": "acc", "channels": c, "windows": windows}
         first = x  # the channels' first windows: the conv output itself, or its first C channels
         if windows != c or any(bool((w == windows).any()) for w, _ in plan.slots):
             first = self.node("Slice", [x, self.shared_const("i64_0", np.array([0], np.int64)),
@@ -193,6 +203,8 @@ class FastExport(OnnxBuilder):
             return self.int_conv(op, x[0])
         if isinstance(op, I.Threshold):
             return self.threshold(op, x[0])
+        if isinstance(op, I.Dequant) and op.inputs[0] in self.float_acc:
+            return self.dequant(op, x[0])
         if isinstance(op, I.Dequant):
             return x[0]  # the conv's per-channel DequantizeLinear already wrote the float value
         return self.emit(op, x)

@@ -20,7 +20,7 @@ so a convolution's output leaves it as an 8-bit value ``q = sat(round(a·(acc + 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -28,15 +28,13 @@ from torch import Tensor
 from n2uq.export.integer_model import IntegerModel
 from n2uq.export.integer_ops import Dequant, Threshold
 
-__all__ = ["EXACT_SPAN", "WINDOW", "MAX_WINDOWS", "AccumulatorPlan", "OutputPlan", "accumulator_plan",
+__all__ = ["WINDOW", "MAX_WINDOWS", "AccumulatorPlan", "OutputPlan", "accumulator_plan",
            "output_plan", "calibrate_ranges"]
 
 #: Accumulator values one 8-bit window resolves (levels 1..255; level 0 is everything below).
 WINDOW = 255
-#: Most windows (conv output copies) a channel gets; beyond, one coarse window (not exact).
+#: Most windows (conv output copies) a channel gets; a unit needing more runs its conv in float32.
 MAX_WINDOWS = 4
-#: Levels a coarse window spreads its thresholds over.
-EXACT_SPAN = 253
 INT32_MAX = 2**31 - 1
 
 
@@ -52,7 +50,6 @@ class AccumulatorPlan:
     bias: Tensor  # B [W] int64
     slots: List[Tuple[Tensor, Tensor]]  # per comparison slot: window [C] int64, level [C] uint8
     base: Tensor  # [C] uint8, thresholds that always count
-    exact: Tensor  # [C] bool
 
 
 @dataclass
@@ -75,15 +72,15 @@ def _windows(positions: List[int]) -> List[int]:
     return starts
 
 
-def accumulator_plan(unit: Threshold, bound: int) -> AccumulatorPlan:
+def accumulator_plan(unit: Threshold, bound: int) -> Optional[AccumulatorPlan]:
     """8-bit conv outputs (windows) and level comparisons that give a streamlined unit's codes
     ``m = #{j : d·acc >= T[j]}`` from an integer accumulator ``|acc| <= bound``.
 
     Window ``i`` is conv channel ``channel_of[i]`` with its weight codes times ``d`` and
     ``q = sat(d·acc + B)`` (``a = 1``, ``B = 1 − L``): level ``k`` is ``d·acc = L − 1 + k``, so
     ``d·acc >= p  ⇔  q >= p − L + 1`` exactly for every ``p`` in ``[L, L + 254]``. A channel whose
-    thresholds do not fit one window gets more (at most :data:`MAX_WINDOWS`; beyond that one
-    coarse window ``a = EXACT_SPAN/span``, not exact). Thresholds ``< −bound`` always count
+    thresholds do not fit one window gets more; ``None`` when some channel would need more than
+    :data:`MAX_WINDOWS` (the conv then runs in float32). Thresholds ``< −bound`` always count
     (``base``), ``> bound`` never."""
     if bool(unit.fallback.any()):
         raise ValueError(f"{unit.name}: an accumulator unit with fallback channels has no 8-bit plan")
@@ -93,16 +90,11 @@ def accumulator_plan(unit: Threshold, bound: int) -> AccumulatorPlan:
     primary: List[tuple] = []
     extra: List[tuple] = []  # (channel, L, a)
     per_channel: List[List[tuple]] = []  # (window index, level) per counted threshold
-    exact = torch.ones(c_count, dtype=torch.bool)
     for ch in range(c_count):
         pos = sorted(int(v) for v in t[ch].tolist() if -bound <= v <= bound)
         starts = _windows(pos) or [0]
         if len(starts) > MAX_WINDOWS:
-            exact[ch] = False
-            a = EXACT_SPAN / max(pos[-1] - pos[0], 1)
-            primary.append((ch, pos[0], a))
-            per_channel.append([(ch, int(round(a * (p - pos[0]))) + 1) for p in pos])
-            continue
+            return None
         index = [ch] + [c_count + len(extra) + k for k in range(len(starts) - 1)]
         primary.append((ch, starts[0], 1.0))
         extra += [(ch, start, 1.0) for start in starts[1:]]
@@ -121,7 +113,7 @@ def accumulator_plan(unit: Threshold, bound: int) -> AccumulatorPlan:
     scale = torch.tensor([w[2] for w in windows], dtype=torch.float64)
     # q = round(a·(d·acc + B)): level 1 <-> d·acc = L (B = 1/a − L)
     bias = torch.tensor([round(1.0 / w[2] - w[1]) for w in windows], dtype=torch.int64)
-    return AccumulatorPlan(torch.tensor([w[0] for w in windows]), scale, bias, slots, base, exact)
+    return AccumulatorPlan(torch.tensor([w[0] for w in windows]), scale, bias, slots, base)
 
 
 def output_plan(op: Dequant, low: Tensor, high: Tensor) -> OutputPlan:

@@ -221,8 +221,8 @@ def check_against_runtime(int_model: IntegerModel, x: Tensor, runtime_logits: Te
 class FastAgreement:
     """The fast (QDQ) export against the integer model on one batch.
 
-    ``exact_codes``: units reading an accumulator whose every channel the fast graph resolves
-    exactly; teacher-forced, every one of their codes must equal the integer model's.
+    ``exact_codes``: units reading an accumulator (the fast graph resolves every threshold on it
+    exactly); teacher-forced, every one of their codes must equal the integer model's.
     ``other_codes``: the rest (units reading a float tensor, whose value the fast graph computes
     after an 8-bit residual conv, or with onnxruntime's float rounding), reported."""
 
@@ -244,7 +244,7 @@ def check_fast(int_model: IntegerModel, x: Tensor, runtime_logits: Tensor, runti
                exact_units: List[str]) -> FastAgreement:
     """Codes of the fast export (``runtime_codes``, one entry per unit) against the integer model's:
     teacher-forced (each unit of the integer model sees the fast graph's codes upstream) and end
-    to end; ``exact_units`` name the units that must match code for code."""
+    to end; ``exact_units`` (the units reading an accumulator) must match code for code."""
     ref = {k: torch.as_tensor(v).to(torch.int64) for k, v in runtime_codes.items()}
     _, tf_rec = _run(int_model, x, {k: v.float() for k, v in ref.items()})
     e2e_out, e2e_rec = _run(int_model, x)
