@@ -6,13 +6,15 @@ QuantizeLinear`` (the explicit-quantization convention), which onnxruntime fuses
 ``QLinearConv`` (u8 × s8 → int32 accumulation → requantized 8-bit output). The numbers come from
 :mod:`n2uq.export.fast_plan`:
 
-* a quantizer after a quantized conv (accumulator input): the conv's output requantization
-  ``q = sat(acc + B)`` (``a = 1``: exact where the channel's code changes span ≤ 253 integers), then
-  ``Cast → Add(256·c) → Gather`` in the per-channel code table → uint8 codes;
-* a quantizer on a float tensor (block input): ``Add(offset) → QuantizeLinear`` (per channel) and
-  the same table lookup;
-* a conv whose value is used as a float (residual add, ReLU6): int8 output over the calibrated
-  per-channel range, ``DequantizeLinear`` (per channel) back to float;
+* a quantizer after a quantized conv (accumulator input): the conv's output is the accumulator
+  shifted, ``q = sat(d·acc + B)`` (one or more 8-bit windows per channel), and each threshold is an
+  exact uint8 comparison, ``GreaterOrEqual → Cast → Add``; a unit without such a plan (V-shaped
+  channels, too many windows, a grouped conv that would need window copies, an accumulator also
+  read as a float) gets a float32 ``Conv`` of the codes (exact integer sums) and the comparisons;
+* a quantizer on a float tensor (block input): ``u`` as in the exact export, then the comparisons;
+* a conv whose value is used as a float (residual add, ReLU6): ``residual="int8"`` an 8-bit output
+  over the calibrated per-channel range, ``DequantizeLinear`` (per channel) + ``Add(centre)`` back
+  to float (the one lossy step); ``residual="float"`` a float32 ``Conv`` of the codes (exact);
 * everything else (first conv, FP downsample, residual adds, the block-output RPReLU, pooling,
   ``fc``) as in :mod:`n2uq.export.onnx_export`, in float32.
 
