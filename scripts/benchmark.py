@@ -1,5 +1,6 @@
 """Speed and memory of the N2UQ quantizer and of a quantized training step, against baselines
-measured in the same run (issue targets: see docs/benchmarks.md).
+measured in the same run (results and the project's goals: docs/benchmarks.md), and the
+inference speed of the exported integer models in onnxruntime (docs/integer_inference.md).
 
 Modes:
   quantizer  LTQ forward+backward vs nn.ReLU forward+backward on one tensor (default
@@ -10,6 +11,9 @@ Modes:
              time ratio and saved activations (CPU) / peak memory (CUDA).
   gpu        on CUDA: training images/s of FP ResNet-18 and W2A2/W4A4 with a ResNet-101 teacher,
              fp32 vs bf16 autocast + channels_last, N2UQ kernels on and off, and eval throughput.
+  inference  onnxruntime on the CPU: float32 ONNX of a ResNet, onnxruntime's quantize_static int8
+             model of it, the exact N2UQ export (ConvInteger) and the fast one (QDQ → QLinearConv),
+             batch 1 and 32 at 224×224 (scripts/bench_inference.py; not part of "all").
   all        quantizer, then step (and gpu when CUDA is present).
 
 Every timing is the median over rounds in which all compared variants run one after another
@@ -20,9 +24,10 @@ runs between timed calls, not inside them. Models use random init (no download).
   python scripts/benchmark.py --mode quantizer
   python scripts/benchmark.py --mode step --batch-size 16 --rounds 5
   python scripts/benchmark.py --mode gpu --batch-size 256
+  python scripts/benchmark.py --mode inference --threads 2 --rounds 7 --plot docs/inference_speed.png
 
-The measuring is in ``scripts/bench_measure.py`` and the modes in ``scripts/bench_modes.py``;
-this file is the command line.
+The measuring is in ``scripts/bench_measure.py``, the modes in ``scripts/bench_modes.py`` and
+``scripts/bench_inference.py``; this file is the command line.
 """
 
 from __future__ import annotations
@@ -39,13 +44,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from scripts.bench_inference import inference_mode  # noqa: E402
 from scripts.bench_modes import gpu_mode, quantizer_mode, step_mode  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["quantizer", "step", "gpu", "all"], default="all")
+    parser.add_argument("--mode", choices=["quantizer", "step", "gpu", "inference", "all"], default="all")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu for quantizer/step, "
                                                        "cuda for gpu)")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], help="quantizer bit widths")
@@ -60,6 +66,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-reference", action="store_true", help="no reference loop column (faster)")
     parser.add_argument("--with-reference", action="store_true",
                         help="step mode: also time the students with N2UQ_KERNELS=reference (module by module)")
+    inference = parser.add_argument_group("inference mode")
+    inference.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], default="resnet18")
+    inference.add_argument("--inference-bits", type=int, default=2, help="W/A bits of the N2UQ model")
+    inference.add_argument("--quantize-downsample", type=int, choices=[0, 1], default=0)
+    inference.add_argument("--inference-batch-sizes", type=int, nargs="+", default=[1, 32])
+    inference.add_argument("--checkpoint", default=None, help="a trained N2UQ checkpoint instead of generated weights")
+    inference.add_argument("--plot", default=None, metavar="PNG", help="bar chart of the time ratios")
     return parser
 
 
@@ -80,10 +93,12 @@ def main(args: argparse.Namespace) -> None:
             raise SystemExit(f"benchmark: --device {device} requested but CUDA is not available; use --device cpu")
         mode_args = argparse.Namespace(**vars(args))
         if mode_args.rounds is None:
-            mode_args.rounds = 30 if mode == "quantizer" else 5
+            mode_args.rounds = {"quantizer": 30, "inference": 7}.get(mode, 5)
         if mode_args.batch_size is None:
             mode_args.batch_size = 256 if mode == "gpu" else 16
-        {"quantizer": quantizer_mode, "step": step_mode, "gpu": gpu_mode}[mode](mode_args, device)
+        mode_args.bits = args.inference_bits if mode == "inference" else args.bits
+        modes_by_name = {"quantizer": quantizer_mode, "step": step_mode, "gpu": gpu_mode, "inference": inference_mode}
+        modes_by_name[mode](mode_args, device)
 
 
 if __name__ == "__main__":

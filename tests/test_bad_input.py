@@ -152,7 +152,7 @@ CASES = [
     case("export-full-precision-checkpoint", "export", ["--checkpoint", "{fp}", "--out", "{save}"], 1,
          "not an N2UQ quantized model"),
     case("export-unknown-format", "export", ["--checkpoint", "{ckpt}", "--out", "{save}", "--format", "tflite"], 2,
-         "--format 'tflite': expected a comma-separated subset of onnx,qonnx,packed"),
+         "--format 'tflite': expected a comma-separated subset of onnx,fast,qonnx,packed"),
     case("export-val-top1-without-data", "export", ["--checkpoint", "{ckpt}", "--out", "{save}", "--val_top1"], 2,
          "--val_top1 needs --data"),
     case("export-zero-image-size", "export", ["--checkpoint", "{ckpt}", "--out", "{save}", "--image_size", "0"], 2,

@@ -46,16 +46,18 @@ def exit_code(argv) -> int:
 
 
 def test_exports_and_verifies_all_formats(checkpoint, data_dir, tmp_path, capsys):
+    pytest.importorskip("qonnx", reason="the qonnx format needs the qonnx package (pip install qonnx)")
     out = tmp_path / "out"
     code = exit_code(["--checkpoint", checkpoint, "--out", out, "--data", data_dir, "--batch_size", 4])
     text = capsys.readouterr().out
     assert code == 0, text
     assert "resnet18_w2a2_qd1" in text and "all exports verified" in text
     for line in ("integer model vs PyTorch fake-quant: OK", "onnx (onnxruntime) vs integer model: OK",
-                 "qonnx (qonnx executor) vs integer model: OK", "packed file round trip: OK"):
+                 "qonnx (qonnx executor) vs integer model: OK", "packed file round trip: OK",
+                 "fast onnx (onnxruntime) vs integer model: OK"):
         assert line in text
     assert "quantized conv weights (2-bit codes)" in text  # the size table
-    for suffix in (".onnx", ".qonnx.onnx", ".n2uq"):
+    for suffix in (".onnx", ".fast.onnx", ".qonnx.onnx", ".n2uq"):
         assert (out / f"resnet18_w2a2_qd1{suffix}").is_file()
 
 
@@ -66,6 +68,39 @@ def test_val_top1_compares_onnx_with_pytorch(checkpoint, data_dir, tmp_path, cap
     assert "val top-1 over 20 images: PyTorch fake-quant" in text and "PyTorch integer model" in text
     # Passes when equal, or when every differing prediction is a float32 rounding flip of PyTorch.
     assert (code == 0) == ("-> equal" in text or "0 of them where" in text)
+
+
+def test_val_top1_checks_the_fast_export(checkpoint, data_dir, tmp_path, capsys):
+    code = exit_code(["--checkpoint", checkpoint, "--out", tmp_path, "--data", data_dir, "--format", "fast",
+                      "--fast_residual", "float", "--val_top1"])
+    text = capsys.readouterr().out
+    # Float residual convs: the fast file predicts what the PyTorch integer model predicts.
+    assert code == 0 and "as the integer model on all -> OK" in text, text
+
+
+def hide_package(monkeypatch, name):
+    import scripts.export as export_script
+
+    real = export_script.importlib.util.find_spec
+    monkeypatch.setattr(export_script.importlib.util, "find_spec", lambda n, *a: None if n == name else real(n, *a))
+
+
+def test_default_formats_skip_a_missing_package_with_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+    hide_package(monkeypatch, "qonnx")
+    out = tmp_path / "out"
+    assert exit_code(["--checkpoint", checkpoint, "--out", out]) == 0
+    text = capsys.readouterr().out
+    assert "skipping the qonnx format: qonnx not installed (pip install qonnx)" in text
+    assert (out / "resnet18_w2a2_qd1.onnx").is_file() and not (out / "resnet18_w2a2_qd1.qonnx.onnx").exists()
+
+
+def test_a_format_asked_for_without_its_package_exits_2_before_writing(checkpoint, tmp_path, capsys, monkeypatch):
+    hide_package(monkeypatch, "qonnx")
+    out = tmp_path / "out"
+    assert exit_code(["--checkpoint", checkpoint, "--out", out, "--format", "onnx,qonnx"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install qonnx" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 def test_random_batch_and_one_format(checkpoint, tmp_path, capsys):

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from n2uq.export.graph import QuantizerTrace, run_graph, trace_graph
 from n2uq.export.integer_model import IntegerModel, UnitRecord
 
-__all__ = ["CodeAgreement", "LogitAgreement", "Agreement", "compare_codes", "compare_logits",
+__all__ = ["CodeAgreement", "LogitAgreement", "Agreement", "FastAgreement", "compare_codes", "compare_logits",
+           "check_fast",
            "fake_quant_trace", "check_against_fake_quant", "check_against_runtime"]
 
 #: Floor of the rounding tolerance, relative to the layer's largest magnitude.
@@ -214,3 +215,50 @@ def check_against_runtime(int_model: IntegerModel, x: Tensor, runtime_logits: Te
         compare_codes({k: r.codes for k, r in e2e_rec.items()}, ref, {k: r.u for k, r in e2e_rec.items()},
                       bounds, tols),
         compare_logits(e2e_out, runtime_logits))
+
+
+@dataclass
+class FastAgreement:
+    """The fast (QDQ) export against the integer model on one batch.
+
+    ``exact_codes``: units reading an accumulator (the fast graph resolves every threshold on it
+    exactly); teacher-forced, every one of their codes must equal the integer model's.
+    ``other_codes``: the rest (units reading a float tensor, whose value the fast graph computes
+    after an 8-bit residual conv, or with onnxruntime's float rounding), reported."""
+
+    exact_codes: CodeAgreement
+    other_codes: CodeAgreement
+    end_to_end_codes: CodeAgreement
+    logits: LogitAgreement
+
+    def ok(self) -> bool:
+        return self.exact_codes.mismatched == 0
+
+    def lines(self) -> List[str]:
+        return [f"units computed exactly (teacher-forced): {self.exact_codes}",
+                f"units reading a float tensor (teacher-forced): {self.other_codes}",
+                f"end to end: {self.end_to_end_codes}", f"            {self.logits}"]
+
+
+def check_fast(int_model: IntegerModel, x: Tensor, runtime_logits: Tensor, runtime_codes: Mapping[str, Tensor],
+               exact_units: List[str]) -> FastAgreement:
+    """Codes of the fast export (``runtime_codes``, one entry per unit) against the integer model's:
+    teacher-forced (each unit of the integer model sees the fast graph's codes upstream) and end
+    to end; ``exact_units`` (the units reading an accumulator) must match code for code."""
+    ref = {k: torch.as_tensor(v).to(torch.int64) for k, v in runtime_codes.items()}
+    _, tf_rec = _run(int_model, x, {k: v.float() for k, v in ref.items()})
+    e2e_out, e2e_rec = _run(int_model, x)
+    exact, other = CodeAgreement(), CodeAgreement()
+    for name, codes in ref.items():
+        agg = exact if name in exact_units else other
+        diff = int((tf_rec[name].codes.to(torch.int64) != codes).sum())
+        agg.elements += codes.numel()
+        agg.mismatched += diff
+        if diff:
+            agg.per_unit[name] = diff
+    e2e = CodeAgreement()
+    for name, codes in ref.items():
+        diff = int((e2e_rec[name].codes.to(torch.int64) != codes).sum())
+        e2e.elements += codes.numel()
+        e2e.mismatched += diff
+    return FastAgreement(exact, other, e2e, compare_logits(torch.as_tensor(runtime_logits), e2e_out))
