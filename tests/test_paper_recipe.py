@@ -77,7 +77,8 @@ def test_flag_reaches_the_run_folder_the_checkpoint_and_the_usage_checks(tiny_im
     ckpt = {"config": {"arch": "resnet18", "n_bit": 2, "quantize_downsample": False, "method": "n2uq"},
             "step_in_epoch": 0}
     with pytest.raises(UsageError, match="holds another model"):
-        check_resume(ckpt, "F", {**ckpt["config"], "method": kw["config"]["method"]}, 128, 0, {})
+        check_resume(ckpt, "F", {**ckpt["config"], "method": kw["config"]["method"]}, cfg.flags(),
+                     {"world_size": 1, "train_images": 8})
 
 
 # --- the driver, with resnet/train.py's real command line and a fake engine ----------------------------------
