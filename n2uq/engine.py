@@ -30,7 +30,7 @@ from n2uq.loop import LoopContext, NonFiniteError, autocast, evaluate, say, trai
 from n2uq.metrics import MetricsLogger
 from n2uq.pretrained import load_pretrained
 from n2uq.recipe import RESNET_ALPHA_PATTERNS, build_optimizer, build_scheduler
-from n2uq.resume import check_resume, read_resume, resolve_resume, restore_training
+from n2uq.resume import check_resume, read_resume, resolve_resume, restore_training, resumed_flags
 from n2uq.run_config import DataConfig, TrainConfig, check_same_classes
 from n2uq.run_control import RunControl
 from n2uq.teacher import build_teacher
@@ -193,6 +193,7 @@ def _fit(env: DistEnv, build_model: Callable[[int], nn.Module], cfg: TrainConfig
         ckpt = read_resume(resume_path, run.resume == "auto")
         source = f"--resume {resume_path}" if run.resume != "auto" else f"the run's checkpoint {resume_path}"
         check_resume(ckpt, source, config, record.args, record.layout)
+        record.args = resumed_flags(record.args, ckpt)
     else:
         _initialise(model, cfg, config, run_dir, env)
     model.to(device)

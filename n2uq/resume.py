@@ -30,7 +30,7 @@ from n2uq.train_state import (
 )
 
 __all__ = ["RUN_CONTROL_FLAGS", "resolve_resume", "read_training_checkpoint", "read_resume", "check_resume",
-           "recipe_differences", "restore_training"]
+           "recipe_differences", "restore_training", "resumed_flags"]
 
 _CONFIG_KEYS = ("arch", "n_bit", "quantize_downsample", "num_classes", "full_precision", "method")
 
@@ -96,6 +96,15 @@ def read_resume(path: str, auto: bool) -> Dict[str, Any]:
             hint = "move it away or pass --resume none to start over" + (
                 f" ({BEST_NAME} beside it holds the best epoch)" if os.path.isfile(best) and best != path else "")
         raise CheckpointError(f"cannot resume: {str(exc).rstrip('.')}; {hint}") from None
+
+
+def resumed_flags(flags: Mapping[str, Any], ckpt: Mapping[str, Any]) -> Dict[str, Any]:
+    """The flags a resumed run records: this call's, but ``pretrained`` as the run started.
+
+    A resume takes every weight from the checkpoint and never reads ``--pretrained``, so the
+    initialisation the run was started from stays in its record whatever this call passes."""
+    saved = ckpt.get("args") or {}
+    return {**flags, "pretrained": saved["pretrained"]} if "pretrained" in saved else dict(flags)
 
 
 def check_resume(ckpt: Mapping[str, Any], source: str, config: Mapping[str, Any], flags: Mapping[str, Any],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from n2uq.resume import RUN_CONTROL_FLAGS, recipe_differences
+from n2uq.resume import RUN_CONTROL_FLAGS, recipe_differences, resumed_flags
 from n2uq.run_config import TrainConfig
 from resnet import train as resnet_train
 from tests.conftest import REPO_ROOT
@@ -54,3 +54,10 @@ def test_the_documented_run_control_flags_are_those_of_the_code():
     section = doc[doc.index("(`n2uq.resume.RUN_CONTROL_FLAGS`)"):doc.index("So\n  the compared flags")]
     named = set(re.findall(r"`--(\w+)`", section))
     assert named == set(RUN_CONTROL_FLAGS), named ^ set(RUN_CONTROL_FLAGS)
+
+
+def test_a_resume_records_the_initialisation_the_run_started_from():
+    now = {"pretrained": "", "epochs": 2}
+    assert resumed_flags(now, {"args": {"pretrained": "fp.pth.tar", "epochs": 2}}) == {"pretrained": "fp.pth.tar",
+                                                                                      "epochs": 2}
+    assert resumed_flags(now, {"args": {}}) == now and resumed_flags(now, {}) == now
