@@ -14,11 +14,12 @@ import glob
 import os
 import shutil
 import tempfile
-from typing import Any, Iterable, List, Optional
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, List, Optional
 
 import torch
 
-__all__ = ["CheckpointSaveError", "atomic_save", "remove_stale_temps"]
+__all__ = ["CheckpointSaveError", "atomic_path", "atomic_save", "remove_stale_temps"]
 
 
 class CheckpointSaveError(RuntimeError):
@@ -48,6 +49,22 @@ def atomic_save(obj: Any, path: str) -> None:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     _fsync_dir(directory)
+
+
+@contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """A temporary name beside ``path`` for a writer that takes a file name (an exporter): renamed over
+    ``path`` when the block ends, removed if it raises, so ``path`` is never a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+        tmp = None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _save_failure(path: str, directory: str, exc: BaseException) -> str:

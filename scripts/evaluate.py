@@ -40,6 +40,7 @@ from n2uq.engine import configure_threads, default_workers, evaluate  # noqa: E4
 from scripts.model_zoo import (  # noqa: E402
     build_full_precision,
     build_model,
+    check_classes,
     evaluation_sizes,
     full_precision_resnet,
     training_args,
@@ -145,11 +146,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise UsageError(f"{args.checkpoint}: {exc}") from None
 
     dataset = D.image_folder(args.data, args.split, D.val_transform(settings.image_size, settings.val_resize))
-    if len(dataset.classes) != num_classes:
-        raise D.DataError(f"{split_dir} has {len(dataset.classes)} classes but the checkpoint predicts "
-                          f"{num_classes}")
-    if meta.get("classes") and list(meta["classes"]) != dataset.classes:
-        raise D.DataError(f"{split_dir}: class folders differ from the ones the checkpoint was trained on")
+    check_classes(dataset.classes, split_dir, num_classes, meta)
 
     env = init_distributed(args.device)
     try:

@@ -20,6 +20,10 @@ Each is checked on a batch (random images, or images spread over ``--data``/val)
 PyTorch fake-quant model and the integer model: codes layer by layer, logits, top-1; the
 agreement is printed and the exit status is 1 if any check fails (2 for usage errors).
 ``--val_top1`` also compares the ONNX models' top-1 with the PyTorch model's over all of val/.
+Images are preprocessed as the checkpoint's training run recorded (``--image_size`` and
+``--val_resize`` only for a file that records none; a contradicting value is refused), ``--data``'s
+class folders must be the checkpoint's, and every file is written beside its name and renamed into
+place, so an interrupted export never leaves a half-written file under a final name.
 Every format's packages are checked before anything is written: a format asked for with
 ``--format`` whose package is missing is a usage error naming what to install; with the default
 formats it is skipped with one line.
@@ -40,13 +44,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from n2uq.atomic_io import atomic_path  # noqa: E402
 from n2uq.checkpoint import describe, load_model_state, load_state_dict_strict  # noqa: E402
 from n2uq.cli import OneLineParser, UsageError, check_output_dir, check_ranges, run_main  # noqa: E402
 from n2uq.data import DataError, image_folder, val_transform  # noqa: E402
 from n2uq.export.graph import run_graph, trace_graph  # noqa: E402
 from n2uq.export.integer import IntegerModel, convert  # noqa: E402
 from n2uq.export.verify import Agreement, check_against_fake_quant, check_against_runtime  # noqa: E402
-from scripts.model_zoo import build_model, evaluation_sizes  # noqa: E402
+from scripts.evaluate import evaluation_settings  # noqa: E402
+from scripts.model_zoo import build_model, check_classes  # noqa: E402
 
 FORMATS = ("onnx", "fast", "qonnx", "packed")
 #: Python packages each format needs (import name = pip name).
@@ -70,9 +76,10 @@ def get_args_parser() -> OneLineParser:
     p.add_argument("--data", default=None, metavar="DIR", help="ImageFolder root; the check batch comes from val/")
     p.add_argument("--batch_size", type=int, default=8, help="images in the check batch")
     p.add_argument("--image_size", type=int, default=None,
-                   help="input size (default: the checkpoint's training args, else 224)")
+                   help="input size, for a file that records none (default 224; else the training run's)")
     p.add_argument("--val_resize", type=int, default=None,
-                   help="val resize before the center crop (default: from the checkpoint, else 256)")
+                   help="resize before the center crop, for a file that records none (default 256; else "
+                        "training's)")
     p.add_argument("--val_top1", action="store_true", help="also compare the ONNX files' top-1 with PyTorch's "
                                                             "on all of val/")
     p.add_argument("--seed", type=int, default=0, help="seed of the random check batch")
@@ -170,7 +177,8 @@ def write_fast(int_model: IntegerModel, path: str, x: torch.Tensor, residual: st
     from n2uq.export.fast_onnx import export_fast
     from n2uq.export.verify import check_fast
 
-    _, stats = export_fast(int_model, x, path, residual=residual)
+    with atomic_path(path) as tmp:
+        _, stats = export_fast(int_model, x, tmp, residual=residual)
     acc_units = [k for k, v in stats.items() if v["source"] == "acc"]
     on_8bit = [k for k in acc_units if stats[k]["windows"]]
     channels = sum(stats[k]["channels"] for k in on_8bit)
@@ -257,7 +265,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if config.method != "n2uq":
         raise UsageError(f"{args.checkpoint} is a {config.method} model: integer export covers N2UQ models (LTQ "
                          f"activations, HardQuantizeConv weights) and their ablations, not the compared methods")
-    image_size, val_resize = evaluation_sizes(meta, args.image_size, args.val_resize)
+    try:  # the preprocessing the checkpoint was trained with; a contradicting flag is refused
+        settings = evaluation_settings(meta, args.image_size, args.val_resize)
+    except UsageError as exc:
+        raise UsageError(f"{args.checkpoint}: {exc}") from None
+    image_size, val_resize = settings.image_size, settings.val_resize
     model = build_model(config)
     load_state_dict_strict(model, state_dict, source=args.checkpoint)
     model.eval()
@@ -266,8 +278,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     dataset = None
     if args.data is not None:
         dataset = image_folder(args.data, "val", val_transform(image_size, val_resize))
-        if len(dataset.classes) != config.num_classes:
-            raise DataError(f"{args.data}/val has {len(dataset.classes)} classes, the model {config.num_classes}")
+        check_classes(dataset.classes, os.path.join(args.data, "val"), config.num_classes, meta)
     x = check_batch(args, dataset, image_size)
     print(f"check batch: {tuple(x.shape)} {'from ' + args.data + '/val' if dataset is not None else 'random normal'}")
 
@@ -287,7 +298,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "onnx" in formats:
         from n2uq.export.onnx_export import export_onnx
 
-        export_onnx(int_model, base + ".onnx")
+        with atomic_path(base + ".onnx") as tmp:
+            export_onnx(int_model, tmp)
         print(f"wrote {base}.onnx")
         ok &= verify_onnx(int_model, base + ".onnx", x, fq_logits)
     if "fast" in formats:
@@ -295,13 +307,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "qonnx" in formats:
         from n2uq.export.qonnx_export import export_qonnx
 
-        export_qonnx(int_model, list(x.shape), base + ".qonnx.onnx")
+        with atomic_path(base + ".qonnx.onnx") as tmp:
+            export_qonnx(int_model, list(x.shape), tmp)
         print(f"wrote {base}.qonnx.onnx (input shape {list(x.shape)})")
         ok &= verify_qonnx(int_model, base + ".qonnx.onnx", x)
     if "packed" in formats:
         from n2uq.export.packing import save_packed, size_table
 
-        stats = save_packed(int_model, base + ".n2uq")
+        with atomic_path(base + ".n2uq") as tmp:
+            stats = save_packed(int_model, tmp)
         print(f"wrote {base}.n2uq")
         ok &= verify_packed(int_model, base + ".n2uq", x)
         print(size_table(model.state_dict(), stats, os.path.getsize(args.checkpoint)))

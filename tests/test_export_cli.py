@@ -59,6 +59,7 @@ def test_exports_and_verifies_all_formats(checkpoint, data_dir, tmp_path, capsys
     assert "quantized conv weights (2-bit codes)" in text  # the size table
     for suffix in (".onnx", ".fast.onnx", ".qonnx.onnx", ".n2uq"):
         assert (out / f"resnet18_w2a2_qd1{suffix}").is_file()
+    assert not list(out.glob("*.tmp"))  # every file written beside itself, then renamed
 
 
 def test_val_top1_compares_onnx_with_pytorch(checkpoint, data_dir, tmp_path, capsys):
@@ -115,11 +116,23 @@ def test_random_batch_and_one_format(checkpoint, tmp_path, capsys):
     (["--batch_size", "0"], "--batch_size"),
     (["--val_top1"], "--val_top1 needs --data"),
     (["--data", "/nonexistent/dir"], "no val/ folder"),
+    (["--image_size", "64"], "was trained with image_size 32, but --image_size 64 was given"),
 ])
 def test_usage_errors_exit_2(checkpoint, tmp_path, capsys, argv, message):
     assert exit_code(["--checkpoint", checkpoint, "--out", tmp_path, *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_class_folders_other_than_the_checkpoint_records_exit_2(checkpoint, data_dir, tmp_path, capsys):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    other = tmp_path / "other.pth.tar"
+    torch.save({**ckpt, "classes": [f"kind{c}" for c in range(10)]}, other)
+    out = tmp_path / "out"
+    assert exit_code(["--checkpoint", other, "--out", out, "--data", data_dir, "--format", "packed"]) == 2
+    assert "class folders differ from the ones the checkpoint was trained on" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_missing_checkpoint_exits_2(tmp_path, capsys):
