@@ -163,3 +163,29 @@ def test_onnxruntime_runs_every_quantized_conv_on_its_8bit_kernel(tmp_path):
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     int_convs = sum(isinstance(op, IntConv) for op in int_model.ops)
     assert ops.count("QLinearConv") == int_convs and "ConvInteger" not in ops
+
+
+def test_float_accumulator_convs_keep_integer_weights_after_onnxruntime_optimizes(tmp_path):
+    """onnxruntime folds a ``Mul(conv, constant)`` into the conv's weights, which would turn the exact
+    integer sum ``acc`` into a float32 sum of ``α·w·x``; the float-residual file must prevent it, and
+    must give the float convs constant weights (prepacked, not dequantized on every call)."""
+    import onnx
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    model = resnet18(2, False, 4).eval()
+    x = torch.randn(4, 3, 32, 32)
+    randomize_(model, x, seed=3, negative_slope_fraction=0.0)
+    path, optimized = tmp_path / "fast.onnx", tmp_path / "fast.optimized.onnx"
+    export_fast(convert(model), x, str(path), residual="float")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(optimized)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    acc_convs = [n for n in graph.node if n.op_type == "Conv" and ".acc" in n.name]
+    assert len(acc_convs) == 8, [n.name for n in graph.node if n.op_type == "Conv"]  # every block's conv2
+    for node in acc_convs:
+        assert node.input[1] in inits, f"{node.name}: weights computed at run time"
+        weight = inits[node.input[1]]
+        assert np.array_equal(weight, np.round(weight)) and np.abs(weight).max() <= 3, f"{node.name}: α folded in"

@@ -144,13 +144,13 @@ class FastExport(OnnxBuilder):
                                                 self.scalar("zero", 0, np.uint8)], f"{op.name}.q")
         if user is None or isinstance(user, I.Threshold) or self.residual == "float":
             # float32 conv of the codes: the exact accumulator (integer sums below 2^24), float speed;
-            # also for an accumulator read by a quantizer and by a float op (MobileNetV2 block outputs)
+            # also for an accumulator read by a quantizer and by a float op (MobileNetV2 block outputs).
+            # The weight codes are a float32 initializer (exact small integers), not a DequantizeLinear:
+            # onnxruntime prepacks a constant weight for its blocked float kernels, but runs a weight
+            # DequantizeLinear that no QLinearConv absorbs on every call (7x slower on a 512-channel conv).
             self.float_acc.add(op.output)
             x = self.dq(codes, self.scalar("one", 1.0, np.float32), self.scalar("zero", 0, np.uint8))
-            c_out = op.weight.shape[0]
-            w = self.dq(self.const(f"{op.name}.weight_codes", _np(op.weight).astype(np.int8)),
-                        self.const(f"{op.name}.weight_one", np.ones(c_out, np.float32)),
-                        self.const(f"{op.name}.weight_zero", np.zeros(c_out, np.int8)), axis=0)
+            w = self.const(f"{op.name}.weight_codes_f32", _np(op.weight).astype(np.float32))
             return self.node("Conv", [x, w], f"{op.name}.acc", strides=op.stride, pads=op.padding * 2,
                              group=op.groups)
         if isinstance(user, I.Dequant):
@@ -200,13 +200,21 @@ class FastExport(OnnxBuilder):
             return self.node("Add", [x, self.channel_const(f"{name}.bias2", b2)], out)
         return self.node("Identity", [x], out) if out is not None else x
 
+    def float_dequant(self, op: I.Dequant, acc: str) -> str:
+        """``acc·α + β`` of a float32 conv's exact accumulator, written ``Mul(α, acc)``: onnxruntime
+        folds a ``Mul(conv, constant)`` into the conv's weights (``α·w`` summed in float32 is not the
+        exact integer sum times α); with the constant first its fusion does not apply (the product is
+        the same, multiplication being commutative in IEEE arithmetic)."""
+        v = self.node("Mul", [self.channel_const(f"{op.name}.alpha", op.alpha), acc])
+        return self.node("Add", [v, self.channel_const(f"{op.name}.beta", op.beta)], op.output)
+
     def emit_op(self, op: I.Op, x: List[str]) -> str:
         if isinstance(op, I.IntConv):
             return self.int_conv(op, x[0])
         if isinstance(op, I.Threshold):
             return self.threshold(op, x[0])
         if isinstance(op, I.Dequant) and op.inputs[0] in self.float_acc:
-            return self.dequant(op, x[0])
+            return self.float_dequant(op, x[0])
         if isinstance(op, I.Dequant):
             return x[0]  # the conv's per-channel DequantizeLinear already wrote the float value
         return self.emit(op, x)
