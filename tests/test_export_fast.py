@@ -13,7 +13,7 @@ from n2uq.export.fast_plan import accumulator_plan
 from n2uq.export.integer import IntConv, Threshold, UnitKind, convert
 from n2uq.export.synthetic import randomize_
 from n2uq.export.verify import check_fast
-from resnet.resnet import resnet18, resnet50
+from resnet.resnet import ARCHS, resnet18, resnet50
 
 ort = pytest.importorskip("onnxruntime")
 from n2uq.export.fast_onnx import export_fast  # noqa: E402  (needs onnx)
@@ -189,3 +189,47 @@ def test_float_accumulator_convs_keep_integer_weights_after_onnxruntime_optimize
         assert node.input[1] in inits, f"{node.name}: weights computed at run time"
         weight = inits[node.input[1]]
         assert np.array_equal(weight, np.round(weight)) and np.abs(weight).max() <= 3, f"{node.name}: α folded in"
+
+
+def exact_onnx_run(int_model, x):
+    from n2uq.export.onnx_export import export_onnx
+
+    sess = ort.InferenceSession(export_onnx(int_model, expose_codes=True).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x.numpy()})))
+    return (torch.from_numpy(outs["logits"]),
+            {u.name: torch.from_numpy(outs[u.name].astype(np.int64)) for u in int_model.units()})
+
+
+def _every_configuration():
+    """The configurations the paper reports (ResNet-18/34/50 at W2A2, W3A3, W4A4, both downsample
+    kinds; MobileNetV2 W4A4); ResNet-18's and MobileNetV2's in the default suite, the rest slow."""
+    params = []
+    for arch in ARCHS:
+        for bits in (2, 3, 4):
+            for qd in (False, True):
+                marks = () if arch == "resnet18" else (pytest.mark.slow,)
+                params.append(pytest.param(arch, bits, qd, marks=marks, id=f"{arch}_w{bits}a{bits}_qd{int(qd)}"))
+    return [*params, pytest.param("mobilenetv2", 4, False, id="mobilenetv2_w4a4")]
+
+
+@pytest.mark.parametrize("arch, bits, quantize_downsample", _every_configuration())
+def test_every_configuration_exports_fast_and_exact_where_it_says(arch, bits, quantize_downsample):
+    """Both residual forms build and run; with float residual convs every code and logit of the file
+    equals the exact export's (both run the full-precision ops, e.g. a float downsample conv, in
+    onnxruntime, whose float32 sums may round differently from PyTorch's and flip a code at a
+    threshold); with int8 ones every code read from a conv's 8-bit windows is still exact."""
+    torch.manual_seed(0)
+    model = MobileNetV2(bits, 4) if arch == "mobilenetv2" else ARCHS[arch](bits, quantize_downsample, 4)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    randomize_(model, torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2)), seed=3,
+               negative_slope_fraction=0.0)
+    int_model = convert(model)
+    for residual in ("float", "int8"):
+        logits, codes, exact, _ = run_fast(int_model, x, x, residual)
+        agreement = check_fast(int_model, x, logits, codes, exact)
+        assert agreement.ok() and agreement.exact_codes.elements > 0, (residual, agreement.lines())
+        if residual == "float":
+            exact_logits, exact_codes = exact_onnx_run(int_model, x)
+            assert torch.equal(logits, exact_logits)
+            assert all(torch.equal(codes[name], exact_codes[name]) for name in codes)
