@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from n2uq.checkpoint import CheckpointError, extract_state_dict, read_checkpoint  # noqa: E402
 from n2uq.cli import OneLineParser, UsageError, check_output_dir, run_main  # noqa: E402
 from n2uq.methods import Quantizers  # noqa: E402
+from n2uq.resume import RUN_CONTROL_FLAGS  # noqa: E402
 from n2uq.run_config import TrainConfig  # noqa: E402
 from n2uq.train_state import run_name  # noqa: E402
 
@@ -56,9 +57,9 @@ DEFAULT_ARMS = ("n2uq", "n2uq-uniform-thresholds", "n2uq-full-lr-thresholds", "l
 #: The quick start's data and optimiser flags, shared by both stages (docs/training.md, demo).
 COMMON = {"student": "resnet18", "quantize_downsample": False, "batch_size": 128, "learning_rate": 2e-3,
           "image_size": 32, "val_resize": 32, "min_crop_scale": 1.0, "workers": 1}
-#: Recorded flags that say where or how a call ran, not what was trained: not compared on reuse.
-RUN_ONLY = ("save", "resume", "epochs_per_run", "steps_per_run", "save_every_steps", "no_progress", "debug",
-            "check_only", "threads", "device", "log_every", "workers", "models_dir", "skip_bad_images")
+#: Recorded flags that say where or how a call ran, not what was trained: not compared on reuse. A
+#: resume may change them (n2uq.resume); this experiment also pins its data and init files.
+RUN_ONLY = RUN_CONTROL_FLAGS - {"data", "pretrained"}
 PATH_FLAGS = ("data", "pretrained", "teacher_weights")
 FP_FOLDER = "resnet18_fp"
 CHECKPOINT = "checkpoint.pth.tar"
