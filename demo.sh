@@ -367,7 +367,7 @@ else
         ${EXPORT_ARGS[@]+"${EXPORT_ARGS[@]}"} >>"$EXPORT_LOG" 2>&1 || fail "export" "$(log_reason "$EXPORT_LOG")" "$EXPORT_LOG"
 fi
 ONNX_LINE="$(grep -as '^val top-1 over' "$EXPORT_LOG" | sed -E 's/^val top-1 over ([0-9]+) images: /\1 val images: /' || true)"
-ONNX_TOP1="$(sed -nE 's/.*ONNX \(onnxruntime\) ([0-9.]+%).*/\1/p' <<<"$ONNX_LINE")"
+ONNX_TOP1="$(sed -nE 's/^  ONNX exact export \(onnxruntime\) ([0-9.]+%).*/\1/p' "$EXPORT_LOG" 2>/dev/null | head -n 1 || true)"
 [ -z "$ONNX_LINE" ] || say "export: top-1 on $ONNX_LINE"
 T_EXPORT=$((SECONDS - T))
 
