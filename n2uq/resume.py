@@ -13,7 +13,7 @@ reference's format (no recorded flags) are resumed too (:mod:`n2uq.reference_for
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import AbstractSet, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from n2uq.checkpoint import CheckpointError, infer_config, load_state_dict_strict, read_checkpoint
 from n2uq.cli import UsageError
@@ -145,9 +145,11 @@ def check_resume(ckpt: Mapping[str, Any], source: str, config: Mapping[str, Any]
                          f"(or another --save) to start a new run")
 
 
-def recipe_differences(saved_args: Any, flags: Mapping[str, Any]) -> List[str]:
-    """``"--flag SAVED vs NOW"`` for each recipe flag (not in :data:`RUN_CONTROL_FLAGS`) whose value in
-    ``flags`` differs from a checkpoint's recorded ``args``; none when it records none (reference format).
+def recipe_differences(saved_args: Any, flags: Mapping[str, Any], run_control: AbstractSet[str] = RUN_CONTROL_FLAGS,
+                       same: Callable[[str, Any, Any], bool] = lambda _name, a, b: a == b) -> List[str]:
+    """``"--flag SAVED vs NOW"`` for each recipe flag (not in ``run_control``) whose value in ``flags``
+    differs (``same(name, saved, now)`` false) from a checkpoint's recorded ``args``; none when it
+    records none (reference format).
 
     A flag the checkpoint does not record (written before the flag existed) counts as its default."""
     if not isinstance(saved_args, Mapping) or not saved_args:
@@ -155,7 +157,7 @@ def recipe_differences(saved_args: Any, flags: Mapping[str, Any]) -> List[str]:
     defaults = TrainConfig().flags()
     found = []
     for name, now in flags.items():
-        if name in RUN_CONTROL_FLAGS:
+        if name in run_control:
             continue
         if name in saved_args:
             before = saved_args[name]
@@ -163,7 +165,7 @@ def recipe_differences(saved_args: Any, flags: Mapping[str, Any]) -> List[str]:
             before = defaults[name]
         else:  # an optional flag the checkpoint's script did not have either (quantize_downsample)
             continue
-        if before != now:
+        if not same(name, before, now):
             found.append(f"--{name} {before} vs {now}")
     return found
 

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from n2uq.checkpoint import CheckpointError, extract_state_dict, read_checkpoint  # noqa: E402
 from n2uq.cli import OneLineParser, UsageError, check_output_dir, run_main  # noqa: E402
 from n2uq.methods import Quantizers  # noqa: E402
-from n2uq.resume import RUN_CONTROL_FLAGS  # noqa: E402
+from n2uq.resume import RUN_CONTROL_FLAGS, recipe_differences  # noqa: E402
 from n2uq.run_config import TrainConfig  # noqa: E402
 from n2uq.train_state import run_name  # noqa: E402
 
@@ -126,10 +126,8 @@ def _same(name: str, saved: Any, wanted: Any) -> bool:
 def check_recorded(run_dir: Path, saved_args: Mapping[str, Any], flags: Mapping[str, Any]) -> None:
     """Refuse a run folder whose checkpoint was trained with other flags than ``flags`` ask for (a
     flag the checkpoint does not record, being older than the flag, counts as its default)."""
-    wanted = TrainConfig.from_flags(flags).flags()
-    saved = {**TrainConfig().flags(), **saved_args}
-    diffs = [f"--{k} {saved.get(k)!r} vs {v!r}" for k, v in wanted.items()
-             if k not in RUN_ONLY and not _same(k, saved.get(k), v)]
+    diffs = recipe_differences({**TrainConfig().flags(), **saved_args}, TrainConfig.from_flags(flags).flags(),
+                               run_control=RUN_ONLY, same=_same)
     if diffs:
         raise UsageError(f"{run_dir} was trained with other flags ({'; '.join(diffs[:4])}: recorded vs this recipe); "
                          f"pass another --out, or remove that folder to train it again")
