@@ -131,17 +131,39 @@ def gste_param_grads(sums: GSTESums, a_pos: Tensor, a: Tensor, eps: Tensor, scal
         ∂/∂start = -Σ_k W_k        ∂/∂a⁺[j] = -R_{j+1}/a⁺[j] - Σ_{k > j+1} W_k
 
     masked to ``a > eps`` (the clamp ``a⁺ = max(a, eps)`` passes no gradient). Results have the
-    parameters' dtype.
+    parameters' dtype. Tensors give tensors; NumPy arrays (the CPU fast path's sums and parameters)
+    give arrays, from the same operations.
     """
-    real = sums.grad.dtype
-    coef = scale2.detach().to(real) * gste_slopes(a_pos.detach()).to(real)
-    w = coef * sums.grad
-    r = coef * sums.offset
-    later = torch.cat([w[1:].flip(0).cumsum(0).flip(0), w.new_zeros(1)])  # later[j] = Σ_{k > j} W_k (0-based)
-    grad_a_pos = -r / a_pos.detach().to(real) - later
-    grad_a = torch.where(a.detach() > eps, grad_a_pos.to(a.dtype), torch.zeros_like(a))
-    as_param = [t.to(a.dtype).reshape(1) for t in (-w.sum(), sums.scale1, sums.scale2)]
+    real, a_pos = sums.grad.dtype, _as(a_pos, a_pos.dtype)  # a_pos detached
+    coef = _as(scale2, real) * _as(gste_slopes(a_pos), real)  # scale2·slope_k
+    w = coef * sums.grad  # W_k
+    r = coef * sums.offset  # R_k
+    later = _suffix_sums(w)  # later[j] = Σ_{k > j} W_k (0-based)
+    grad_a_pos = -r / _as(a_pos, real) - later
+    grad_a = _where(a > eps, _as(grad_a_pos, a.dtype))
+    as_param = [_as(t, a.dtype).reshape(1) for t in (-w.sum(), sums.scale1, sums.scale2)]
     return GSTEParamGrads(as_param[0], grad_a, as_param[1], as_param[2])
+
+
+# Array helpers of gste_param_grads: the same operation on a tensor (detached) or a NumPy array.
+
+def _as(t, dtype):
+    """``t`` detached, in ``dtype``."""
+    return t.detach().to(dtype) if isinstance(t, Tensor) else np.asarray(t, dtype=dtype)
+
+
+def _suffix_sums(w):
+    """``later[j] = Σ_{k > j} w[k]``, summed from the last entry down; ``later[-1] = 0``."""
+    if isinstance(w, Tensor):
+        return torch.cat([w[1:].flip(0).cumsum(0).flip(0), w.new_zeros(1)])
+    return np.concatenate([np.cumsum(w[:0:-1])[::-1], np.zeros(1, w.dtype)])
+
+
+def _where(keep, values):
+    """``values`` where ``keep``, else 0."""
+    if isinstance(values, Tensor):
+        return torch.where(keep, values, torch.zeros_like(values))
+    return np.where(keep, values, np.zeros_like(values))
 
 
 class LTQFunction(torch.autograd.Function):

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from n2uq import LTQ
 from n2uq import quant as definitions
-from n2uq.kernels import get_backend, use_backend
+from n2uq.kernels import get_backend, select, use_backend
+from n2uq.kernels.ltq_state import ltq_state
 from n2uq.losses import kd_loss
 from resnet.resnet import resnet18
 from scripts.bench_measure import SavedTensors, interleaved, median_ms, min_ms
@@ -117,6 +118,36 @@ def quantizer_mode(args: argparse.Namespace, device: torch.device) -> None:
         print(f"{n_bit:>4} | {relu_ms:8.2f} | {ltq_ms:8.2f} | {ltq_ms / relu_ms:5.2f}x [{best:5.2f}x] |"
               f" {ratios['def']:7.1f}x | {ratios['spec']:8.1f}x | {saved_per_input(q):11.2f}x |"
               f" {saved['def']:11.2f}x | {saved['spec']:12.2f}x")
+    if args.breakdown:
+        for n_bit in args.bits:
+            _breakdown(_trained_like_ltq(n_bit, device), x.detach(), upstream, args, device)
+
+
+def _breakdown(q: LTQ, x: Tensor, upstream: Tensor, args: argparse.Namespace, device: torch.device) -> None:
+    """Where LTQ's time goes against ReLU's: the kernels alone (forward; backward with G-STE's sums)
+    and the per-call cost (forward+backward of a 1×1×4×4 tensor: Python, autograd, the LTQ state and
+    the parameter gradients), interleaved in one run."""
+    impl = select.implementation(x, x.dtype, n_thresholds=q.n_val)
+    state = ltq_state(q.start, q.a, q.scale2, q.eps, q.levels, x.dtype)
+    s1, s2 = q.scale1.detach(), q.scale2.detach()
+    relu_y = torch.relu(x)
+    tiny = torch.randn(1, 1, 4, 4, device=device).requires_grad_(True)
+    ones = torch.ones_like(tiny)
+    params = [q.start, q.a, q.scale1, q.scale2]
+    fns = {
+        "relu_fwd": lambda: torch.relu(x),
+        "ltq_fwd": lambda: impl.ltq_forward(x, None, s1, state.thresholds, state.table, False),
+        "relu_bwd": lambda: torch.ops.aten.threshold_backward(upstream, relu_y, 0.0),
+        "ltq_bwd": lambda: impl.ltq_backward(x, upstream, None, s1, s2, state.thresholds, state.levels,
+                                             state.breakpoints, state.slope),
+        "relu_call": lambda: torch.autograd.grad(torch.relu(tiny), [tiny], ones),
+        "ltq_call": lambda: torch.autograd.grad(q(tiny), [tiny, *params], ones),
+    }
+    t = {name: median_ms(v) for name, v in interleaved(fns, args.rounds, args.warmup, device).items()}
+    print(f"{q.n_bit} bits, {impl.__name__.rsplit('.', 1)[-1]} kernels: forward {t['ltq_fwd']:.2f} ms vs ReLU "
+          f"{t['relu_fwd']:.2f} ms ({t['ltq_fwd'] / t['relu_fwd']:.2f}x), backward {t['ltq_bwd']:.2f} ms vs ReLU's "
+          f"{t['relu_bwd']:.2f} ms ({t['ltq_bwd'] / t['relu_bwd']:.2f}x); per call (1x1x4x4 fwd+bwd) "
+          f"{1e3 * t['ltq_call']:.0f} us vs ReLU {1e3 * t['relu_call']:.0f} us")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,6 +64,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--skip-reference", action="store_true", help="no reference loop column (faster)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="quantizer mode: also time the kernels alone and the per-call cost, against ReLU's")
     parser.add_argument("--with-reference", action="store_true",
                         help="step mode: also time the students with N2UQ_KERNELS=reference (module by module)")
     inference = parser.add_argument_group("inference mode")

@@ -5,6 +5,7 @@ bit-width check and one name (``n_bit``, with the authors' ``num_bits`` kept wor
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -193,6 +194,27 @@ def test_the_kernels_return_named_sums():
             assert (sums.chain is None) == (ch is None)
             if ch is not None:
                 assert all(s.shape == (3,) for s in sums.chain)
+
+
+@pytest.mark.parametrize("n_bit", [1, 2, 4])
+def test_gste_param_grads_are_the_same_on_numpy_and_tensors(n_bit):
+    """The CPU kernels hand their float64 sums to gste_param_grads as NumPy arrays, the other paths as
+    tensors: one formula, the same gradients (including an interval clamped at eps, whose gradient is 0)."""
+    g = torch.Generator().manual_seed(n_bit)
+    n = 2**n_bit - 1
+    a = (torch.full((n,), 2.0 / n) + 0.05 * torch.randn(n, generator=g)).float()
+    a[0] = -0.5  # below eps: a⁺ = eps, no gradient
+    eps, scale2 = torch.tensor([1e-3]), torch.tensor([1.3])
+    a_pos = torch.where(a > eps, a, eps)
+    sums = definitions.GSTESums(*(torch.randn(k, generator=g, dtype=torch.float64) for k in (n, n)),
+                                *(torch.randn((), generator=g, dtype=torch.float64) for _ in range(2)))
+    by_tensor = definitions.gste_param_grads(sums, a_pos, a, eps, scale2)
+    by_numpy = definitions.gste_param_grads(definitions.GSTESums(*(t.numpy() for t in sums)),
+                                            *(t.numpy() for t in (a_pos, a, eps, scale2)))
+    for t, arr in zip(by_tensor, by_numpy):
+        assert isinstance(arr, np.ndarray) and arr.dtype == np.float32 and t.dtype == torch.float32
+        assert torch.allclose(torch.from_numpy(arr), t, rtol=1e-6, atol=0), (arr, t)
+    assert by_numpy.a[0] == 0 and by_tensor.a[0] == 0
 
 
 # --- bit width: one check, one name --------------------------------------------------------------

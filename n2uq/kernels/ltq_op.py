@@ -65,7 +65,10 @@ def _backward(grad, x, b1, w, b2, start, a, scale1, scale2, eps, setup: _Setup):
     state = setup.state
     gx, sums = setup.impl.ltq_backward(x, grad, setup.chain, scale1.detach(), scale2.detach(), state.thresholds,
                                        state.levels, state.breakpoints, state.slope)
-    grads = definitions.gste_param_grads(sums.gste, state.a_pos, a, eps, scale2)  # G-STE's one formula
+    params = (state.a_pos, a, eps, scale2)
+    if not isinstance(sums.gste.grad, torch.Tensor):  # NumPy sums (CPU kernels): NumPy parameters
+        params = tuple(p.detach().numpy() for p in params)
+    grads = definitions.gste_param_grads(sums.gste, *params)  # G-STE's one formula
     g_chain = (None, None, None)
     if b1 is not None:
         g_chain = tuple(grad_like(g, p) for g, p in zip(sums.chain, (b1, w, b2)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -11,6 +12,8 @@ from n2uq.quant import GSTESums
 
 __all__ = ["EMPTY", "compute_dtype", "channel_vector", "grad_like", "ChainSums", "LTQSums", "chain_sums_from_buffer",
            "ltq_sums_from_buffer"]
+
+_NUMPY_OF = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 
 #: Shape of the placeholder a custom op returns for an output it did not compute.
 EMPTY = (0,)
@@ -32,9 +35,14 @@ def channel_vector(t: Optional[Tensor], channels: int, dtype: torch.dtype) -> Op
     return t.detach().reshape(-1).expand(channels).to(dtype).contiguous()
 
 
-def grad_like(sums: Tensor, param: Tensor) -> Tensor:
-    """Per-channel sums → the gradient of ``param`` (summed over channels for a shared weight), as a
-    tensor of its own (outputs of a custom op may not alias each other)."""
+def grad_like(sums, param: Tensor) -> Tensor:
+    """Per-channel sums (a tensor or a NumPy array) → the gradient of ``param`` (summed over channels
+    for a shared weight), as a tensor of its own (outputs of a custom op may not alias each other)."""
+    if not isinstance(sums, Tensor):  # NumPy: convert there (a fresh array), then wrap it
+        sums = np.asarray(sums)
+        if param.numel() == 1 and sums.size > 1:
+            sums = sums.sum()
+        return torch.from_numpy(np.array(sums, dtype=_NUMPY_OF[param.dtype]).reshape(param.shape))
     if param.numel() == 1 and sums.numel() > 1:
         sums = sums.sum()
     return sums.to(param.dtype, copy=True).reshape(param.shape)
@@ -62,8 +70,9 @@ def chain_sums_from_buffer(buffer: Tensor, channels: int) -> ChainSums:
     return ChainSums(b1, w, b2)
 
 
-def ltq_sums_from_buffer(buffer: Tensor, n: int, channels: Optional[int]) -> LTQSums:
-    """Name the float64 buffer a C or Triton LTQ backward fills: ``[G (n), Q (n), S1, S2]``, then with
-    the chain its sums as :func:`chain_sums_from_buffer` — the one place that reads them by offset."""
+def ltq_sums_from_buffer(buffer, n: int, channels: Optional[int]) -> LTQSums:
+    """Name the float64 buffer (a tensor, or a NumPy array on CPU) a C or Triton LTQ backward fills:
+    ``[G (n), Q (n), S1, S2]``, then with the chain its sums as :func:`chain_sums_from_buffer` — the
+    one place that reads them by offset."""
     gste = GSTESums(buffer[:n], buffer[n : 2 * n], buffer[2 * n], buffer[2 * n + 1])
     return LTQSums(gste, None if channels is None else chain_sums_from_buffer(buffer[2 * n + 2 :], channels))
