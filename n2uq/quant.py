@@ -27,10 +27,10 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from n2uq.arrays import as_dtype, joined, suffix_sums, where_or_zero
 from n2uq.bitwidth import NumBitsAlias, bits_argument, check_bits
 from n2uq.numerics import conv2d
 
@@ -40,11 +40,6 @@ __all__ = ["LTQ", "LTQFunction", "HardQuantizeConv", "PACT", "LearnableBias", "l
 
 
 # --- LTQ: learnable thresholds, uniform outputs ----------------------------------------------
-
-
-def _joined(values: list):
-    """The scalars of a recurrence as one vector: ``torch.cat`` for tensors, a NumPy array otherwise."""
-    return torch.cat([v.reshape(1) for v in values]) if isinstance(values[0], Tensor) else np.array(values)
 
 
 def ltq_forward_thresholds(start, a_pos):
@@ -59,7 +54,7 @@ def ltq_forward_thresholds(start, a_pos):
     thresholds = [start + half[0]]
     for i in range(1, len(half)):
         thresholds.append(thresholds[-1] + (half[i - 1] + half[i]))
-    return _joined(thresholds)
+    return joined(thresholds)
 
 
 def ltq_breakpoints(start, a_pos):
@@ -68,7 +63,7 @@ def ltq_breakpoints(start, a_pos):
     breakpoints = [start]
     for length in a_pos:
         breakpoints.append(breakpoints[-1] + length)
-    return _joined(breakpoints)
+    return joined(breakpoints)
 
 
 def gste_slopes(a_pos):
@@ -134,36 +129,15 @@ def gste_param_grads(sums: GSTESums, a_pos: Tensor, a: Tensor, eps: Tensor, scal
     parameters' dtype. Tensors give tensors; NumPy arrays (the CPU fast path's sums and parameters)
     give arrays, from the same operations.
     """
-    real, a_pos = sums.grad.dtype, _as(a_pos, a_pos.dtype)  # a_pos detached
-    coef = _as(scale2, real) * _as(gste_slopes(a_pos), real)  # scale2·slope_k
+    real, a_pos = sums.grad.dtype, as_dtype(a_pos, a_pos.dtype)  # a_pos detached
+    coef = as_dtype(scale2, real) * as_dtype(gste_slopes(a_pos), real)  # scale2·slope_k
     w = coef * sums.grad  # W_k
     r = coef * sums.offset  # R_k
-    later = _suffix_sums(w)  # later[j] = Σ_{k > j} W_k (0-based)
-    grad_a_pos = -r / _as(a_pos, real) - later
-    grad_a = _where(a > eps, _as(grad_a_pos, a.dtype))
-    as_param = [_as(t, a.dtype).reshape(1) for t in (-w.sum(), sums.scale1, sums.scale2)]
+    later = suffix_sums(w)  # later[j] = Σ_{k > j} W_k (0-based)
+    grad_a_pos = -r / as_dtype(a_pos, real) - later
+    grad_a = where_or_zero(a > eps, as_dtype(grad_a_pos, a.dtype))
+    as_param = [as_dtype(t, a.dtype).reshape(1) for t in (-w.sum(), sums.scale1, sums.scale2)]
     return GSTEParamGrads(as_param[0], grad_a, as_param[1], as_param[2])
-
-
-# Array helpers of gste_param_grads: the same operation on a tensor (detached) or a NumPy array.
-
-def _as(t, dtype):
-    """``t`` detached, in ``dtype``."""
-    return t.detach().to(dtype) if isinstance(t, Tensor) else np.asarray(t, dtype=dtype)
-
-
-def _suffix_sums(w):
-    """``later[j] = Σ_{k > j} w[k]``, summed from the last entry down; ``later[-1] = 0``."""
-    if isinstance(w, Tensor):
-        return torch.cat([w[1:].flip(0).cumsum(0).flip(0), w.new_zeros(1)])
-    return np.concatenate([np.cumsum(w[:0:-1])[::-1], np.zeros(1, w.dtype)])
-
-
-def _where(keep, values):
-    """``values`` where ``keep``, else 0."""
-    if isinstance(values, Tensor):
-        return torch.where(keep, values, torch.zeros_like(values))
-    return np.where(keep, values, np.zeros_like(values))
 
 
 class LTQFunction(torch.autograd.Function):

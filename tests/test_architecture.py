@@ -1,7 +1,7 @@
 """The shape of the code: one-way dependencies, no import cycles, short files, short signatures.
 
 The import contracts live in pyproject.toml (``[tool.importlinter]``): definitions (n2uq.quant,
-n2uq.baselines, on n2uq.numerics / n2uq.bitwidth) ← kernels (with ``n2uq.LTQ`` & co. in
+n2uq.baselines, on n2uq.numerics / n2uq.bitwidth / n2uq.arrays) ← kernels (with ``n2uq.LTQ`` & co. in
 n2uq.kernels.modules) ← method choice (n2uq.methods) ← blocks/models ← engine ← scripts, no cycle
 among n2uq's modules, models never importing a kernel, the library never importing an architecture
 folder or a script.
