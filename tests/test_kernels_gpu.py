@@ -150,9 +150,10 @@ from n2uq.kernels.ltq_state import ltq_state
 torch.manual_seed(0)
 
 
-def flat(s):  # the named sums of one backward as one vector, to compare implementations
+def flat(s):  # the named sums of one backward as one vector (the C kernels' are NumPy arrays)
     chain = list(s.chain) if s.chain is not None else []
-    return torch.cat([s.gste.grad, s.gste.offset, s.gste.scale1.reshape(1), s.gste.scale2.reshape(1), *chain])
+    parts = [s.gste.grad, s.gste.offset, s.gste.scale1, s.gste.scale2, *chain]
+    return torch.cat([torch.as_tensor(p, dtype=torch.float64).reshape(-1) for p in parts])
 
 
 for n_bit in (1, 2, 3, 4):
