@@ -173,18 +173,21 @@ def _plot(results: Dict[int, Dict[str, float]], labels: List[str], path: str) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 3.6), squeeze=False)
-    for ax, (batch, best) in zip(axes[0], results.items()):
+    # one set of (wrapped) labels, on the left panel; the panels share the rows
+    fig, axes = plt.subplots(1, len(results), figsize=(3.2 + 3.6 * len(results), 3.8), squeeze=False, sharey=True)
+    for column, (ax, (batch, best)) in enumerate(zip(axes[0], results.items())):
         fp = best[labels[0]]
         ratios = [best[k] / fp for k in labels]
         ax.barh(range(len(labels)), ratios, color=["#888", "#4a7", "#c44", "#36c", "#69d", "#9bf"][:len(labels)])
-        ax.set_yticks(range(len(labels)), [k.replace(": ", ":\n") for k in labels], fontsize=7)
-        ax.invert_yaxis()
+        if column == 0:
+            ax.set_yticks(range(len(labels)), [k.replace(": ", ":\n").replace(" (", "\n(") for k in labels],
+                          fontsize=7)
+            ax.invert_yaxis()
         ax.axvline(1.0, color="k", lw=0.8)
         for i, r in enumerate(ratios):
             ax.text(r, i, f" {r:.2f}× ({best[labels[i]] * 1e3:.0f} ms)", va="center", fontsize=7)
         ax.set_xlabel("time ÷ float32 ONNX (lower is faster)")
         ax.set_title(f"batch {batch}", fontsize=9)
-        ax.set_xlim(0, max(ratios) * 1.35)
+        ax.set_xlim(0, max(ratios) * 1.6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
