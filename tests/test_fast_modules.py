@@ -168,6 +168,26 @@ def test_an_edited_gste_formula_changes_every_fast_path(monkeypatch):
 
 
 @pytest.mark.skipif(not cpu.available(), reason="the C kernels could not be built (no C compiler)")
+def test_a_formula_edited_with_tensor_only_operations_still_reaches_the_c_path(monkeypatch):
+    """The C kernels hand NumPy sums to gste_param_grads; an edit written with torch-only calls (here
+    torch.clamp) is given tensors instead, and its gradients are what the edit says."""
+    q = _ltq(2, 1, "cpu")
+    x, upstream = torch.randn(2, 4, 12, 12), torch.randn(2, 4, 12, 12)
+    before = _param_grads_of_fast_paths(q, x, upstream)
+    real = definitions.gste_param_grads
+
+    def edited(sums, a_pos, a, eps, scale2):
+        grads = real(sums, a_pos, a, eps, scale2)
+        return grads._replace(a=grads.a.clamp(-1e-4, 1e-4))  # .clamp: a tensor method, not NumPy's
+
+    monkeypatch.setattr(definitions, "gste_param_grads", edited)
+    after = _param_grads_of_fast_paths(q, x, upstream)
+    assert torch.allclose(after["c"][1], before["c"][1].clamp(-1e-4, 1e-4), rtol=1e-6, atol=0)
+    assert torch.allclose(after["c"][1], after["torch"][1], rtol=1e-4, atol=1e-9)
+    assert torch.equal(after["c"][0], before["c"][0])  # start: untouched by the edit
+
+
+@pytest.mark.skipif(not cpu.available(), reason="the C kernels could not be built (no C compiler)")
 def test_an_edited_slope_reaches_the_fast_state(monkeypatch):
     """The slopes (and thresholds, breakpoints) of the fast paths' per-call state are the definitions'."""
     q = _ltq(2, 4, "cpu")
@@ -177,6 +197,16 @@ def test_an_edited_slope_reaches_the_fast_state(monkeypatch):
         edited = ltq_state(q.start, q.a, q.scale2, q.eps, q.levels, torch.float32).slope
     a_pos = torch.where(q.a > q.eps, q.a, q.eps).detach()
     assert not torch.equal(slope, edited) and torch.equal(edited, 3 * a_pos)
+
+
+@pytest.mark.skipif(not cpu.available(), reason="the C kernels could not be built (no C compiler)")
+def test_a_state_formula_edited_with_tensor_only_operations_still_reaches_the_c_path(monkeypatch):
+    q = _ltq(2, 4, "cpu")
+    monkeypatch.setattr(definitions, "gste_slopes", lambda a_pos: 3 * a_pos.clamp(min=0))  # .clamp: tensors only
+    with use_backend("c"):
+        edited = ltq_state(q.start, q.a, q.scale2, q.eps, q.levels, torch.float32).slope
+    a_pos = torch.where(q.a > q.eps, q.a, q.eps).detach()
+    assert torch.equal(edited, 3 * a_pos)
 
 
 def test_the_kernels_return_named_sums():

@@ -5,7 +5,8 @@ The formulas are the definitions' (:mod:`n2uq.quant`): ``a⁺``, the thresholds 
 (:func:`~n2uq.quant.ltq_breakpoints`), G-STE's slopes (:func:`~n2uq.quant.gste_slopes`) and the level
 table. Each is a handful of length-``n`` vectors, so the cost is per-call overhead: on CPU the
 definitions run on NumPy scalars (the same IEEE additions in the same order, hence bit-identical to
-the tensors they give, at a fraction of the cost of one small torch op per addition), on CUDA in one
+the tensors they give, at a fraction of the cost of one small torch op per addition; an edited formula
+that NumPy values do not support gets the tensors instead), on CUDA in one
 Triton launch (``triton_ops._state_kernel``, a device transcription checked bit for bit against the
 definitions), elsewhere on the tensors themselves. The parameter gradients are computed by
 :func:`n2uq.quant.gste_param_grads` from the sums each implementation returns.
@@ -44,7 +45,10 @@ def ltq_state(start: Tensor, a: Tensor, scale2: Tensor, eps: Tensor, levels: Ten
     with torch.no_grad():
         if (start.device.type == "cpu" and a.dtype in _NUMPY_DTYPES and start.dtype == a.dtype == eps.dtype
                 and select.numpy_state_allowed()):
-            return _state_numpy(start, a, scale2, eps, levels, dtype)
+            try:
+                return _state_numpy(start, a, scale2, eps, levels, dtype)
+            except (TypeError, AttributeError):  # a formula edited with tensor-only operations: tensors below
+                pass
         if start.is_cuda and select.triton_allowed():
             from n2uq.kernels import triton_ops
 
