@@ -22,10 +22,10 @@ from torch import Tensor
 
 from n2uq import quant as definitions  # looked up at each call: an edited formula reaches the fast path
 from n2uq.kernels import select
+from n2uq.kernels.op_utils import NUMPY_DTYPES
 
 __all__ = ["LTQState", "ltq_state"]
 
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 class LTQState(NamedTuple):
@@ -43,7 +43,7 @@ class LTQState(NamedTuple):
 def ltq_state(start: Tensor, a: Tensor, scale2: Tensor, eps: Tensor, levels: Tensor, dtype: torch.dtype) -> LTQState:
     """Thresholds, breakpoints, level table and slopes of an LTQ, detached."""
     with torch.no_grad():
-        if (start.device.type == "cpu" and a.dtype in _NUMPY_DTYPES and start.dtype == a.dtype == eps.dtype
+        if (start.device.type == "cpu" and a.dtype in NUMPY_DTYPES and start.dtype == a.dtype == eps.dtype
                 and select.numpy_state_allowed()):
             try:
                 return _state_numpy(start, a, scale2, eps, levels, dtype)
@@ -64,12 +64,12 @@ def ltq_state(start: Tensor, a: Tensor, scale2: Tensor, eps: Tensor, levels: Ten
 
 def _state_numpy(start: Tensor, a: Tensor, scale2: Tensor, eps: Tensor, levels: Tensor,
                  dtype: torch.dtype) -> LTQState:
-    real = _NUMPY_DTYPES[a.dtype]
+    real = NUMPY_DTYPES[a.dtype]
     a_np = a.detach().numpy()
     eps_v = eps.detach().numpy()[0]
     a_pos = np.where(a_np > eps_v, a_np, eps_v).astype(real, copy=False)
     start_v = start.detach().numpy().reshape(-1)[0]  # a NumPy scalar: the definitions add scalars
-    np_dtype = _NUMPY_DTYPES.get(dtype)
+    np_dtype = NUMPY_DTYPES.get(dtype)
     levels_c = levels if levels.dtype == dtype else levels.to(dtype)
 
     def as_compute(v: np.ndarray) -> Tensor:

@@ -10,8 +10,11 @@ from torch import Tensor
 
 from n2uq.quant import GSTESums
 
-__all__ = ["EMPTY", "compute_dtype", "channel_vector", "grad_like", "ChainSums", "LTQSums", "chain_sums_from_buffer",
-           "ltq_sums_from_buffer"]
+__all__ = ["EMPTY", "NUMPY_DTYPES", "compute_dtype", "channel_vector", "grad_like", "ChainSums", "LTQSums",
+           "chain_sums_from_buffer", "ltq_sums_from_buffer"]
+
+#: The NumPy type of each dtype the CPU kernels' parameters may have (their per-call work runs in NumPy).
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 #: Shape of the placeholder a custom op returns for an output it did not compute.
 EMPTY = (0,)
@@ -36,8 +39,11 @@ def channel_vector(t: Optional[Tensor], channels: int, dtype: torch.dtype) -> Op
 def grad_like(sums, param: Tensor) -> Tensor:
     """Per-channel sums (a tensor or a NumPy array) → the gradient of ``param`` (summed over channels
     for a shared weight), as a tensor of its own (outputs of a custom op may not alias each other)."""
-    if not isinstance(sums, Tensor):  # a view of the NumPy sums; the copy below makes it the gradient's own
-        sums = torch.from_numpy(np.asarray(sums))
+    if not isinstance(sums, Tensor):  # NumPy: convert there (a fresh array), then wrap it
+        sums = np.asarray(sums)
+        if param.numel() == 1 and sums.size > 1:
+            sums = sums.sum()
+        return torch.from_numpy(np.array(sums, dtype=NUMPY_DTYPES[param.dtype]).reshape(param.shape))
     if param.numel() == 1 and sums.numel() > 1:
         sums = sums.sum()
     return sums.to(param.dtype, copy=True).reshape(param.shape)
