@@ -65,7 +65,7 @@ def _backward(grad, x, b1, w, b2, start, a, scale1, scale2, eps, setup: _Setup):
     state = setup.state
     gx, sums = setup.impl.ltq_backward(x, grad, setup.chain, scale1.detach(), scale2.detach(), state.thresholds,
                                        state.levels, state.breakpoints, state.slope)
-    grads = _param_grads(sums.gste, state.a_pos, a, eps, scale2)
+    grads = _param_grads(sums.gste, state, a, eps, scale2)
     g_chain = (None, None, None)
     if b1 is not None:
         g_chain = tuple(grad_like(g, p) for g, p in zip(sums.chain, (b1, w, b2)))
@@ -73,18 +73,20 @@ def _backward(grad, x, b1, w, b2, start, a, scale1, scale2, eps, setup: _Setup):
     return (as_layout_of(gx.to(x.dtype), x), *g_chain, *params)
 
 
-def _param_grads(sums, a_pos, a, eps, scale2):
+def _param_grads(sums, state: LTQState, a, eps, scale2):
     """G-STE's one formula, :func:`n2uq.quant.gste_param_grads`, on the sums as the kernels return them.
 
-    NumPy sums (the CPU kernels) go in with NumPy parameters; if the formula has been edited with
-    operations only tensors have, it gets the same values as tensors instead (slower, same result)."""
+    NumPy sums (the CPU kernels) go in with the NumPy parameters the forward's state kept; if the
+    formula has been edited with operations only tensors have, it gets the same values as tensors
+    instead (slower, same result)."""
     if isinstance(sums.grad, torch.Tensor):
-        return definitions.gste_param_grads(sums, a_pos, a, eps, scale2)
+        return definitions.gste_param_grads(sums, state.a_pos, a, eps, scale2)
+    host = state.host or [p.detach().numpy() for p in (state.a_pos, a, eps, scale2)]
     try:
-        return definitions.gste_param_grads(sums, *(p.detach().numpy() for p in (a_pos, a, eps, scale2)))
+        return definitions.gste_param_grads(sums, *host)
     except (TypeError, AttributeError):
         as_tensors = type(sums)(*(torch.as_tensor(v) for v in sums))
-        return definitions.gste_param_grads(as_tensors, a_pos, a, eps, scale2)
+        return definitions.gste_param_grads(as_tensors, state.a_pos, a, eps, scale2)
 
 
 class _Stage(torch.autograd.Function):

@@ -14,7 +14,7 @@ definitions), elsewhere on the tensors themselves. The parameter gradients are c
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -24,8 +24,17 @@ from n2uq import quant as definitions  # looked up at each call: an edited formu
 from n2uq.kernels import select
 from n2uq.kernels.op_utils import NUMPY_DTYPES
 
-__all__ = ["LTQState", "ltq_state"]
+__all__ = ["LTQState", "HostParams", "ltq_state"]
 
+
+class HostParams(NamedTuple):
+    """NumPy views of the parameters the CPU path's state was computed from (``a⁺`` a fresh array),
+    kept for the backward's parameter gradients so that they are not converted a second time."""
+
+    a_pos: np.ndarray
+    a: np.ndarray
+    eps: np.ndarray
+    scale2: np.ndarray
 
 
 class LTQState(NamedTuple):
@@ -38,6 +47,7 @@ class LTQState(NamedTuple):
     levels: Tensor  # [n+1] uniform levels L
     table: Tensor  # [n+1] output values L * scale2
     slope: Tensor  # [n] interval / a⁺: the surrogate's slope on each interval
+    host: Optional[HostParams] = None  # the CPU path's NumPy parameters (None elsewhere)
 
 
 def ltq_state(start: Tensor, a: Tensor, scale2: Tensor, eps: Tensor, levels: Tensor, dtype: torch.dtype) -> LTQState:
@@ -65,10 +75,10 @@ def ltq_state(start: Tensor, a: Tensor, scale2: Tensor, eps: Tensor, levels: Ten
 def _state_numpy(start: Tensor, a: Tensor, scale2: Tensor, eps: Tensor, levels: Tensor,
                  dtype: torch.dtype) -> LTQState:
     real = NUMPY_DTYPES[a.dtype]
-    a_np = a.detach().numpy()
-    eps_v = eps.detach().numpy()[0]
+    a_np, eps_np, start_np, scale2_np = (p.detach().numpy() for p in (a, eps, start, scale2))
+    eps_v = eps_np[0]
     a_pos = np.where(a_np > eps_v, a_np, eps_v).astype(real, copy=False)
-    start_v = start.detach().numpy().reshape(-1)[0]  # a NumPy scalar: the definitions add scalars
+    start_v = start_np.reshape(-1)[0]  # a NumPy scalar: the definitions add scalars
     np_dtype = NUMPY_DTYPES.get(dtype)
     levels_c = levels if levels.dtype == dtype else levels.to(dtype)
 
@@ -76,7 +86,12 @@ def _state_numpy(start: Tensor, a: Tensor, scale2: Tensor, eps: Tensor, levels: 
         v = np.asarray(v, dtype=real)
         return torch.from_numpy(v.astype(np_dtype, copy=False)) if np_dtype else torch.from_numpy(v).to(dtype)
 
+    if np_dtype is not None and scale2.dtype in NUMPY_DTYPES:  # L·scale2, the same IEEE products in NumPy
+        table = torch.from_numpy(levels_c.numpy() * scale2_np.astype(np_dtype, copy=False))
+    else:
+        table = levels_c * scale2.detach().to(dtype)
     return LTQState(a_pos=torch.from_numpy(a_pos),
                     thresholds=as_compute(definitions.ltq_forward_thresholds(start_v, a_pos)),
                     breakpoints=as_compute(definitions.ltq_breakpoints(start_v, a_pos)), levels=levels_c,
-                    table=levels_c * scale2.detach().to(dtype), slope=as_compute(definitions.gste_slopes(a_pos)))
+                    table=table, slope=as_compute(definitions.gste_slopes(a_pos)),
+                    host=HostParams(a_pos, a_np, eps_np, scale2_np))
