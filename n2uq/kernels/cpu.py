@@ -33,6 +33,8 @@ __all__ = ["library", "available", "build_error", "supports", "ltq_forward", "lt
            "rprelu_backward", "decode", "weight_ste", "FLAGS"]
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
+#: The headers it includes (its building blocks): part of the cache key, like the source.
+_HEADERS = ("cpu_kernels_common.h", "cpu_kernels_generic.h", "cpu_kernels_avx512.h")
 #: -ffp-contract=off keeps every multiply and add separately rounded, as PyTorch's kernels do.
 #: ``N2UQ_CPU_ARCH`` replaces ``-march=native`` (e.g. ``x86-64-v3`` for a cache shared by machines).
 FLAGS = ["-O3", f"-march={os.environ.get('N2UQ_CPU_ARCH', 'native')}", "-ffp-contract=off", "-fno-fast-math",
@@ -62,7 +64,8 @@ def _build(cache_dir: Path) -> Path:
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise RuntimeError(f"C compiler {cc!r} not found")
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode() + _cpu_signature().encode())
+    sources = b"".join(path.read_bytes() for path in (_SOURCE, *(_SOURCE.with_name(h) for h in _HEADERS)))
+    key = hashlib.sha256(sources + " ".join([cc, *FLAGS]).encode() + _cpu_signature().encode())
     target = cache_dir / f"n2uq_cpu_{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
