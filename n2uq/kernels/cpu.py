@@ -33,8 +33,8 @@ __all__ = ["library", "available", "build_error", "supports", "ltq_forward", "lt
            "rprelu_backward", "decode", "weight_ste", "FLAGS"]
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
-#: The headers it includes (its building blocks): part of the cache key, like the source.
-_HEADERS = ("cpu_kernels_common.h", "cpu_kernels_generic.h", "cpu_kernels_avx512.h")
+#: The headers beside it that it includes (its building blocks): part of the cache key, like the source.
+_HEADERS = tuple(sorted(p.name for p in _SOURCE.parent.glob("cpu_kernels*.h")))
 #: -ffp-contract=off keeps every multiply and add separately rounded, as PyTorch's kernels do.
 #: ``N2UQ_CPU_ARCH`` replaces ``-march=native`` (e.g. ``x86-64-v3`` for a cache shared by machines).
 FLAGS = ["-O3", f"-march={os.environ.get('N2UQ_CPU_ARCH', 'native')}", "-ffp-contract=off", "-fno-fast-math",

@@ -7,7 +7,6 @@
 #define N2UQ_CPU_KERNELS_AVX512_H
 
 #include "cpu_kernels_common.h"
-#include "cpu_kernels_generic.h"
 
 #ifdef __AVX512F__
 #include <immintrin.h>

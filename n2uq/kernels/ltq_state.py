@@ -86,7 +86,7 @@ def _state_numpy(start: Tensor, a: Tensor, scale2: Tensor, eps: Tensor, levels: 
         v = np.asarray(v, dtype=real)
         return torch.from_numpy(v.astype(np_dtype, copy=False)) if np_dtype else torch.from_numpy(v).to(dtype)
 
-    if np_dtype is not None and scale2.dtype in NUMPY_DTYPES:  # L·scale2, the same IEEE products in NumPy
+    if np_dtype is not None:  # L·scale2, the same IEEE products in NumPy
         table = torch.from_numpy(levels_c.numpy() * scale2_np.astype(np_dtype, copy=False))
     else:
         table = levels_c * scale2.detach().to(dtype)
