@@ -274,3 +274,68 @@ def test_pact_takes_n_bit_and_the_references_num_bits():
     assert list(n2uq.PACT(num_bits=4, init_act_clip_val=3).state_dict()) == ["clip_val"]
     with pytest.raises(ValueError, match="once"):
         n2uq.PACT()
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 0, 4, 4), (2, 3, 0, 4), (0,), ()])
+def test_empty_and_0d_inputs_give_what_the_definition_gives(shape):
+    """An empty batch (or plane) returns empty results instead of reaching the kernels' partition
+    (which divided by the plane size); a 0-d input broadcasts to [1] as in the definition."""
+    fast, ref = n2uq.LTQ(2), definitions.LTQ(2)
+    x = torch.randn(shape)
+    upstream = torch.ones(shape or (1,))
+    y_fast, g_fast = _fwd_bwd(fast, x, upstream, [fast.a])
+    with use_backend("reference"):
+        y_ref, g_ref = _fwd_bwd(ref, x, upstream, [ref.a])
+    assert y_fast.shape == y_ref.shape
+    torch.testing.assert_close(y_fast, y_ref, rtol=0, atol=0)
+    for a, b in zip(g_fast, g_ref):
+        assert a.shape == b.shape
+
+
+@pytest.mark.skipif(not cpu.available(), reason="the C kernels could not be built (no C compiler)")
+def test_the_c_kernels_themselves_accept_empty_planes():
+    """Called directly (past the dispatcher, which sends empty tensors to plain PyTorch): no crash.
+    In a subprocess, since the failure was a floating-point exception that kills the interpreter."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import torch
+        from n2uq.kernels import cpu
+        from n2uq.kernels.ltq_state import ltq_state
+        from n2uq.quant import LTQ
+        q = LTQ(2)
+        s = ltq_state(q.start, q.a, q.scale2, q.eps, q.levels, torch.float32)
+        for shape in [(0, 3, 4, 4), (2, 3, 0, 4), (2, 0, 4, 4)]:
+            x = torch.randn(shape)
+            y, _ = cpu.ltq_forward(x, None, q.scale1.detach(), s.thresholds, s.table, False)
+            gx, _ = cpu.ltq_backward(x, torch.ones_like(x), None, q.scale1.detach(), q.scale2.detach(),
+                                     s.thresholds, s.levels, s.breakpoints, s.slope)
+            assert y.shape == gx.shape == x.shape
+        print("ok")
+    """
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2"])
+def test_models_take_an_empty_batch(arch):
+    from mobilenetv2.mobilenet_v2 import MobileNetV2
+    from resnet.resnet import resnet18
+
+    model = resnet18(2, False, 10) if arch == "resnet18" else MobileNetV2(4, 10)
+    x = torch.randn(0, 3, 32, 32, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad.shape == x.shape
+    assert model.eval()(x).shape == (0, 10)
+
+
+def test_a_second_derivative_through_the_fast_ltq_is_an_error_not_a_silent_zero():
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    fast = n2uq.LTQ(2)
+    (g,) = torch.autograd.grad(fast(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()
+    with use_backend("reference"):  # the definition's backward is made of differentiable operations
+        (g,) = torch.autograd.grad(fast(x).pow(2).sum(), x, create_graph=True)
+        g.sum().backward()

@@ -130,8 +130,10 @@ def build_error() -> str:
 
 
 def supports(x: Tensor, dtype: torch.dtype) -> bool:
-    """Whether these kernels handle ``x`` computed in ``dtype`` (CPU, float32/64, same dtype)."""
-    return x.device.type == "cpu" and x.dtype == dtype and dtype in (torch.float32, torch.float64) and available()
+    """Whether these kernels handle ``x`` computed in ``dtype`` (CPU, float32/64, same dtype, not empty:
+    an empty tensor takes plain PyTorch, which has nothing to compute either)."""
+    return (x.device.type == "cpu" and x.dtype == dtype and dtype in (torch.float32, torch.float64)
+            and x.numel() > 0 and available())
 
 
 # ---------------------------------------------------------------------------------------------

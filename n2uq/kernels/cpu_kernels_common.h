@@ -29,7 +29,7 @@ typedef struct {
     int64_t first, len, nspans, span0, c0;
 } item_t;
 
-static int64_t group_of(int64_t hw) { return hw >= CHUNK ? 1 : CHUNK / hw; }
+static int64_t group_of(int64_t hw) { return hw >= CHUNK ? 1 : CHUNK / (hw > 0 ? hw : 1); }
 
 static int64_t item_count(int64_t planes, int64_t hw) {
     return hw >= CHUNK ? planes * cdiv(hw, CHUNK) : cdiv(planes, group_of(hw));

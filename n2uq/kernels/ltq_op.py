@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional, Tuple  # real types, not strings: custo
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from n2uq import quant as definitions  # looked up at each call: an edited formula reaches the fast path
 from n2uq.kernels import select
@@ -90,7 +91,11 @@ def _param_grads(sums, state: LTQState, a, eps, scale2):
 
 
 class _Stage(torch.autograd.Function):
-    """Eager form of ``n2uq::ltq_stage``: the LTQ state computed in forward is reused in backward."""
+    """Eager form of ``n2uq::ltq_stage``: the LTQ state computed in forward is reused in backward.
+
+    The backward is differentiable once: a gradient taken with ``create_graph=True`` raises when it is
+    differentiated again (the kernels' gradients carry no graph); ``N2UQ_KERNELS=reference`` runs the
+    definition, whose backward is made of differentiable tensor operations."""
 
     @staticmethod
     def forward(ctx, x, b1, w, b2, start, a, scale1, scale2, eps, levels, want_codes, out_code):  # type: ignore[override]
@@ -102,6 +107,7 @@ class _Stage(torch.autograd.Function):
         return y, codes, table
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad, _grad_codes, _grad_table):  # type: ignore[override]
         x, b1, w, b2, start, a, scale1, scale2, eps = ctx.saved_tensors
         return (*_backward(grad, x, b1, w, b2, start, a, scale1, scale2, eps, ctx.setup), None, None, None, None)
