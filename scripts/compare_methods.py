@@ -117,11 +117,36 @@ def finished(run_dir: Path, epochs: int) -> Optional[Tuple[float, float]]:
     return float(ckpt["val_top1"]), float(ckpt["best_top1_acc"])
 
 
-def train_flags(spec: RunSpec, args, out: Path) -> List[str]:
-    """The ``resnet/train.py`` flags of one run of the grid."""
+def grid_flags(spec: RunSpec, args, out: Path) -> List[str]:
+    """The flags of one run that the grid sets (its data, cell, seed, epochs and folder)."""
     return ["--data", args.data, "--student", "resnet18", "--quantize_downsample", "0", "--epochs", str(args.epochs),
-            "--seed", str(spec.seed), "--save", str(out / f"seed{spec.seed}"), "--no_progress",
-            *shlex.split(args.recipe), *spec.flags()]
+            "--seed", str(spec.seed), "--save", str(out / f"seed{spec.seed}"), "--no_progress", *spec.flags()]
+
+
+#: Flags the grid sets for every run (or for some of its cells): ``--recipe`` may not set them.
+GRID_FLAGS = ("--data", "--student", "--quantize_downsample", "--epochs", "--seed", "--save", "--n_bit", "--method",
+              "--full_precision", *ABLATIONS.values(), "--full_lr_thresholds", "--resume")
+
+
+def check_recipe(recipe: str) -> List[str]:
+    """The ``--recipe`` flags as a list; :class:`UsageError` naming a flag the grid sets itself (the
+    recipe would override it: every seed the same run, or a cell that is not what it is reported as)."""
+    try:
+        tokens = shlex.split(recipe)
+    except ValueError as exc:
+        raise UsageError(f"--recipe cannot be split into flags ({exc})") from None
+    for token in tokens:
+        flag = token.split("=", 1)[0]
+        # argparse also takes an unambiguous prefix of a flag (--seed for --seed, --epo for --epochs)
+        if flag.startswith("--") and len(flag) > 2 and any(grid_flag.startswith(flag) for grid_flag in GRID_FLAGS):
+            raise UsageError(f"--recipe sets {flag}, which the grid sets for each run; use the grid's own option "
+                             f"(--data, --methods, --bits, --seeds, --epochs, --ablations, --out) instead")
+    return tokens
+
+
+def train_flags(spec: RunSpec, args, out: Path) -> List[str]:
+    """The ``resnet/train.py`` flags of one run of the grid: the recipe, then the grid's own flags."""
+    return [*check_recipe(args.recipe), *grid_flags(spec, args, out)]
 
 
 def check_existing_runs(specs: List[RunSpec], args, out: Path) -> None:
@@ -138,7 +163,7 @@ def check_existing_runs(specs: List[RunSpec], args, out: Path) -> None:
             continue  # unreadable: train.py's resume says what to do with it
         if diffs:
             raise UsageError(f"{path.parent} was trained with other settings ({'; '.join(diffs)}); pass the "
-                             f"--epochs/--recipe it was trained with, or another --out")
+                             f"--data/--epochs/--recipe it was trained with, or another --out")
 
 
 def train(spec: RunSpec, args, out: Path) -> float:
@@ -160,13 +185,21 @@ def train(spec: RunSpec, args, out: Path) -> float:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from scripts.paper_recipe import build_parser as paper_recipe_parser
     from scripts.paper_recipe import delegated_argv
     from scripts.paper_recipe import main as paper_recipe_main
 
     paper_argv = delegated_argv(list(sys.argv[1:] if argv is None else argv))
     if paper_argv is not None:  # --recipe paper: the paper's recipe scaled down (docs/paper_recipe.md)
+        unknown = [t for t in paper_recipe_parser().parse_known_args(paper_argv)[1] if t.startswith("-")]
+        if unknown:
+            raise UsageError(f"{unknown[0].split('=', 1)[0]} is not an option of --recipe paper "
+                             f"(scripts/paper_recipe.py): it trains the arms given by --arms, e.g. --arms n2uq lsq")
         return paper_recipe_main(paper_argv)
     args = build_parser().parse_args(argv)
+    check_recipe(args.recipe)
+    if len(set(args.seeds)) < len(args.seeds):
+        raise UsageError("--seeds repeats a seed; each seed is one run, counted once in the mean ± std")
     if args.epochs < 2:
         raise UsageError("--epochs must be at least 2: the paper's schedule trains its last epoch at lr 0")
     for bits in (*args.bits, *args.ablation_bits):
@@ -200,7 +233,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      done[0], done[1]))
     if not results:
         raise UsageError(f"no finished run of {args.epochs} epochs in {out}; run without --report_only first")
-    for path in write_report(results, out, f"{args.epochs} epochs, {args.recipe}"):
+    for path in write_report(results, out, f"data {args.data}; {args.epochs} epochs, {args.recipe}"):
         print(f"wrote {path}")
     return 0
 

@@ -8,6 +8,7 @@ trained under other settings than it states.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence
@@ -20,7 +21,10 @@ __all__ = ["differences", "recorded_args", "read_checkpoint"]
 
 #: Flags that say where a run goes and how fast it runs, not what it trains.
 NOT_RESULTS = {"save", "workers", "no_progress", "threads", "device", "log_every", "resume", "check_only", "debug",
-               "epochs_per_run", "steps_per_run", "save_every_steps", "data"}
+               "epochs_per_run", "steps_per_run", "save_every_steps"}
+#: Flags naming a file or folder: the same when they lead to the same place (``--data``: a run trained
+#: on other images is another result).
+PATHS = {"data"}
 SHORT = {"-j": "workers"}
 
 
@@ -28,7 +32,9 @@ def _is_flag(token: str) -> bool:
     return token.startswith("--") or token in SHORT
 
 
-def _same(given: Optional[str], recorded: Any) -> bool:
+def _same(given: Optional[str], recorded: Any, path: bool = False) -> bool:
+    if path and given is not None and isinstance(recorded, str):
+        return os.path.realpath(given) == os.path.realpath(recorded)
     if given is None:  # a switch (store_true)
         return recorded is True
     if isinstance(recorded, bool):
@@ -41,7 +47,8 @@ def _same(given: Optional[str], recorded: Any) -> bool:
 
 def differences(flags: Sequence[str], recorded: Mapping[str, Any]) -> List[str]:
     """``"--flag: VALUE asked, RECORDED recorded"`` for each flag in ``flags`` whose value the run's
-    recorded arguments do not hold (flags in :data:`NOT_RESULTS` are not compared)."""
+    recorded arguments do not hold (flags in :data:`NOT_RESULTS` are not compared; those in
+    :data:`PATHS` by the place they lead to)."""
     found, i = [], 0
     while i < len(flags):
         flag = flags[i].split("=", 1)[0]
@@ -60,7 +67,7 @@ def differences(flags: Sequence[str], recorded: Mapping[str, Any]) -> List[str]:
             continue
         if name not in recorded:
             found.append(f"{flag}: {value if value is not None else 'set'} asked, not recorded")
-        elif not _same(value, recorded[name]):
+        elif not _same(value, recorded[name], name in PATHS):
             found.append(f"{flag}: {value if value is not None else 'set'} asked, {recorded[name]} recorded")
     return found
 

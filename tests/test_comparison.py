@@ -29,7 +29,7 @@ def comparison(tiny_imagefolder, tmp_path_factory):
     return out
 
 
-def test_every_cell_is_trained_through_train_py_and_reported(comparison):
+def test_every_cell_is_trained_through_train_py_and_reported(comparison, tiny_imagefolder):
     n2uq_run = comparison / "seed0" / "resnet18_2bit_quantize_downsample_False"
     dorefa_run = comparison / "seed0" / "resnet18_dorefa_2bit_quantize_downsample_False"
     assert (n2uq_run / "model_best.pth.tar").is_file() and (dorefa_run / "model_best.pth.tar").is_file()
@@ -40,6 +40,7 @@ def test_every_cell_is_trained_through_train_py_and_reported(comparison):
         assert float(row["final_top1"]) == pytest.approx(compare_methods.finished(run, 2)[0], abs=0.005)
     assert [r["paper_imagenet_top1"] for r in rows] == ["69.7", "64.7"]  # the paper's ResNet-18 W2A2 rows
     report = (comparison / "comparison.md").read_text()
+    assert f"data {tiny_imagefolder.resolve()};" in report  # the report names the data it measured on
     assert "| N2UQ | " in report and "| DoReFa-Net | " in report and "LSQ" not in report
 
 
@@ -64,6 +65,40 @@ def test_runs_of_another_recipe_are_neither_reused_nor_resumed(comparison, tiny_
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and "was trained with other settings (" in lines[0] and flag in lines[0], lines
     assert captured.out == "" and {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_runs_trained_on_other_data_are_not_reported(comparison, tmp_path, capsys):
+    """--data is part of a run's result: a run of the grid trained on other images is refused."""
+    argv = ["--data", str(tmp_path), "--out", str(comparison), *GRID, "--report_only"]
+    assert _run(compare_methods.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--data: {tmp_path} asked" in err, err
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--recipe", TINY_RECIPE + " --seed 7"], "--recipe sets --seed, which the grid sets for each run"),
+    (["--recipe", TINY_RECIPE + " --epochs=3"], "--recipe sets --epochs, which the grid sets"),
+    (["--recipe", TINY_RECIPE + " --n_bit 4"], "--recipe sets --n_bit, which the grid sets"),
+    (["--recipe", TINY_RECIPE + " --sav x"], "--recipe sets --sav, which the grid sets"),
+    (["--seeds", "0", "0"], "--seeds repeats a seed"),
+])
+def test_a_grid_that_would_report_one_run_as_another_is_refused(tiny_imagefolder, tmp_path, capsys, change, message):
+    """The recipe may not override the grid's own flags (every seed would be one run, reported as several),
+    and a repeated seed would count one run twice."""
+    argv = ["--data", str(tiny_imagefolder), "--out", str(tmp_path / "out"), *GRID, *change]
+    assert _run(compare_methods.main, argv) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and len(captured.err.strip().splitlines()) == 1 and captured.out == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_paper_recipe_refuses_the_grid_options_it_has_not(tiny_imagefolder, tmp_path, capsys):
+    argv = ["--recipe", "paper", "--methods", "lsq", "--data", str(tiny_imagefolder), "--out", str(tmp_path / "o")]
+    assert _run(compare_methods.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --methods is not an option of --recipe paper (scripts/paper_recipe.py): it trains the "
+                   "arms given by --arms, e.g. --arms n2uq lsq")
+    assert not (tmp_path / "o").exists()
 
 
 def test_report_only_needs_finished_runs(tmp_path, capsys):

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from scripts.run_flags import differences
 
-RECORDED = {"epochs": 8, "learning_rate": 0.002, "quantize_downsample": False, "method": "n2uq",
-            "uniform_thresholds": False, "teacher": "none", "workers": 1, "save": "models", "seed": 0}
+RECORDED = {"data": "data/fashion_mnist", "epochs": 8, "learning_rate": 0.002, "quantize_downsample": False,
+            "method": "n2uq", "uniform_thresholds": False, "teacher": "none", "workers": 1, "save": "models", "seed": 0}
 
 
 def test_matching_flags_in_every_spelling_give_nothing():
     flags = ["--epochs", "8", "--learning_rate=2e-3", "--quantize_downsample", "False", "--method", "n2uq",
-             "--teacher", "none", "--seed", "0", "-j", "4", "--save", "elsewhere", "--data", "other/folder"]
-    assert differences(flags, RECORDED) == []  # -j, --save and --data say where and how fast, not what
+             "--teacher", "none", "--seed", "0", "-j", "4", "--save", "elsewhere",
+             "--data", "./data/../data/fashion_mnist"]
+    assert differences(flags, RECORDED) == []  # -j and --save say where and how fast, not what; the same data
+
+
+def test_a_run_trained_on_other_data_differs():
+    assert differences(["--data", "other/folder"], RECORDED) == [
+        "--data: other/folder asked, data/fashion_mnist recorded"]
 
 
 def test_each_differing_flag_is_named():
