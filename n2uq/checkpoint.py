@@ -62,11 +62,13 @@ class ModelConfig:
     method: str = "n2uq"  # n2uq | lsq | pact | dorefa (n2uq.methods)
     learned_thresholds: bool = True  # N2UQ ablations (recorded in this project's checkpoints)
     entropy_preserving: bool = True
+    full_lr_thresholds: bool = False  # the intervals trained at the full lr (a departure from the reference)
 
     @property
     def method_tag(self) -> str:
-        """``n2uq``, ``lsq``, ... or N2UQ with its ablations (``n2uq-uniform-thresholds``, ...)."""
-        return method_tag(self.method, self.learned_thresholds, self.entropy_preserving)
+        """``n2uq``, ``lsq``, ... or N2UQ with its ablations and variants (``n2uq-uniform-thresholds``,
+        ``n2uq-full-lr-thresholds``, ...): the tag of the run folder it was trained in."""
+        return method_tag(self.method, self.learned_thresholds, self.entropy_preserving, self.full_lr_thresholds)
 
     @property
     def tag(self) -> str:
@@ -306,7 +308,8 @@ def _config(arch: str, quantize_downsample: bool, num_classes: int, quantizer, r
         raise CheckpointError(f"the file records {recorded.get('method')} at {recorded.get('n_bit')} bits but its "
                               f"weights are of a {method} model at {n_bit} bits")
     return ModelConfig(arch, n_bit, quantize_downsample, num_classes, method,
-                       bool(recorded.get("learned_thresholds", True)), bool(recorded.get("entropy_preserving", True)))
+                       bool(recorded.get("learned_thresholds", True)), bool(recorded.get("entropy_preserving", True)),
+                       bool(recorded.get("full_lr_thresholds", False)))
 
 
 def load_model_state(path: str | os.PathLike[str]) -> Tuple[Dict[str, Tensor], ModelConfig, Dict[str, Any]]:

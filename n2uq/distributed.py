@@ -34,6 +34,12 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def eval_batch(self, global_batch: int) -> int:
+        """This process's evaluation batch for a global ``global_batch``: ``ceil(global_batch / world_size)``.
+        Evaluation shards the images (each on exactly one process, :class:`n2uq.data.ShardSampler`) and
+        sums over processes, so any batch size gives the same numbers; none needs to divide it."""
+        return -(-global_batch // self.world_size)
+
 
 def env_world_size() -> int:
     """The number of processes torchrun launched (1 without torchrun). Safe before any init."""

@@ -150,8 +150,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     env = init_distributed(args.device)
     try:
-        if args.batch_size % env.world_size:
-            raise UsageError(f"--batch_size {args.batch_size} is not divisible by the {env.world_size} processes")
         configure_threads(args.threads, env)
         model = make_model()
         load_state_dict_strict(model, state_dict, source=args.checkpoint)
@@ -161,17 +159,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             model.to(memory_format=torch.channels_last)
         workers = default_workers(env) if args.workers is None else args.workers
-        loader = D.build_val_loader(dataset, args.batch_size // env.world_size, env.rank, env.world_size,
+        loader = D.build_val_loader(dataset, env.eval_batch(args.batch_size), env.rank, env.world_size,
                                     workers, pin_memory=env.device.type == "cuda")
         result = evaluate(model, loader, env.device, settings.amp, args.channels_last, skip_bad=args.skip_bad_images)
     finally:
         cleanup()
     if env.is_main:
+        logged = meta.get("val_top1") if args.split == "val" else None  # training evaluated val/ only
         if args.json:
-            print(json.dumps({"checkpoint": args.checkpoint, "config": tag, **result,
-                              "logged_top1": meta.get("val_top1"), "preprocessing": settings._asdict()}))
+            print(json.dumps({"checkpoint": args.checkpoint, "config": tag, **result, "logged_top1": logged,
+                              "preprocessing": settings._asdict()}))
         else:
-            logged = meta.get("val_top1")
             note = f" (training logged {logged:.2f}%)" if isinstance(logged, float) else ""
             print(f"{tag} [{description}] {args.checkpoint}\n"
                   f"{split_dir}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "

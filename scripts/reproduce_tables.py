@@ -12,7 +12,11 @@ contradicts what a file records refuses that file. A model of another data set (
 count than ``val/`` has) is skipped with a line. Results are cached in ``<out>/cache.json``, keyed
 by the file's SHA-256, the validation images and those flags, so a rerun evaluates only new files.
 The table is written to ``<out>/tables.md`` and ``<out>/tables.csv`` and printed. ``--runs DIR``
-also fills cells from this project's training runs (best val top-1 of each run's ``metrics.jsonl``).
+also fills cells from this project's training runs (best val top-1 of each run's ``metrics.jsonl``)
+that were validated on the same images (the data folder, classes and image count their checkpoint
+and log record); other runs are skipped with a line. A full-precision file or run (``resnet/train.py
+--full_precision``) has no cell in the paper's tables: it is skipped with a line (``scripts/evaluate.py``
+measures it). ``--full_lr_thresholds`` models get a row of their own, as N2UQ's ablations do.
 
 Exit status 1 when a file cannot be read, recognised or evaluated as asked (after evaluating the
 others); each such file is named on its progress line as it comes and again at the end.
@@ -29,7 +33,13 @@ from typing import Any, Dict, List, Optional, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from n2uq import data as D  # noqa: E402
-from n2uq.checkpoint import CheckpointError, ModelConfig, load_model_state, load_state_dict_strict  # noqa: E402
+from n2uq.checkpoint import (  # noqa: E402
+    CheckpointError,
+    ModelConfig,
+    infer_config,
+    load_state_dict_strict,
+    read_state_and_meta,
+)
 from n2uq.cli import OneLineParser, UsageError, check_output_dir, run_main  # noqa: E402
 from n2uq.distributed import DistEnv, cleanup, init_distributed  # noqa: E402
 from n2uq.engine import configure_threads, default_workers, evaluate  # noqa: E402
@@ -49,14 +59,18 @@ from scripts.evaluate import (  # noqa: E402
     check_settings_flags,
     evaluation_settings,
 )
-from scripts.model_zoo import build_model  # noqa: E402
+from scripts.model_zoo import build_model, full_precision_resnet, training_args  # noqa: E402
 
 #: Files under --models that are documentation or logs, not checkpoints.
 NOT_CHECKPOINTS = {".md", ".txt", ".json", ".jsonl", ".csv", ".log", ".yaml", ".yml", ".sh", ".py", ".tmp"}
 
 
-class OtherDataError(CheckpointError):
-    """The file is a model of another data set (its class count differs); it is skipped, not an error."""
+class NotTabulated(CheckpointError):
+    """A readable model the tables have no cell for (a full-precision one); skipped with a line, not an error."""
+
+
+class OtherDataError(NotTabulated):
+    """The file or run is of another data set (its class count, classes or images differ); skipped."""
 
 
 def build_parser() -> OneLineParser:
@@ -65,7 +79,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--data", required=True, help="ImageFolder root holding val/ (e.g. the ImageNet folder)")
     p.add_argument("--out", default="results", help="where tables.md, tables.csv and cache.json go")
     p.add_argument("--runs", default=None, help="also fill cells from training runs under this folder")
-    p.add_argument("--batch_size", type=int, default=256, help="global evaluation batch size")
+    p.add_argument("--batch_size", type=int, default=256,
+                   help="global evaluation batch size (per process: divided by the processes, rounded up)")
     p.add_argument("-j", "--workers", type=int, default=None, help="loader workers per process")
     add_settings_flags(p)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -106,12 +121,13 @@ def settings_key(data: str, args) -> str:
     A file's evaluation settings are a function of its bytes (the SHA-256 the cache key starts
     with) and these flags (:func:`evaluation_settings`), so equal keys mean equal settings. The
     resolved settings are stored with each result and shown in the table."""
-    return f"v2:{data}:crop={args.image_size}:resize={args.val_resize}:amp={args.amp}"
+    return f"v3:{data}:crop={args.image_size}:resize={args.val_resize}:amp={args.amp}"
 
 
 def read_for_evaluation(path: str, classes: List[str], args) -> Tuple[Dict[str, Any], ModelConfig, Settings]:
     """The file's state dict, configuration and evaluation settings, after every check that can refuse it."""
-    state_dict, config, meta = load_model_state(path)
+    state_dict, meta = read_state_and_meta(path)
+    config = tabulated_config(state_dict, meta, path)
     if len(classes) != config.num_classes:
         raise OtherDataError(f"predicts {config.num_classes} classes, the validation data has {len(classes)}")
     if meta.get("classes") and list(meta["classes"]) != list(classes):
@@ -130,17 +146,50 @@ def evaluate_checkpoint(path: str, read: Tuple[Dict[str, Any], ModelConfig, Sett
     load_state_dict_strict(model, state_dict, source=path)
     model.to(env.device)
     workers = default_workers(env) if args.workers is None else args.workers
-    loader = D.build_val_loader(dataset, args.batch_size // env.world_size, env.rank, env.world_size, workers,
+    loader = D.build_val_loader(dataset, env.eval_batch(args.batch_size), env.rank, env.world_size, workers,
                                 pin_memory=env.device.type == "cuda")
     result = evaluate(model, loader, env.device, settings.amp)
     return Measurement(config, result["top1"], result["top5"], int(result["count"]), path,
                        preprocessing=settings.describe())
 
 
-def run_measurements(runs_root: str) -> Tuple[List[Measurement], List[str]]:
+def tabulated_config(state_dict: Dict[str, Any], meta: Dict[str, Any], path: str) -> ModelConfig:
+    """The configuration of a quantized model; :class:`NotTabulated` for a full-precision ResNet (the
+    paper's tables have no full-precision row; ``scripts/evaluate.py`` measures it), else
+    :class:`CheckpointError` naming ``path``."""
+    try:
+        return infer_config(state_dict, meta)
+    except CheckpointError as exc:
+        config = meta.get("config")
+        if (isinstance(config, dict) and config.get("full_precision")) or full_precision_resnet(state_dict):
+            raise NotTabulated("a full-precision model: the paper's tables have no full-precision row "
+                               "(scripts/evaluate.py measures it)") from None
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def check_run_data(meta: Dict[str, Any], count: Optional[int], data: str, classes: List[str], images: int) -> None:
+    """Refuse a run whose top-1 was not measured on ``data``'s val/ (``images`` images of ``classes``):
+    :class:`OtherDataError` when its recorded data folder, classes or image count differ,
+    :class:`CheckpointError` when it records no data folder or classes."""
+    recorded = training_args(meta).get("data")
+    if not isinstance(recorded, str) or not meta.get("classes"):
+        raise CheckpointError("its checkpoint records no data folder or classes: cannot tell which images its "
+                              "top-1 was measured on")
+    if os.path.realpath(recorded) != os.path.realpath(data):
+        raise OtherDataError(f"trained and validated on {recorded}, not on --data {data}")
+    if list(meta["classes"]) != list(classes):
+        raise OtherDataError(f"trained on other class folders than those of {data}/val")
+    if count is not None and int(count) != images:
+        raise OtherDataError(f"validated on {count} images, {data}/val holds {images}")
+
+
+def run_measurements(runs_root: str, data: str, classes: List[str],
+                     images: int) -> Tuple[List[Measurement], List[str], List[str]]:
     """Best val top-1 of every training run (a folder with ``metrics.jsonl``) under ``runs_root``,
-    measured by the run itself under the preprocessing its checkpoint records."""
-    found, errors = [], []
+    measured by the run itself under the preprocessing its checkpoint records, on ``data``'s val/
+    (``images`` images of ``classes``); ``(measurements, errors, skipped)``: full-precision runs and
+    runs validated on other images are skipped (:func:`check_run_data`), each with a line."""
+    found, errors, skipped = [], [], []
     for dirpath, _, filenames in sorted(os.walk(runs_root)):
         if "metrics.jsonl" not in filenames:
             continue
@@ -151,16 +200,20 @@ def run_measurements(runs_root: str) -> Tuple[List[Measurement], List[str]]:
             continue
         if not epochs:
             continue
-        recorded = _run_config(dirpath)
-        if recorded is None:
-            errors.append(f"{dirpath}: cannot tell the run's configuration (no readable checkpoint.pth.tar)")
-            continue
-        config, meta = recorded
         best = max(epochs, key=lambda r: r["val"]["top1"])
+        try:
+            config, meta = _run_config(dirpath)
+            check_run_data(meta, best["val"].get("count"), data, classes, images)
+        except NotTabulated as exc:
+            skipped.append(f"{dirpath}: skipped: {exc}")
+            continue
+        except CheckpointError as exc:
+            errors.append(f"{dirpath}: {exc}")
+            continue
         found.append(Measurement(config, best["val"]["top1"], best["val"].get("top5"), best["val"].get("count"),
                                  dirpath, kind="trained here",
                                  preprocessing=evaluation_settings(meta).describe()))
-    return found, errors
+    return found, errors, skipped
 
 
 def current_run_epochs(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -177,16 +230,17 @@ def current_run_epochs(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return list(last.values())
 
 
-def _run_config(run_dir: str) -> Optional[Tuple[ModelConfig, Dict[str, Any]]]:
+def _run_config(run_dir: str) -> Tuple[ModelConfig, Dict[str, Any]]:
+    """The configuration and entries of the run's first readable checkpoint (:func:`tabulated_config`)."""
     for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
         path = os.path.join(run_dir, name)
         if os.path.isfile(path):
             try:
-                _, config, meta = load_model_state(path)
-                return config, meta
+                state_dict, meta = read_state_and_meta(path)
             except CheckpointError:
                 continue
-    return None
+            return tabulated_config(state_dict, meta, path), meta
+    raise CheckpointError("cannot tell the run's configuration (no readable checkpoint.pth.tar)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -209,10 +263,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     env = init_distributed(args.device)
     measurements: List[Measurement] = []
     errors: List[str] = []
-    skipped = 0
+    other_data = not_tabulated = 0
     try:
-        if args.batch_size % env.world_size:
-            raise UsageError(f"--batch_size {args.batch_size} is not divisible by the {env.world_size} processes")
         configure_threads(args.threads, env)
         datasets: Dict[Tuple[int, int], Any] = {}
         for i, path in enumerate(files, 1):
@@ -238,19 +290,25 @@ def main(argv: Optional[List[str]] = None) -> int:
                     cache.put(digest, key, m)
                 measurements.append(m)
             except OtherDataError as exc:
-                skipped += 1
+                other_data += 1
                 _say(env, f"{where}: skipped: {exc} (a model of another data set)")
+            except NotTabulated as exc:
+                not_tabulated += 1
+                _say(env, f"{where}: skipped: {exc}")
             except (CheckpointError, OSError) as exc:
                 reason = f"cannot read ({exc.strerror or exc})" if isinstance(exc, OSError) else str(exc)
                 errors.append(reason if path in reason else f"{path}: {reason}")
                 _say(env, f"{where}: not evaluated: {reason.replace(path + ': ', '')}")
-        if files and skipped == len(files):
+        if other_data and other_data + not_tabulated == len(files):
             errors.append(f"none of the {len(files)} files under {args.models} predicts the {len(classes)} classes "
                           f"of {val_dir}; check --data")
         if args.runs is not None:
-            run_ms, run_errors = run_measurements(args.runs)
+            images = len(D.image_folder(args.data, "val", None))
+            run_ms, run_errors, run_skips = run_measurements(args.runs, args.data, classes, images)
             measurements += run_ms
             errors += run_errors
+            for line in run_skips:
+                _say(env, line)
     finally:
         cleanup()
 

@@ -151,13 +151,16 @@ def test_runs_fill_trained_here_cells(tmp_path):
     run_dir = tmp_path / "runs" / "resnet18_2bit_quantize_downsample_False"
     run_dir.mkdir(parents=True)
     model = build_model(ModelConfig("resnet18", 2, False, 10))
-    torch.save({"state_dict": model.state_dict()}, run_dir / "checkpoint.pth.tar")
+    classes = [f"c{k}" for k in range(10)]
+    torch.save({"state_dict": model.state_dict(), "args": {"data": str(tmp_path / "data")}, "classes": classes},
+               run_dir / "checkpoint.pth.tar")
     with open(run_dir / "metrics.jsonl", "w") as f:
         for epoch, top1 in enumerate([40.0, 70.5, 65.0]):
             f.write(json.dumps({"event": "epoch", "epoch": epoch, "val": {"top1": top1, "top5": 90.0,
                                                                              "count": 2000}}) + "\n")
-    found, errors = reproduce_tables.run_measurements(str(tmp_path / "runs"))
-    assert errors == [] and len(found) == 1 and found[0].top1 == 70.5 and found[0].kind == "trained here"
+    found, errors, skipped = reproduce_tables.run_measurements(str(tmp_path / "runs"), str(tmp_path / "data"),
+                                                               classes, 2000)
+    assert errors == skipped == [] and len(found) == 1 and found[0].top1 == 70.5 and found[0].kind == "trained here"
     md = render_markdown(build_table(load_paper_results(), found))
     assert "| ResNet-18 | N2UQ \\* (trained here, 10 classes) | 70.50 | — | — |" in md
     assert found[0].preprocessing == "crop 224 after resize 256"  # what the run's validation used

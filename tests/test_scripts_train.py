@@ -1,4 +1,4 @@
-"""The command-line faces: run.sh end to end, evaluate.py (also under a 2-process torchrun), and
+"""The command-line faces: run.sh end to end, evaluate.py (also under a 3-process torchrun), and
 one clear line with a non-zero exit for each bad input the training issue lists."""
 
 from __future__ import annotations
@@ -71,9 +71,10 @@ def test_evaluate_reproduces_logged_top1_single_and_two_process(trained, tiny_im
     assert single["config"] == "resnet18_w2a2_qd0"
     assert single["count"] == logged["count"] == 7
     assert single["top1"] == pytest.approx(logged["top1"]) and single["top5"] == pytest.approx(logged["top5"])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    # 3 processes, --batch_size 4 (not a multiple of 3): each evaluates its shard with batches of 2
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3"]
     double = _evaluate(torchrun, ckpt, tiny_imagefolder, env, work)
-    assert double["count"] == 7  # 4 + 3: nothing padded, nothing dropped
+    assert double["count"] == 7  # 3 + 2 + 2: nothing padded, nothing dropped
     assert double["top1"] == pytest.approx(single["top1"]) and double["top5"] == pytest.approx(single["top5"])
 
 
