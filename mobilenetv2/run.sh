@@ -7,7 +7,7 @@
 # DATA: ImageFolder root with train/ and val/ (default ./data/imagenet).
 # NPROC: processes (default: all visible GPUs; one CPU process when there is none).
 # TORCHRUN_ARGS: extra torchrun flags for several machines (see resnet/run.sh).
-# The log goes to log/mobilenetv2_<b>bit.txt (appended), checkpoints to ./models/mobilenetv2_<b>bit/ (--save;
+# The log goes to log/<run folder>.txt (appended; e.g. mobilenetv2_4bit), checkpoints to ./models/mobilenetv2_<b>bit/ (--save;
 # a run the reference's script started directly in ./models is resumed and continued there).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -16,11 +16,6 @@ PYTHON="${PYTHON:-python3}"
 die() { echo "run.sh: error: $*" >&2; exit 2; }
 DATA="${DATA:-./data/imagenet}"
 [ -d "$DATA" ] || die "data directory not found: $DATA (set DATA=/path/with/train+val, or run scripts/prepare_demo_data.py)"
-BITS=4
-for ((i = 1; i <= $#; i++)); do
-    if [ "${!i}" = "--n_bit" ]; then j=$((i + 1)); BITS="${!j:-4}"; fi
-    case "${!i}" in --n_bit=*) BITS="${!i#--n_bit=}";; esac
-done
 
 source "$HERE/../scripts/launch_lib.sh"
-launch_training "$HERE/train.py" "log/mobilenetv2_$(method_tag "$@")${BITS}bit.txt" --data "$DATA" "$@"
+launch_training "$HERE/train.py" --data "$DATA" "$@"

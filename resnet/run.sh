@@ -12,7 +12,8 @@
 # NPROC: processes (default: all visible GPUs; one CPU process when there is none).
 # TORCHRUN_ARGS: extra torchrun flags for several machines, e.g.
 #   "--nnodes 2 --node_rank 0 --rdzv_backend c10d --rdzv_endpoint host0:29500"
-# The log goes to log/<run name>.txt (appended), checkpoints to ./models/<run name>/ (--save).
+# The log goes to log/<run folder>.txt (appended; the folder train.py names, e.g.
+# resnet18_2bit_quantize_downsample_False or resnet18_fp), checkpoints to ./models/<run folder>/ (--save).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python3}"
@@ -26,7 +27,12 @@ case "${QD,,}" in 1|true) QD=True;; 0|false) QD=False;; *) die "QD must be 0, 1,
 DATA="${DATA:-./data/imagenet}"
 [ -d "$DATA" ] || die "data directory not found: $DATA (set DATA=/path/with/train+val, or run scripts/prepare_demo_data.py)"
 
+for arg in "$@"; do  # the positional arguments say these; a flag after them would silently win
+    case "$arg" in
+        --student|--student=*|--n_bit|--n_bit=*|--quantize_downsample|--quantize_downsample=*)
+            die "${arg%%=*} contradicts the ARCH BITS QD arguments; set it there, e.g. bash run.sh resnet18 3 0";;
+    esac
+done
+
 source "$HERE/../scripts/launch_lib.sh"
-TAG="$(method_tag "$@")"
-launch_training "$HERE/train.py" "log/${ARCH}_${TAG}${BITS}bit_quantize_downsample_${QD}.txt" \
-    --data "$DATA" --student "$ARCH" --n_bit "$BITS" --quantize_downsample "$QD" "$@"
+launch_training "$HERE/train.py" --data "$DATA" --student "$ARCH" --n_bit "$BITS" --quantize_downsample "$QD" "$@"

@@ -1,22 +1,23 @@
 # shellcheck shell=bash
 # Shared by resnet/run.sh and mobilenetv2/run.sh (sourced, not run): choose the number of
-# processes, check the flags once, launch train.py (torchrun when several processes), tee the log.
-# Needs: PYTHON, die(). Reads: NPROC, TORCHRUN_ARGS.
+# processes, check the flags once, launch train.py (torchrun when several processes), tee the log
+# to log/<run folder name>.txt. Needs: PYTHON, die(). Reads: NPROC, TORCHRUN_ARGS.
 
-# The run-folder tag of --method and N2UQ's ablation flags among "$@", followed by "_" (as
-# n2uq.train_state.run_name puts it, e.g. "lsq_"); empty for plain N2UQ.
+# The run-folder tag of --method and N2UQ's ablation and variant flags among "$@", followed by "_"
+# (as n2uq.train_state.run_name puts it, e.g. "lsq_"); empty for plain N2UQ.
 method_tag() {
-    local method=n2uq uniform="" maxabs="" prev="" arg tag
+    local method=n2uq uniform="" maxabs="" full_lr="" prev="" arg tag
     for arg in "$@"; do
         [ "$prev" = --method ] && method="$arg"
         case "$arg" in
             --method=*) method="${arg#--method=}";;
             --uniform_thresholds) uniform="-uniform-thresholds";;
             --maxabs_weights) maxabs="-maxabs-weights";;
+            --full_lr_thresholds) full_lr="-full-lr-thresholds";;
         esac
         prev="$arg"
     done
-    tag="$method$uniform$maxabs"
+    tag="$method$uniform$maxabs$full_lr"
     if [ "$tag" != n2uq ]; then echo "${tag}_"; fi
 }
 
@@ -29,6 +30,7 @@ method_name() {
     esac
     case "$tag" in *-uniform-thresholds*) ablations+=("uniform thresholds");; esac
     case "$tag" in *-maxabs-weights*) ablations+=("max-abs weights");; esac
+    case "$tag" in *-full-lr-thresholds*) ablations+=("full-lr thresholds");; esac
     if [ ${#ablations[@]} -gt 0 ]; then
         local IFS=,
         name+=" with ${ablations[*]}"
@@ -37,9 +39,11 @@ method_name() {
     echo "$name"
 }
 
+# launch_training SCRIPT [train.py flags]: the log is named after the run folder SCRIPT --check_only
+# names (n2uq.train_state.run_name, or <arch>_fp), so the two never disagree.
 launch_training() {
-    local script="$1" log="$2"; shift 2
-    local nproc nnodes=1 status ngpu
+    local script="$1"; shift
+    local nproc nnodes=1 status ngpu checked run_dir log
     ngpu="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')"
     if [ -n "${NPROC:-}" ]; then
         [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "NPROC must be a positive integer, got '$NPROC'"
@@ -54,7 +58,11 @@ launch_training() {
     fi
     if [[ "${TORCHRUN_ARGS:-}" =~ --nnodes[=\ ]+([0-9]+) ]]; then nnodes="${BASH_REMATCH[1]}"; fi
     # Flags and data layout are checked before any process starts: one clear line on a bad input.
-    WORLD_SIZE=$((nproc * nnodes)) "$PYTHON" "$script" "$@" --check_only || exit $?
+    checked="$(WORLD_SIZE=$((nproc * nnodes)) "$PYTHON" "$script" "$@" --check_only)" || exit $?
+    echo "$checked"
+    run_dir="$(sed -n 's/^  checkpoints: \(.*\) (--save is writable)$/\1/p' <<<"$checked")"
+    [ -n "$run_dir" ] || die "$script --check_only named no run folder; cannot name the log"
+    log="log/$(basename "$run_dir").txt"
     mkdir -p "$(dirname "$log")"
     echo "log: $log"
     local cmd

@@ -127,7 +127,8 @@ def test_run_sh_names_the_log_like_the_run_folder():
     from tests.conftest import REPO_ROOT
 
     cases = {(): "n2uq", ("--method", "lsq"): "lsq", ("--method=pact",): "pact",
-             ("--maxabs_weights", "--uniform_thresholds"): "n2uq-uniform-thresholds-maxabs-weights"}
+             ("--maxabs_weights", "--uniform_thresholds"): "n2uq-uniform-thresholds-maxabs-weights",
+             ("--full_lr_thresholds",): "n2uq-full-lr-thresholds"}
     for flags, tag in cases.items():
         out = subprocess.run(["bash", "-c", 'source scripts/launch_lib.sh; method_tag "$@"', "_", *flags],
                              cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()

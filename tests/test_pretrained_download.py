@@ -63,3 +63,28 @@ def test_a_failed_download_leaves_no_part_file(tmp_path, monkeypatch):
     with pytest.raises(PretrainedError, match="connection reset by peer"):
         fetch_authors_file("resnet18", True, str(models))
     assert list(models.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models_dir", "FILE"], "error: --models_dir FILE is a file, not a folder; pass a folder"),
+    (["--arch", "mobilenetv2", "--quantize_downsample", "1"], "error: no released mobilenetv2 file has "
+     "quantize_downsample=True (mobilenetv2 has no downsample choice); drop --quantize_downsample"),
+])
+def test_download_refuses_bad_arguments_before_downloading(tmp_path, monkeypatch, capsys, argv, message):
+    from n2uq.cli import run_main
+    from scripts import download_pretrained
+
+    calls = fake_gdown(monkeypatch, lambda path: None)
+    (tmp_path / "FILE").write_text("a file")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        run_main(download_pretrained.main, argv)
+    assert exc.value.code == 2 and capsys.readouterr().err == message + "\n" and calls == []
+
+
+def test_download_help_shows_each_default_once(capsys):
+    from scripts import download_pretrained
+
+    with pytest.raises(SystemExit):
+        download_pretrained.main(["--help"])
+    assert "(default: None)" not in capsys.readouterr().out
