@@ -242,7 +242,7 @@ def test_a_run_of_other_flags_is_neither_reused_nor_resumed(tmp_path):
 
     demo_args = {"student": "resnet18", "n_bit": 2, "quantize_downsample": False, "teacher": "none",
                  "pretrained": "none", "epochs": 2, "batch_size": 128, "learning_rate": 0.002, "image_size": 32,
-                 "val_resize": 32, "min_crop_scale": 1.0, "method": "n2uq"}
+                 "val_resize": 32, "min_crop_scale": 1.0, "method": "n2uq", "data": "data/fashion_mnist_50x20"}
     run = _quick_data_and_run(tmp_path, b"")
     for args, expected in (({**demo_args, "learning_rate": 0.01}, "--learning_rate: 2e-3 asked, 0.01 recorded"),
                            (demo_args, "--label_smooth: 0.3 asked, 0.1 recorded")):
