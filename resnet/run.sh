@@ -27,11 +27,23 @@ case "${QD,,}" in 1|true) QD=True;; 0|false) QD=False;; *) die "QD must be 0, 1,
 DATA="${DATA:-./data/imagenet}"
 [ -d "$DATA" ] || die "data directory not found: $DATA (set DATA=/path/with/train+val, or run scripts/prepare_demo_data.py)"
 
-for arg in "$@"; do  # the positional arguments say these; a flag after them would silently win
-    case "$arg" in
-        --student|--student=*|--n_bit|--n_bit=*|--quantize_downsample|--quantize_downsample=*)
-            die "${arg%%=*} contradicts the ARCH BITS QD arguments; set it there, e.g. bash run.sh resnet18 3 0";;
+# The positional arguments set these; a flag after them that says otherwise would silently win.
+same_as_argument() {  # same_as_argument FLAG VALUE: whether VALUE agrees with ARCH, BITS or QD
+    case "$1" in
+        --student) [ "$2" = "$ARCH" ];;
+        --n_bit) [ "$2" = "$BITS" ];;
+        *) case "${2,,}" in 1|true) [ "$QD" = True ];; 0|false) [ "$QD" = False ];; *) false;; esac;;
     esac
+}
+prev=""
+for arg in "$@"; do
+    flag="" value=""
+    case "$prev" in --student|--n_bit|--quantize_downsample) flag="$prev" value="$arg";; esac
+    case "$arg" in --student=*|--n_bit=*|--quantize_downsample=*) flag="${arg%%=*}" value="${arg#*=}";; esac
+    if [ -n "$flag" ] && ! same_as_argument "$flag" "$value"; then
+        die "$flag $value contradicts the ARCH BITS QD arguments ($ARCH $BITS $QD); set it there"
+    fi
+    prev="$arg"
 done
 
 source "$HERE/../scripts/launch_lib.sh"

@@ -40,10 +40,24 @@ def test_the_log_is_named_after_the_run_folder(tiny_imagefolder, tmp_path, flags
     assert "trained" in (tmp_path / "log" / f"{log}.txt").read_text()
 
 
-@pytest.mark.parametrize("flag", ["--n_bit", "--n_bit=3", "--student", "--quantize_downsample"])
-def test_run_sh_refuses_flags_its_arguments_set(tmp_path, flag):
-    proc = subprocess.run(["bash", str(REPO_ROOT / "resnet" / "run.sh"), "resnet18", "2", "0", flag, "3"],
+@pytest.mark.parametrize("flags, said", [
+    (["--n_bit", "3"], "--n_bit 3"), (["--n_bit=3"], "--n_bit 3"), (["--student", "resnet34"], "--student resnet34"),
+    (["--quantize_downsample", "1"], "--quantize_downsample 1"),
+    (["--quantize_downsample=true"], "--quantize_downsample true"),
+])
+def test_run_sh_refuses_flags_that_contradict_its_arguments(tmp_path, flags, said):
+    proc = subprocess.run(["bash", str(REPO_ROOT / "resnet" / "run.sh"), "resnet18", "2", "0", *flags],
                           cwd=tmp_path, env=dict(os.environ, DATA=str(tmp_path)), capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == "" and not (tmp_path / "log").exists()
-    assert proc.stderr == (f"run.sh: error: {flag.split('=')[0]} contradicts the ARCH BITS QD arguments; set it "
-                           f"there, e.g. bash run.sh resnet18 3 0\n")
+    assert proc.stderr == f"run.sh: error: {said} contradicts the ARCH BITS QD arguments (resnet18 2 False); set it " \
+                          "there\n"
+
+
+def test_run_sh_takes_flags_that_agree_with_its_arguments(tiny_imagefolder, tmp_path):
+    flags = ["--n_bit", "2", "--quantize_downsample=False", "--student", "resnet18", "--pretrained", "none",
+             "--teacher", "none", "--save", str(tmp_path / "models"), "--check_only"]  # checked, nothing trained
+    env = dict(os.environ, DATA=str(tiny_imagefolder), PYTHON=sys.executable, NPROC="1")
+    proc = subprocess.run(["bash", str(REPO_ROOT / "resnet" / "run.sh"), "resnet18", "2", "0", *flags], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "log" / "resnet18_2bit_quantize_downsample_False.txt").is_file()
