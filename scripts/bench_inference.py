@@ -23,16 +23,66 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from n2uq.checkpoint import ModelConfig, load_model_state, load_state_dict_strict
+from n2uq.checkpoint import ModelConfig, describe, load_model_state, load_state_dict_strict
+from n2uq.cli import UsageError
 from n2uq.export.fast_onnx import export_fast
 from n2uq.export.integer import convert
 from n2uq.export.onnx_export import export_onnx
 from n2uq.export.synthetic import randomize_
 from scripts.model_zoo import build_full_precision, build_model
 
-__all__ = ["inference_mode", "build_variants", "fused_ops"]
+__all__ = ["INFERENCE_DEFAULTS", "check_inference_args", "inference_mode", "build_variants", "fused_ops",
+           "processor_name"]
 
 CALIBRATION_IMAGES = 8
+#: The generated model without ``--checkpoint`` (flag destinations).
+INFERENCE_DEFAULTS = {"arch": "resnet18", "inference_bits": 2, "quantize_downsample": 0}
+
+
+def check_inference_args(args: argparse.Namespace) -> None:
+    """Validate ``--mode inference``'s flags before anything is built: the device, and with
+    ``--checkpoint`` the file (an N2UQ model; ``--arch``, ``--inference-bits``, ``--quantize-downsample``
+    only when they agree with what it records). Fills in the model's settings (``args.arch``,
+    ``args.inference_bits``, ``args.quantize_downsample``) and ``args.loaded`` (the file's state dict
+    and configuration, or ``None``)."""
+    if args.device is not None and args.device != "cpu":
+        raise UsageError("--mode inference measures onnxruntime on the CPU; use --device cpu")
+    args.loaded = None
+    if not args.checkpoint:
+        for key, value in INFERENCE_DEFAULTS.items():
+            setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+        return
+    if not os.path.isfile(args.checkpoint):
+        raise UsageError(f"--checkpoint file not found: {args.checkpoint}")
+    state_dict, config, _ = load_model_state(args.checkpoint)
+    if config.method != "n2uq":
+        raise UsageError(f"{args.checkpoint} is a {config.method} model: the inference benchmark exports N2UQ "
+                         f"models (LTQ activations, HardQuantizeConv weights), not the compared methods")
+    recorded = {"arch": config.arch, "inference_bits": config.n_bit,
+                "quantize_downsample": int(config.quantize_downsample)}
+    for key, value in recorded.items():
+        given = getattr(args, key)
+        if given is not None and given != value:
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"{flag} {given} contradicts {args.checkpoint} ({describe(config)}); leave {flag} out "
+                             f"with --checkpoint")
+        setattr(args, key, value)
+    args.loaded = (state_dict, config)
+
+
+def processor_name() -> str:
+    """The CPU's name: ``platform.processor()``, else the ``model name`` of /proc/cpuinfo (Linux), else ''."""
+    name = platform.processor()
+    if name and name not in ("x86_64", "aarch64", "arm64", "i386", "i686"):
+        return name
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name") and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name
 
 
 def _float_onnx(arch: str, path: str, size: int, classes: int) -> None:
@@ -66,8 +116,8 @@ def build_variants(args: argparse.Namespace, folder: str) -> List[Tuple[str, str
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(CALIBRATION_IMAGES, 3, size, size, generator=gen)
     variants = []
-    if args.checkpoint:  # a trained model: its thresholds decide how many 8-bit output windows it needs
-        state_dict, config, _ = load_model_state(args.checkpoint)
+    if getattr(args, "loaded", None):  # a trained model: its thresholds decide how many 8-bit windows it needs
+        state_dict, config = args.loaded
         model = build_model(config).eval()
         load_state_dict_strict(model, state_dict, source=args.checkpoint)
     else:
@@ -133,13 +183,14 @@ def inference_mode(args: argparse.Namespace, device: torch.device) -> None:
     import onnxruntime as ort
 
     if device.type != "cpu":
-        raise SystemExit("benchmark: --mode inference measures onnxruntime on the CPU; use --device cpu")
+        raise UsageError("--mode inference measures onnxruntime on the CPU; use --device cpu")
     threads = args.threads or os.cpu_count()
     what = args.checkpoint or (f"{args.arch} W{args.bits}A{args.bits} qd{int(args.quantize_downsample)} "
                                "(generated weights)")
     print(f"\n== inference: {what}, "
           f"{args.image_size}x{args.image_size}, onnxruntime {ort.__version__} CPU, {threads} threads, "
-          f"fastest of {args.rounds} interleaved rounds ({args.warmup} warm-up); {platform.processor() or ''}")
+          f"fastest of {args.rounds} interleaved rounds ({args.warmup} warm-up)"
+          + (f"; {processor_name()}" if processor_name() else ""))
     with tempfile.TemporaryDirectory() as folder:
         variants = build_variants(args, folder)
         sessions = {label: ort.InferenceSession(path, _options(threads), providers=["CPUExecutionProvider"])

@@ -16,6 +16,7 @@ builds the repository's ``resnet/`` models and the specification's forms of ``te
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from typing import Callable, Dict, List, Optional
 
@@ -52,6 +53,12 @@ def _trained_like_ltq(n_bit: int, device: torch.device) -> LTQ:
         q.scale1.fill_(1.1)
         q.scale2.fill_(0.9)
     return q.to(device)
+
+
+def _ratio(value: float, width: int, digits: int) -> str:
+    """``value`` as ``<value>x`` right-aligned in ``width`` characters, or ``—`` where it was not measured."""
+    text = "—" if math.isnan(value) else f"{value:.{digits}f}x"
+    return f"{text:>{width}}"
 
 
 def quantizer_mode(args: argparse.Namespace, device: torch.device) -> None:
@@ -116,8 +123,8 @@ def quantizer_mode(args: argparse.Namespace, device: torch.device) -> None:
             ratios[key] = median_ms(slow_times[key]) / median_ms(slow_times["relu"])
             saved[key] = saved_per_input(form)
         print(f"{n_bit:>4} | {relu_ms:8.2f} | {ltq_ms:8.2f} | {ltq_ms / relu_ms:5.2f}x [{best:5.2f}x] |"
-              f" {ratios['def']:7.1f}x | {ratios['spec']:8.1f}x | {saved_per_input(q):11.2f}x |"
-              f" {saved['def']:11.2f}x | {saved['spec']:12.2f}x")
+              f" {_ratio(ratios['def'], 8, 1)} | {_ratio(ratios['spec'], 9, 1)} | {saved_per_input(q):11.2f}x |"
+              f" {_ratio(saved['def'], 12, 2)} | {_ratio(saved['spec'], 13, 2)}")
     if args.breakdown:
         for n_bit in args.bits:
             _breakdown(_trained_like_ltq(n_bit, device), x.detach(), upstream, args, device)

@@ -36,6 +36,7 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import List, Optional
 
 import torch
 import torchvision
@@ -44,13 +45,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.bench_inference import inference_mode  # noqa: E402
+from n2uq.bitwidth import MAX_BITS, MIN_BITS  # noqa: E402
+from n2uq.cli import OneLineParser, UsageError, check_ranges, run_main  # noqa: E402
+from scripts.bench_inference import INFERENCE_DEFAULTS, check_inference_args, inference_mode  # noqa: E402
 from scripts.bench_modes import gpu_mode, quantizer_mode, step_mode  # noqa: E402
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_args_parser() -> OneLineParser:
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["quantizer", "step", "gpu", "inference", "all"], default="all")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu for quantizer/step, "
                                                        "cuda for gpu)")
@@ -69,16 +71,39 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--with-reference", action="store_true",
                         help="step mode: also time the students with N2UQ_KERNELS=reference (module by module)")
     inference = parser.add_argument_group("inference mode")
-    inference.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], default="resnet18")
-    inference.add_argument("--inference-bits", type=int, default=2, help="W/A bits of the N2UQ model")
-    inference.add_argument("--quantize-downsample", type=int, choices=[0, 1], default=0)
+    inference.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], default=None,
+                           help=f"generated model (default {INFERENCE_DEFAULTS['arch']}); a checkpoint records its own")
+    inference.add_argument("--inference-bits", type=int, default=None,
+                           help=f"W/A bits of the generated model (default {INFERENCE_DEFAULTS['inference_bits']})")
+    inference.add_argument("--quantize-downsample", type=int, choices=[0, 1], default=None,
+                           help=f"generated model's downsample (default {INFERENCE_DEFAULTS['quantize_downsample']})")
     inference.add_argument("--inference-batch-sizes", type=int, nargs="+", default=[1, 32])
     inference.add_argument("--checkpoint", default=None, help="a trained N2UQ checkpoint instead of generated weights")
     inference.add_argument("--plot", default=None, metavar="PNG", help="bar chart of the time ratios")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return parser
 
 
-def main(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse values no mode can run with (one line, exit 2) before anything is measured."""
+    check_ranges({"--image-size": args.image_size, "--rounds": args.rounds, "--batch-size": args.batch_size,
+                  "--threads": args.threads},
+                 {"--warmup": args.warmup})
+    for flag, values in (("--bits", args.bits), ("--step-bits", args.step_bits),
+                         ("--inference-bits", [args.inference_bits] if args.inference_bits is not None else [])):
+        bad = [b for b in values if not MIN_BITS <= b <= MAX_BITS]
+        if bad:
+            raise UsageError(f"{flag} must be in {MIN_BITS}..{MAX_BITS}, got {bad[0]}")
+    for flag, values in (("--shape", args.shape), ("--inference-batch-sizes", args.inference_batch_sizes)):
+        if any(v <= 0 for v in values):
+            raise UsageError(f"{flag} values must be positive, got {' '.join(map(str, values))}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    check_args(args)
+    if args.mode == "inference":
+        check_inference_args(args)
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
           f"cuda {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
@@ -92,7 +117,7 @@ def main(args: argparse.Namespace) -> None:
             if mode == "gpu" and args.mode == "all":
                 print("\n== gpu: skipped (no CUDA device)")
                 continue
-            raise SystemExit(f"benchmark: --device {device} requested but CUDA is not available; use --device cpu")
+            raise UsageError(f"--device {device} requested but CUDA is not available; use --device cpu")
         mode_args = argparse.Namespace(**vars(args))
         if mode_args.rounds is None:
             mode_args.rounds = {"quantizer": 30, "inference": 7}.get(mode, 5)
@@ -101,7 +126,8 @@ def main(args: argparse.Namespace) -> None:
         mode_args.bits = args.inference_bits if mode == "inference" else args.bits
         modes_by_name = {"quantizer": quantizer_mode, "step": step_mode, "gpu": gpu_mode, "inference": inference_mode}
         modes_by_name[mode](mode_args, device)
+    return 0
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main)

@@ -49,10 +49,15 @@ def full_precision_resnet(state_dict: Dict[str, Tensor]) -> Optional[Tuple[str, 
     return None
 
 
+#: torchvision's builder of each architecture's full-precision model (same name but for MobileNetV2).
+TORCHVISION_NAMES = {"mobilenetv2": "mobilenet_v2"}
+
+
 def build_full_precision(arch: str, num_classes: int) -> nn.Module:
+    """torchvision's full-precision ``arch`` (``resnet18``…, ``mobilenetv2`` → ``mobilenet_v2``)."""
     import torchvision
 
-    return getattr(torchvision.models, arch)(num_classes=num_classes)
+    return getattr(torchvision.models, TORCHVISION_NAMES.get(arch, arch))(num_classes=num_classes)
 
 
 def load_checkpoint_model(path: str) -> Tuple[nn.Module, str, Dict[str, Any]]:

@@ -121,3 +121,24 @@ def fast_backend(request):
     name, device = request.param
     with use_backend(name):
         yield FastBackend(name, device)
+
+
+def save_model_checkpoint(path: Union[str, Path], arch: str = "resnet18", bits: int = 2, method: str = "n2uq",
+                          quantize_downsample: bool = False, num_classes: int = 10) -> Path:
+    """A checkpoint (``state_dict`` + training ``args`` of a 32×32 run) of a generated model; N2UQ models
+    get trained-looking quantizer parameters (:func:`n2uq.export.synthetic.randomize_`)."""
+    import torch
+
+    from n2uq.checkpoint import ModelConfig
+    from n2uq.export.synthetic import randomize_
+    from scripts.model_zoo import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch, bits, quantize_downsample, num_classes, method=method))
+    if method == "n2uq":
+        randomize_(model, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), seed=2,
+                   negative_slope_fraction=0.0)
+    torch.save({"epoch": 1, "state_dict": model.state_dict(), "args": {"image_size": 32, "val_resize": 32},
+                "config": {"quantizers": {"method": method, "n_bit": bits}}}, path)
+    return Path(path)
+

@@ -218,6 +218,21 @@ def test_an_edited_definition_reaches_the_models_under_reference(monkeypatch):
     assert torch.equal(fast, original) and not torch.equal(fast, edited)
 
 
+def test_the_documented_edit_changes_the_logits(monkeypatch, capsys):
+    """docs/trying_your_own_quantizer.md: its snippet prints ``False`` (the edit takes effect) on the
+    model it builds."""
+    import re
+
+    from tests.conftest import REPO_ROOT
+
+    doc = (REPO_ROOT / "docs" / "trying_your_own_quantizer.md").read_text()
+    snippet = re.search(r"A quick way to see an edit.*?```python\n(.*?)```", doc, re.S).group(1)
+    assert "# False" in snippet
+    monkeypatch.setattr(n2uq.quant, "ltq_codes", n2uq.quant.ltq_codes)  # restored whatever the snippet does
+    exec(compile(snippet, "trying_your_own_quantizer.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "False"
+
+
 def test_reference_runs_every_quantizer_module_through_its_definition(monkeypatch):
     calls = {"ltq": 0, "conv": 0}
     real_ltq, real_conv = n2uq.quant.LTQFunction.forward, HardQuantizeConv.forward

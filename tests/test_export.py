@@ -194,9 +194,20 @@ def test_wide_accumulators_use_float64_and_stay_exact():
         export_qonnx(int_model, list(images.shape))
 
 
+def test_a_model_in_training_mode_is_refused():
+    """BatchNorm folds with its running statistics: a model left in training mode is an error."""
+    model = resnet18(2, True, 10)
+    with pytest.raises(ValueError, match=r"call model\.eval\(\) first"):
+        convert(model)
+    model.eval()
+    model.layer1[0].bn1.train()
+    with pytest.raises(ValueError, match="layer1.0.bn1 is in training mode"):
+        convert(model)
+
+
 def test_unknown_model_is_refused():
     with pytest.raises(GraphError, match="neither an N2UQ ResNet"):
-        convert(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)))
+        convert(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)).eval())
 
 
 @pytest.mark.gpu

@@ -36,12 +36,14 @@ from n2uq.export import integer as I
 from n2uq.export.fast_plan import AccumulatorPlan, accumulator_plan, calibrate_ranges, output_plan
 from n2uq.export.onnx_export import DEFAULT_INPUT, DEFAULT_OUTPUT, OnnxBuilder
 
-__all__ = ["export_fast", "FastExport", "FAST_OPSET", "RESIDUAL_FORMS"]
+__all__ = ["export_fast", "FastExport", "FAST_OPSET", "RESIDUAL_FORMS", "REQUANTIZED_KEY", "requantized_convs"]
 
 FAST_OPSET, INT4_OPSET = 17, 21
 #: How a conv whose value is used as a float (residual stream) runs: an 8-bit ``QLinearConv`` over the
 #: calibrated range, or a float32 ``Conv`` of the codes (exact integer sums, float speed).
 RESIDUAL_FORMS = ("int8", "float")
+#: Metadata entry of a fast file: how many convs it requantizes to 8 bits (0: the file is exact).
+REQUANTIZED_KEY = "requantized_convs"
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -66,6 +68,7 @@ class FastExport(OnnxBuilder):
             for name in op.inputs:
                 self.consumers.setdefault(name, []).append(op)
         self.float_acc: set = set()  # accumulators computed by a float32 Conv
+        self.requantized: List[str] = []  # convs whose float value goes through 8 bits (the lossy step)
         self.unit_stats: Dict[str, Dict[str, object]] = {}
         self.env: Dict[str, str] = {}
 
@@ -157,6 +160,7 @@ class FastExport(OnnxBuilder):
             if user.name not in self.ranges:
                 raise ValueError(f"{user.name}: no calibrated range (calibrate on images first)")
             plan = output_plan(user, *self.ranges[user.name])
+            self.requantized.append(op.name)
             weight = _np(op.weight).astype(np.int32) * _np(plan.weight_sign).astype(np.int32).reshape(-1, 1, 1, 1)
             y = self.conv(op, codes, _np(plan.weight_scale), _np(plan.bias), weight)
             # uint8 around 128 (onnxruntime fuses a conv whose input and output have the same type)
@@ -224,6 +228,7 @@ class FastExport(OnnxBuilder):
 
     def build(self, expose_codes: bool) -> onnx.ModelProto:
         self._plans: Dict[str, AccumulatorPlan] = {}
+        self.requantized = []
         env = {self.model.input_name: DEFAULT_INPUT}
         self._names.add(DEFAULT_INPUT)
         for op in self.model.ops:
@@ -239,9 +244,17 @@ class FastExport(OnnxBuilder):
         opset = INT4_OPSET if self.weight_type == "int4" else FAST_OPSET
         proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="n2uq")
         proto.ir_version = 10 if self.weight_type == "int4" else min(proto.ir_version, 8)
-        for key, value in {**self.model.meta, "form": "qdq"}.items():
+        # the file says whether it is exact: convs requantized to 8 bits make it approximate
+        form = {"form": "qdq", "residual": self.residual, REQUANTIZED_KEY: len(self.requantized)}
+        for key, value in {**self.model.meta, **form}.items():
             proto.metadata_props.add(key=str(key), value=str(value))
         return proto
+
+
+def requantized_convs(proto: onnx.ModelProto) -> int:
+    """How many convs of a fast file run their float output through 8 bits (``--fast_residual int8``;
+    0: the file computes what the integer model computes)."""
+    return int(next((p.value for p in proto.metadata_props if p.key == REQUANTIZED_KEY), 0))
 
 
 def numpy_int4(name: str, values: np.ndarray) -> onnx.TensorProto:

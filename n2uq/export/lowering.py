@@ -256,8 +256,13 @@ def convert(model: nn.Module, meta: Optional[Dict[str, Any]] = None) -> IntegerM
     """Integer inference model of an N2UQ ResNet/MobileNetV2 (eval statistics of its BatchNorms).
 
     The model is not modified. Raises :class:`~n2uq.export.graph.GraphError` for a layout this
-    converter does not know.
+    converter does not know, and :class:`ValueError` for a model (or a submodule) in training mode:
+    BatchNorm folding uses the running statistics, which only eval mode applies.
     """
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if training:
+        raise ValueError(f"convert() needs a model in eval mode (BatchNorm is folded with its running statistics), "
+                         f"but {training[0]} is in training mode: call model.eval() first")
     graph = trace_graph(model)
     low = _Lowering(graph)
     for node in graph.nodes:

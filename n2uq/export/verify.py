@@ -224,15 +224,45 @@ class FastAgreement:
     ``exact_codes``: units reading an accumulator (the fast graph resolves every threshold on it
     exactly); teacher-forced, every one of their codes must equal the integer model's.
     ``other_codes``: the rest (units reading a float tensor, whose value the fast graph computes
-    after an 8-bit residual conv, or with onnxruntime's float rounding), reported."""
+    after an 8-bit residual conv, or with onnxruntime's float rounding), reported.
+    ``requantized``: convs the file runs through 8 bits (``--fast_residual int8``); with any, the file
+    is *approximate*: its codes and predictions may differ from the PyTorch model's end to end, by
+    an amount the check batch only samples. ``fake_quant``: the file's logits against the PyTorch
+    fake-quant model's, end to end (when given)."""
 
     exact_codes: CodeAgreement
     other_codes: CodeAgreement
     end_to_end_codes: CodeAgreement
     logits: LogitAgreement
+    requantized: int = 0
+    fake_quant: Optional[LogitAgreement] = None
 
     def ok(self) -> bool:
+        """The exact parts agree (codes of units reading an accumulator); says nothing of the lossy part."""
         return self.exact_codes.mismatched == 0
+
+    @property
+    def approximate(self) -> bool:
+        return self.requantized > 0
+
+    def status(self) -> str:
+        """``FAILED`` (an exact part disagrees), ``APPROXIMATE (...)`` (a lossy file, with its end-to-end
+        agreement on the batch), or ``OK``."""
+        if not self.ok():
+            return "FAILED"
+        if self.approximate:
+            return (f"APPROXIMATE ({self.requantized} residual-stream convs requantized to 8 bits; end to end on "
+                    f"the check batch: {self.end_to_end()})")
+        return "OK"
+
+    def end_to_end(self) -> str:
+        """The file's end-to-end agreement on the batch: same top-1, largest logit difference relative
+        to the logits' scale, share of codes that differ."""
+        ref, name = (self.fake_quant, "PyTorch fake-quant") if self.fake_quant else (self.logits, "integer model")
+        return (f"top-1 same as the {name} model on {ref.top1_same}/{ref.samples} check images "
+                f"({100.0 * ref.top1_same / max(ref.samples, 1):.0f}%), logits max |diff| {100.0 * ref.rel:.3g}% of "
+                f"their scale, {100.0 * self.end_to_end_codes.fraction:.3g}% of the codes differ from the integer "
+                f"model's")
 
     def lines(self) -> List[str]:
         return [f"units computed exactly (teacher-forced): {self.exact_codes}",
@@ -241,10 +271,13 @@ class FastAgreement:
 
 
 def check_fast(int_model: IntegerModel, x: Tensor, runtime_logits: Tensor, runtime_codes: Mapping[str, Tensor],
-               exact_units: List[str]) -> FastAgreement:
+               exact_units: List[str], requantized: int = 0,
+               fake_quant_logits: Optional[Tensor] = None) -> FastAgreement:
     """Codes of the fast export (``runtime_codes``, one entry per unit) against the integer model's:
     teacher-forced (each unit of the integer model sees the fast graph's codes upstream) and end
-    to end; ``exact_units`` (the units reading an accumulator) must match code for code."""
+    to end; ``exact_units`` (the units reading an accumulator) must match code for code.
+    ``requantized``: the file's convs requantized to 8 bits (it is approximate when > 0);
+    ``fake_quant_logits``: the PyTorch model's logits on ``x``, compared end to end."""
     ref = {k: torch.as_tensor(v).to(torch.int64) for k, v in runtime_codes.items()}
     _, tf_rec = _run(int_model, x, {k: v.float() for k, v in ref.items()})
     e2e_out, e2e_rec = _run(int_model, x)
@@ -261,4 +294,6 @@ def check_fast(int_model: IntegerModel, x: Tensor, runtime_logits: Tensor, runti
         diff = int((e2e_rec[name].codes.to(torch.int64) != codes).sum())
         e2e.elements += codes.numel()
         e2e.mismatched += diff
-    return FastAgreement(exact, other, e2e, compare_logits(torch.as_tensor(runtime_logits), e2e_out))
+    runtime_logits = torch.as_tensor(runtime_logits)
+    vs_fq = None if fake_quant_logits is None else compare_logits(runtime_logits, fake_quant_logits)
+    return FastAgreement(exact, other, e2e, compare_logits(runtime_logits, e2e_out), requantized, vs_fq)
