@@ -196,6 +196,10 @@ def quantizers_from_config(student: StudentConfig) -> Quantizers:
                 raise UsageError(f"--{flag} is an ablation of N2UQ; it does not apply to --method {student.method}")
     if student.method == "lsq" and student.n_bit < 2:
         raise UsageError("--method lsq needs --n_bit 2 or more (its signed 1-bit weight grid is empty)")
+    if student.method == "pact" and student.n_bit < 2:
+        raise UsageError("--method pact needs --n_bit 2 or more (its 1-bit levels are 0 and the clip alpha, which "
+                         "starts at 10 as in its paper, so every activation below 5 quantizes to 0, the layers' "
+                         "outputs are constant and the gradients overflow through BatchNorm)")
     if student.full_lr_thresholds and student.uniform_thresholds:
         raise UsageError("--full_lr_thresholds sets the lr of the interval lengths, which --uniform_thresholds "
                          "freezes; pass one of them")
@@ -220,6 +224,9 @@ def check_output_dir(path: str, flag: str) -> None:
     parent = path
     while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent.rstrip(os.sep)) or "."
+    if parent != path and not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: {parent} is a file, not a folder, so no folder can be made inside it; "
+                         f"pass a folder")
     if not os.access(parent or ".", os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: cannot write into {parent or '.'} (permission denied); "
                          f"pass a folder you can write to")
@@ -265,6 +272,11 @@ def validate_train_config(cfg: TrainConfig, world_size: Optional[int] = None) ->
     if optim.teacher == "none" and optim.teacher_weights not in ("imagenet", "none"):
         raise UsageError(f"--teacher none conflicts with --teacher_weights {optim.teacher_weights}; "
                          f"name the teacher's architecture with --teacher, or drop --teacher_weights")
+    from n2uq.teacher import unknown_teacher  # torchvision: only once the flags parsed
+
+    teacher_problem = unknown_teacher(optim.teacher, optim.teacher_weights)
+    if teacher_problem:
+        raise UsageError(teacher_problem)
     if run.resume not in ("auto", "none") and not os.path.isfile(run.resume):
         raise UsageError(f"--resume file not found: {run.resume} (use auto, none or an existing checkpoint)")
     pretrained = cfg.student.pretrained

@@ -30,7 +30,7 @@ from n2uq.loop import LoopContext, NonFiniteError, autocast, evaluate, say, trai
 from n2uq.metrics import MetricsLogger
 from n2uq.pretrained import load_pretrained
 from n2uq.recipe import RESNET_ALPHA_PATTERNS, build_optimizer, build_scheduler
-from n2uq.resume import check_resume, read_resume, resolve_resume, restore_training, resumed_flags
+from n2uq.resume import carry_best, check_resume, read_resume, resolve_resume, restore_training, resumed_flags
 from n2uq.run_config import DataConfig, TrainConfig, check_same_classes
 from n2uq.run_control import RunControl
 from n2uq.teacher import build_teacher
@@ -183,27 +183,30 @@ def _fit(env: DistEnv, build_model: Callable[[int], nn.Module], cfg: TrainConfig
     model = build_model(num_classes)
     config, run_name = {**spec.config, "num_classes": num_classes}, spec.name
     resume_path, run_dir = _find_resume(run.resume, spec, env)
-    if env.is_main:
-        for tmp in remove_stale_temps(run_dir, CHECKPOINT_FILES):
-            say(env, f"removed {tmp}, left by a save that was interrupted")
     record = RunRecord(cfg.flags(), config, list(train_ds.classes),
                        {"world_size": env.world_size, "train_images": len(train_ds)})
     ckpt = None
     if resume_path is not None:
         ckpt = read_resume(resume_path, run.resume == "auto")
         source = f"--resume {resume_path}" if run.resume != "auto" else f"the run's checkpoint {resume_path}"
-        check_resume(ckpt, source, config, record.args, record.layout)
+        check_resume(ckpt, source, config, record.args, record.layout, record.classes)
         record.args = resumed_flags(record.args, ckpt)
-    else:
+    if env.is_main:  # after the checks: a refused run deletes and writes nothing
+        for tmp in remove_stale_temps(run_dir, CHECKPOINT_FILES):
+            say(env, f"removed {tmp}, left by a save that was interrupted")
+    if ckpt is None:
         _initialise(model, cfg, config, run_dir, env)
     model.to(device)
     if run.channels_last:
         model.to(memory_format=torch.channels_last)
 
     parts = _training_parts(model, cfg, spec.alpha_patterns)
-    progress = TrainProgress()
+    progress, best_file = TrainProgress(), None
     if ckpt is not None:
         progress, notes = restore_training(parts, ckpt, resume_path, spec.alpha_patterns)
+        if env.is_main:
+            best_file, carried = carry_best(resume_path, run_dir, progress.best_top1)
+            notes.extend(carried)
         at = f", step {progress.step_in_epoch}" if progress.step_in_epoch else ""
         say(env, f"resumed from {resume_path}: next epoch {progress.next_epoch + 1}{at}, "
                  f"best top-1 {progress.best_top1:.2f}", *notes)
@@ -218,7 +221,8 @@ def _fit(env: DistEnv, build_model: Callable[[int], nn.Module], cfg: TrainConfig
              f"{'KD from ' + cfg.optim.teacher if parts.teacher is not None else 'label-smoothed CE (no teacher)'}")
     logger.log({"event": "start", "run": run_name, "world_size": env.world_size, "resume": resume_path,
                 "next_epoch": progress.next_epoch, "step_in_epoch": progress.step_in_epoch, "args": record.args})
-    state = TrainerState(progress, last_good=f"{resume_path} ({progress.describe()})" if resume_path else None)
+    state = TrainerState(progress, last_good=f"{resume_path} ({progress.describe()})" if resume_path else None,
+                         best_file=best_file)
     try:
         with RunControl(run.steps_per_run, run.epochs_per_run, device) as control:
             last_val = Trainer(parts, data, LoopContext(env, cfg, logger), record, run_dir, control, state).run()
@@ -227,7 +231,8 @@ def _fit(env: DistEnv, build_model: Callable[[int], nn.Module], cfg: TrainConfig
     progress = state.progress
     epochs = cfg.optim.epochs
     if progress.next_epoch >= epochs:
-        say(env, f"finished {epochs} epochs: best val top-1 {progress.best_top1:.2f} "
-                 f"({os.path.join(run_dir, BEST_NAME)})")
+        where = state.best_file or f"no {BEST_NAME} in {run_dir}: " + (
+            "the best epoch was saved by an earlier run" if progress.best_top1 > 0 else "no epoch scored above 0")
+        say(env, f"finished {epochs} epochs: best val top-1 {progress.best_top1:.2f} ({where})")
     return {"run_dir": run_dir, "best_top1": progress.best_top1, "last_val": last_val,
             "next_epoch": progress.next_epoch, "step_in_epoch": progress.step_in_epoch}

@@ -93,6 +93,8 @@ class Quantizers:
             raise ValueError("full_lr_thresholds needs learned thresholds: frozen interval lengths have no lr")
         if self.method == "lsq" and self.n_bit < 2:
             raise ValueError("LSQ needs at least 2 bits (its signed 1-bit weight grid is empty)")
+        if self.method == "pact" and self.n_bit < 2:  # docs/training.md: why 1-bit PACT cannot train
+            raise ValueError("PACT needs at least 2 bits (at 1 bit every activation below alpha/2 = 5 quantizes to 0)")
 
     @property
     def is_default(self) -> bool:

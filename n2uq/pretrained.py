@@ -14,8 +14,11 @@ Sources (``--pretrained``):
 Only keys that exist in the model with the same shape are copied. The torchvision layout's
 shortcut ``downsample.0`` (conv) / ``downsample.1`` (BN) becomes ``downsample.1`` / ``downsample.2``
 in the quantized-downsample layout (``downsample.0`` is an LTQ there). Unlike the reference
-(``strict=False``, silent), a report of loaded and left-at-init keys is always produced, and
-loading nothing is an error.
+(``strict=False``, silent), a report of loaded and left-at-init keys is always produced, and a file
+that does not initialise this architecture is an error: it must hold every convolution weight of
+the model with the model's shape; only the classifier (the last ``nn.Linear``) may differ in its
+number of outputs (a file trained on another number of classes), and the quantizers' parameters,
+which a full-precision file cannot have, stay at their initial values.
 """
 
 from __future__ import annotations
@@ -281,8 +284,35 @@ def load_matching(model: nn.Module, state_dict: Mapping[str, Tensor], source: st
         raise PretrainedError(f"{source}: no key of the file matches the model (e.g. file has "
                               f"{next(iter(state_dict), 'nothing')!r}, model has {next(iter(own))!r}); "
                               f"wrong file for this architecture?")
+    _check_covers_weights(model, own, usable, state_dict, source)
     model.load_state_dict(usable, strict=False)
     return report
+
+
+def _check_covers_weights(model: nn.Module, own: Mapping[str, Tensor], usable: Mapping[str, Tensor],
+                          state_dict: Mapping[str, Tensor], source: str) -> None:
+    """Raise :class:`PretrainedError` unless the file's convolution and linear weights (``*.weight``
+    of two or more dimensions) are the model's: ``usable`` (the file's entries that fit) holds every
+    one of the model's, and the file has none the model lacks (a deeper or wider architecture). The
+    classifier (the model's last ``nn.Linear``) may have another number of outputs in the file
+    (another class count); it then stays at its initial value."""
+    classifier = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
+    weights = [k for k, v in own.items() if k.endswith(".weight") and v.dim() >= 2]
+    other_classes = [k for k in weights if k.rsplit(".", 1)[0] in classifier and k in state_dict
+                     and tuple(state_dict[k].shape[1:]) == tuple(own[k].shape[1:])]
+    missing = [k for k in weights if k not in usable and k not in other_classes]
+    extra = [k for k, v in state_dict.items() if k.endswith(".weight") and v.dim() >= 2 and k not in own]
+    if not missing and not extra:
+        return
+    covered = sum(k in usable for k in weights)
+    problems = (("shape differs", [k for k in missing if k in state_dict]),
+                ("not in the file", [k for k in missing if k not in state_dict]), ("not in the model", extra))
+    raise PretrainedError(
+        f"{source} does not initialise this model: it fits {covered} of its {len(weights)} convolution/linear "
+        f"weights ({len(usable)}/{len(own)} tensors in all; "
+        + "; ".join(f"{what} ({len(keys)}): {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                    for what, keys in problems if keys)
+        + "); pass a full-precision file of this architecture, or --pretrained none")
 
 
 def load_pretrained(model: nn.Module, source: str, arch: str, quantize_downsample: bool,

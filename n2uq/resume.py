@@ -13,12 +13,14 @@ reference's format (no recorded flags) are resumed too (:mod:`n2uq.reference_for
 from __future__ import annotations
 
 import os
+import shutil
 from typing import AbstractSet, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from n2uq.atomic_io import atomic_path
 from n2uq.checkpoint import CheckpointError, infer_config, load_state_dict_strict, read_checkpoint
 from n2uq.cli import UsageError
 from n2uq.reference_format import is_reference_checkpoint, map_reference_adam_state, replay_schedule
-from n2uq.run_config import TrainConfig
+from n2uq.run_config import TrainConfig, class_difference
 from n2uq.train_state import (
     BEST_NAME,
     CHECKPOINT_NAME,
@@ -30,7 +32,7 @@ from n2uq.train_state import (
 )
 
 __all__ = ["RUN_CONTROL_FLAGS", "resolve_resume", "read_training_checkpoint", "read_resume", "check_resume",
-           "recipe_differences", "restore_training", "resumed_flags"]
+           "recipe_differences", "restore_training", "resumed_flags", "carry_best"]
 
 _CONFIG_KEYS = ("arch", "n_bit", "quantize_downsample", "num_classes", "full_precision", "method")
 
@@ -108,11 +110,13 @@ def resumed_flags(flags: Mapping[str, Any], ckpt: Mapping[str, Any]) -> Dict[str
 
 
 def check_resume(ckpt: Mapping[str, Any], source: str, config: Mapping[str, Any], flags: Mapping[str, Any],
-                 layout: Mapping[str, int]) -> None:
+                 layout: Mapping[str, int], classes: Optional[Sequence[str]] = None) -> None:
     """The checkpoint to resume (``source`` names it) must be of this run's model, trained with this
-    run's recipe (``flags``: this run's :meth:`~n2uq.run_config.TrainConfig.flags`) and, when it
-    stopped inside an epoch, of this run's data layout (``--batch_size``, ``--seed``, ``layout``:
-    ``world_size`` and ``train_images``); raises :class:`~n2uq.cli.UsageError` otherwise.
+    run's recipe (``flags``: this run's :meth:`~n2uq.run_config.TrainConfig.flags`) on this run's
+    class folders (``classes``; a label is the index of its sorted folder, so a renamed, added or
+    removed folder changes the labels) and, when it stopped inside an epoch, of this run's data
+    layout (``--batch_size``, ``--seed``, ``layout``: ``world_size`` and ``train_images``); raises
+    :class:`~n2uq.cli.UsageError` otherwise.
 
     The checkpoint's flags are read from its ``args`` entry, the ``{flag: value}`` dictionary every
     checkpoint of this project records; a file of the reference's format records none and is
@@ -135,6 +139,12 @@ def check_resume(ckpt: Mapping[str, Any], source: str, config: Mapping[str, Any]
         raise UsageError(f"{source} holds another model ({', '.join(diffs)}: checkpoint vs this run); "
                          f"pass the flags it was trained with, or --resume none (or another --save) to start "
                          f"a new run")
+    trained_on = ckpt.get("classes")  # none in a file of the reference's format
+    difference = class_difference(trained_on, classes, "this run's data") if trained_on and classes else None
+    if difference:
+        raise UsageError(f"{source} was trained on other class folders ({difference}), and resuming would change "
+                         f"what its labels mean mid-run; pass the --data it was trained on, or --resume none (or "
+                         f"another --save) to start a new run")
     if int(ckpt["step_in_epoch"]) > 0:
         _check_layout(ckpt, source, {"--batch_size": flags.get("batch_size"), "--seed": flags.get("seed"),
                                      "process count": layout["world_size"], "train images": layout["train_images"]})
@@ -168,6 +178,37 @@ def recipe_differences(saved_args: Any, flags: Mapping[str, Any], run_control: A
         if not same(name, before, now):
             found.append(f"--{name} {before} vs {now}")
     return found
+
+
+def carry_best(resume_path: str, run_dir: str, best_top1: float) -> Tuple[Optional[str], List[str]]:
+    """The file that holds the best epoch's weights of a run resumed from ``resume_path`` into
+    ``run_dir`` (``None`` when there is none), and the lines to print about it.
+
+    In the checkpoint's own folder that is its ``model_best.pth.tar``. A run resumed into another
+    folder (``--resume FILE`` with another ``--save``) copies the best epoch's file there — the
+    ``model_best.pth.tar`` beside the checkpoint, or the checkpoint itself when it is one — so that
+    the new folder holds the whole run; only a file that records the checkpoint's best top-1
+    (``best_top1``) is copied, any other is the best of something else. Call it on the process
+    that writes."""
+    best_here = os.path.join(run_dir, BEST_NAME)
+    if os.path.realpath(os.path.dirname(resume_path)) == os.path.realpath(run_dir):
+        return (best_here if os.path.isfile(best_here) else None), []
+    source = resume_path if os.path.basename(resume_path) == BEST_NAME else os.path.join(
+        os.path.dirname(resume_path), BEST_NAME)
+    try:
+        recorded = float(read_checkpoint(source).get("best_top1_acc", -1.0)) if os.path.isfile(source) else None
+    except (CheckpointError, AttributeError, TypeError, ValueError):
+        recorded = None
+    if recorded != best_top1:
+        if best_top1 <= 0:
+            return None, []
+        found = "holds another best" if recorded is not None else "is not there"
+        return None, [f"the best epoch so far (top-1 {best_top1:.2f}) stays with the earlier run: {source} {found}, "
+                      f"so {run_dir} gets a {BEST_NAME} only when this run beats it"]
+    os.makedirs(run_dir, exist_ok=True)
+    with atomic_path(best_here) as tmp:
+        shutil.copyfile(source, tmp)
+    return best_here, [f"copied the best epoch so far (top-1 {best_top1:.2f}) from {source} to {best_here}"]
 
 
 def _check_layout(ckpt: Mapping[str, Any], source: str, now: Mapping[str, Any]) -> None:

@@ -16,8 +16,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-__all__ = ["DataError", "check_data_dir", "class_folders", "check_same_classes", "DataConfig", "StudentConfig",
-           "OptimConfig", "RunConfig", "TrainConfig"]
+__all__ = ["DataError", "check_data_dir", "class_folders", "check_same_classes", "class_difference", "check_classes",
+           "DataConfig", "StudentConfig", "OptimConfig", "RunConfig", "TrainConfig"]
 
 
 class DataError(ValueError):
@@ -37,13 +37,31 @@ def check_data_dir(root: str) -> None:
                             f"{root}/val/<class>/*.jpg)")
 
 
+#: The file name endings ``torchvision.datasets.ImageFolder`` takes for images (its ``IMG_EXTENSIONS``).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _has_image(folder: str) -> bool:
+    """Whether ``folder`` (or a folder inside it, as ImageFolder searches) holds a file with an image ending."""
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(name.lower().endswith(IMAGE_EXTENSIONS) for name in files):
+            return True
+    return False
+
+
 def class_folders(root: str, split: str) -> List[str]:
     """The class names of ``root/split`` as ``torchvision.datasets.ImageFolder`` finds them (its
-    sub-folders, sorted), without reading a file; none is a :class:`DataError`."""
+    sub-folders, sorted), reading no image; none, or one without an image file (ImageFolder would
+    refuse it), is a :class:`DataError`."""
     path = os.path.join(root, split)
     classes = sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
     if not classes:
         raise DataError(f"{path} has no class folder (expected {path}/<class>/<images>)")
+    empty = [name for name in classes if not _has_image(os.path.join(path, name))]
+    if empty:
+        raise DataError(f"{path}: class folder(s) without an image ({', '.join(empty[:3])}"
+                        f"{' ...' if len(empty) > 3 else ''}; image files end in {', '.join(IMAGE_EXTENSIONS)}); "
+                        f"add their images or remove the folders")
     return classes
 
 
@@ -55,6 +73,31 @@ def check_same_classes(root: str, train_classes: Sequence[str], val_classes: Seq
         raise DataError(f"{root}: train/ and val/ have different class folders (only in train/: "
                         f"{', '.join(only_train[:3]) or '-'}; only in val/: {', '.join(only_val[:3]) or '-'}); "
                         f"give both the same class folders")
+
+
+def class_difference(trained: Sequence[str], now: Sequence[str], where: str = "the data") -> Optional[str]:
+    """How the class folders ``now`` (of ``where``) differ from the ``trained`` ones a model's outputs
+    stand for (label k is the k-th sorted folder), e.g. ``only in the checkpoint: cat; only in the
+    data: kitten``; ``None`` when they are the same list."""
+    if list(trained) == list(now):
+        return None
+    only_trained = sorted(set(trained) - set(now))
+    only_now = sorted(set(now) - set(trained))
+    if not only_trained and not only_now:
+        return "the same names in another order"
+    return (f"only in the checkpoint: {', '.join(only_trained[:3]) or '-'}{' ...' if len(only_trained) > 3 else ''}; "
+            f"only in {where}: {', '.join(only_now[:3]) or '-'}{' ...' if len(only_now) > 3 else ''}")
+
+
+def check_classes(classes: Sequence[str], folder: str, num_classes: int, meta: Mapping[str, Any]) -> None:
+    """Raise :class:`DataError` unless the class folders of ``folder`` are the ones the model
+    predicts: as many as its outputs, and the checkpoint's own class names when it records them
+    (``meta['classes']``)."""
+    if len(classes) != num_classes:
+        raise DataError(f"{folder} has {len(classes)} classes but the checkpoint predicts {num_classes}")
+    difference = class_difference(meta.get("classes") or classes, classes, folder)
+    if difference:
+        raise DataError(f"{folder}: class folders differ from the ones the checkpoint was trained on ({difference})")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from torch import nn
 from n2uq.checkpoint import CheckpointError, extract_state_dict, load_state_dict_strict, read_checkpoint
 from n2uq.pretrained import PretrainedError, fetch_torchvision_weights
 
-__all__ = ["TeacherError", "uses_teacher", "check_teacher", "build_teacher"]
+__all__ = ["TeacherError", "uses_teacher", "unknown_teacher", "check_teacher", "build_teacher"]
 
 
 class TeacherError(RuntimeError):
@@ -29,12 +29,23 @@ def uses_teacher(teacher: str, teacher_weights: str) -> bool:
     return teacher.lower() != "none" and teacher_weights.lower() != "none"
 
 
+def unknown_teacher(name: str, weights: str) -> Optional[str]:
+    """Why ``--teacher name`` (with ``--teacher_weights weights``) names no model to build, or
+    ``None`` when it does or no teacher is used; a usage error, checked with the other flags."""
+    import torchvision.models as tvm
+
+    if not uses_teacher(name, weights) or name in tvm.list_models(module=tvm):
+        return None
+    return (f"unknown --teacher {name!r}: not a torchvision classification model (e.g. resnet101, resnet50); "
+            f"or --teacher none")
+
+
 def _torchvision_models(name: str):
     import torchvision.models as tvm
 
-    if name not in tvm.list_models(module=tvm):
-        raise TeacherError(f"unknown --teacher {name!r}: not a torchvision classification model "
-                           f"(e.g. resnet101, resnet50); or --teacher none")
+    problem = unknown_teacher(name, "imagenet")
+    if problem:
+        raise TeacherError(problem)
     return tvm
 
 

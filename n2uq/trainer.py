@@ -49,13 +49,15 @@ class TrainerState:
 
     ``progress``: the position reached (what the next checkpoint holds); ``cursor``: the epoch in
     progress; ``saved_step``: its last step already in a checkpoint; ``last_good``: the last good
-    checkpoint and its position (``None`` before the first save), for error messages.
+    checkpoint and its position (``None`` before the first save), for error messages; ``best_file``:
+    the file holding the weights of ``progress.best_top1`` (``None`` while there is none).
     """
 
     progress: TrainProgress
     cursor: Optional[EpochCursor] = None
     saved_step: int = 0
     last_good: Optional[str] = None
+    best_file: Optional[str] = None
 
 
 def check_finite_weights(model: nn.Module, progress: TrainProgress, device: torch.device) -> None:
@@ -194,13 +196,15 @@ class Trainer:
     def save(self, progress: TrainProgress, val: Optional[Dict[str, float]] = None, best: bool = False) -> None:
         """Write ``progress`` to the run's checkpoint (and ``model_best.pth.tar`` first when ``best``)."""
         check_finite_weights(self.parts.model, progress, self.env.device)
-        path = os.path.join(self.run_dir, CHECKPOINT_NAME)
+        path, best_path = os.path.join(self.run_dir, CHECKPOINT_NAME), os.path.join(self.run_dir, BEST_NAME)
         if self.env.is_main:
             ckpt = build_checkpoint(self.parts, progress, self.record, val)
             if best:  # first: a kill in between leaves the older checkpoint, whose resume redoes this best
-                atomic_save(ckpt, os.path.join(self.run_dir, BEST_NAME))
+                atomic_save(ckpt, best_path)
             atomic_save(ckpt, path)
         barrier()
+        if best:
+            self.state.best_file = best_path
         self.state.last_good = f"{path} ({progress.describe()})"
 
     def _log_epoch(self, cursor: EpochCursor, lrs: Dict[str, float], train: Dict[str, Any],

@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    from scripts.interrupt import exit_quietly_on_interrupt
+
+    exit_quietly_on_interrupt()
 
 from n2uq.cli import (  # noqa: E402
     UsageError,

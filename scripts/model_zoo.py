@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -17,8 +17,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from mobilenetv2.mobilenet_v2 import MobileNetV2  # noqa: E402
 from n2uq.checkpoint import ModelConfig, load_model_state, load_state_dict_strict  # noqa: E402
-from n2uq.data import DataError  # noqa: E402
 from n2uq.methods import Quantizers  # noqa: E402
+from n2uq.run_config import check_classes  # noqa: E402, F401  (shared with the training's resume check)
 from resnet.resnet import ARCHS as RESNET_ARCHS  # noqa: E402
 
 ARCH_NAMES = (*RESNET_ARCHS, "mobilenetv2")
@@ -75,15 +75,6 @@ def evaluation_sizes(meta: Dict[str, Any], image_size: Optional[int] = None,
     trained = training_args(meta)
     image_size = image_size or int(trained.get("image_size", 224))
     return image_size, val_resize or int(trained.get("val_resize", max(256, image_size)))
-
-
-def check_classes(classes: Sequence[str], folder: str, num_classes: int, meta: Dict[str, Any]) -> None:
-    """Raise :class:`n2uq.data.DataError` unless the class folders of ``folder`` are the ones the model
-    predicts: as many as its outputs, and the checkpoint's own class names when it records them."""
-    if len(classes) != num_classes:
-        raise DataError(f"{folder} has {len(classes)} classes but the checkpoint predicts {num_classes}")
-    if meta.get("classes") and list(meta["classes"]) != list(classes):
-        raise DataError(f"{folder}: class folders differ from the ones the checkpoint was trained on")
 
 
 def training_args(meta: Dict[str, Any]) -> Dict[str, Any]:

@@ -18,6 +18,7 @@ import torch
 import torchvision
 
 from mobilenetv2 import train as mobilenet_train
+from mobilenetv2.mobilenet_v2 import MobileNetV2
 from n2uq.cli import error_line, run_main
 from n2uq.recipe import RESNET_ALPHA_PATTERNS
 from resnet import train as resnet_train
@@ -103,6 +104,22 @@ CASES = [
     case("train-pretrained-malicious-pickle", "train", [*T, "--pretrained", "{evil}"], 1, "refusing to load"),
     case("train-teacher-weights-missing", "train", [*T, "--teacher", "resnet18", "--teacher_weights",
                                                     "{tmp}/t.pth"], 1, "--teacher_weights file not found"),
+    case("train-save-parent-is-a-file", "train", [*T, "--save", "{notckpt}/runs"], 2,
+         "--save {notckpt}/runs: {notckpt} is a file, not a folder"),
+    case("train-check-only-empty-class-folder", "train", [*T, "--data", "{empty_class}", "--check_only"], 2,
+         "{empty_class}/train: class folder(s) without an image (empty_class;"),
+    case("train-unknown-teacher", "train", [*T, "--teacher", "foo"], 2,
+         "unknown --teacher 'foo': not a torchvision classification model"),
+    case("train-pact-one-bit", "train", [*T, "--method", "pact", "--n_bit", "1"], 2,
+         "--method pact needs --n_bit 2 or more"),
+    case("train-pretrained-other-architecture", "train", [*T, "--pretrained", "{mbv2}"], 1,
+         "{mbv2} does not initialise this model: it fits 0 of its 21 convolution/linear weights (1/370 tensors"),
+    case("train-pretrained-deeper-architecture", "train", [*T, "--pretrained", "{resnet34}"], 1,
+         "it fits 21 of its 21 convolution/linear weights (122/370 tensors in all; not in the model (16): "
+         "layer1.2.conv1.weight"),
+    case("train-resume-other-class-folders", "train", [*T, "--data", "{renamed}", "--resume", "{ckpt}"], 2,
+         "--resume {ckpt} was trained on other class folders (only in the checkpoint: class_0; only in this run's "
+         "data: class_z)"),
     case("train-unreadable-image", "train", [*T, "--data", "{bad_train}"], 1,
          "unreadable image {bad_train}/train/class_1/000.png (UnidentifiedImageError"),
     # --- scripts/evaluate.py ---
@@ -186,6 +203,10 @@ def inputs(tmp_path_factory):
     p["other_classes"] = root / "other_classes"
     shutil.copytree(p["data"], p["other_classes"])
     (p["other_classes"] / "val" / "class_2").rename(p["other_classes"] / "val" / "class_9")
+    p["renamed"] = root / "renamed"  # every label shifts: class_z sorts last
+    shutil.copytree(p["data"], p["renamed"])
+    for split in ("train", "val"):
+        (p["renamed"] / split / "class_0").rename(p["renamed"] / split / "class_z")
     for name, rel in (("bad_train", "train/class_1/000.png"), ("bad_val", "val/class_2/000.png")):
         p[name] = root / name
         shutil.copytree(p["data"], p[name])
@@ -226,6 +247,10 @@ def inputs(tmp_path_factory):
     fp = torchvision.models.resnet18(num_classes=3).state_dict()
     del fp["layer4.1.bn2.running_var"]  # a complete one is evaluated (tests/test_scripts_train.py)
     torch.save(fp, p["fp"])
+    p["mbv2"] = root / "mobilenetv2.pth.tar"
+    torch.save(MobileNetV2(4, 3).state_dict(), p["mbv2"])
+    p["resnet34"] = root / "resnet34.pth"
+    torch.save(torchvision.models.resnet34(num_classes=3).state_dict(), p["resnet34"])
     p["models"] = root / "models"
     p["models"].mkdir()
     p["bad_models"] = root / "bad_models"

@@ -52,6 +52,28 @@ def test_nothing_matching_is_an_error(tmp_path):
         load_matching(resnet18(2, False, 10), {}, "empty")
 
 
+def test_a_file_that_does_not_initialise_the_architecture_is_refused():
+    """Some keys fitting is not enough: every convolution and linear weight of the model must come from
+    the file (the classifier may have another class count), and the file may hold no others."""
+    from mobilenetv2.mobilenet_v2 import MobileNetV2
+
+    with pytest.raises(PretrainedError, match=r"mbv2 does not initialise this model: it fits 0 of its 21 "
+                                              r"convolution/linear weights \(1/370 tensors in all; shape differs"):
+        load_matching(resnet18(2, False, 10), MobileNetV2(4, 10).state_dict(), "mbv2")
+    with pytest.raises(PretrainedError, match=r"fits 21 of its 21 .*not in the model \(16\): layer1.2.conv1.weight"):
+        load_matching(resnet18(2, True, 10), torchvision.models.resnet34(num_classes=10).state_dict(), "r34")
+    trained = resnet18(4, True, 10).state_dict()  # another N2UQ model: only the shortcut layout differs
+    with pytest.raises(PretrainedError, match=r"not in the file \(3\): layer2.0.downsample.0.weight"):
+        load_matching(resnet18(2, False, 10), trained, "qd")
+    model = resnet18(2, True, 7)  # a quantized model from the same architecture's file, 10 -> 7 classes
+    report = load_matching(model, trained, "qd")
+    assert "fc.weight" in report.left_at_init and "layer1.0.conv1.weight" in report.loaded
+    assert torch.equal(model.state_dict()["layer4.1.conv2.weight"], trained["layer4.1.conv2.weight"])
+    with pytest.raises(PretrainedError, match="fits 20 of its 21"):  # a classifier of another input width
+        load_matching(resnet18(2, False, 10), {**torchvision.models.resnet18(num_classes=10).state_dict(),
+                                               "fc.weight": torch.zeros(10, 256)}, "narrow")
+
+
 def test_unavailable_torchvision_weights_say_where_to_put_them():
     class Offline:
         url = "https://download.pytorch.org/models/resnet18-f37072fd.pth"

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -182,6 +184,22 @@ def test_defaults_follow_the_reference_scripts(tiny_imagefolder, monkeypatch):
     assert off.student.quantize_downsample is False and off_kw["run_name"] == RUN
     assert mobilenet_train.main(data) == 0
     assert seen[-1][1]["run_name"] == "mobilenetv2_4bit" and seen[-1][1]["reference_run_dir"] == "."
+    # the reference's script trains W4A4 N2UQ only: no other configuration looks for a run in --save itself
+    for other in (["--n_bit", "2"], ["--method", "dorefa"]):
+        assert mobilenet_train.main([*data, *other]) == 0
+        assert seen[-1][1]["reference_run_dir"] is None, other
+
+
+def test_ctrl_c_while_starting_exits_with_one_line(tiny_imagefolder, tmp_path):
+    """SIGINT during the imports (before the training loop takes it over): ``interrupted``, exit 130."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "resnet" / "train.py"), "--data", str(tiny_imagefolder),
+                             "--save", str(tmp_path), *TINY], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err == "interrupted\n", err
 
 
 # What checkpoints recorded under 'args' before the flags were parsed into a typed configuration
