@@ -42,11 +42,16 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 
 def _has_image(folder: str) -> bool:
-    """Whether ``folder`` (or a folder inside it, as ImageFolder searches) holds a file with an image ending."""
-    for _, _, files in os.walk(folder, followlinks=True):
-        if any(name.lower().endswith(IMAGE_EXTENSIONS) for name in files):
-            return True
-    return False
+    """Whether ``folder`` (or a folder inside it, as ImageFolder searches) holds a file with an image
+    ending. Stops at the first one: an ImageNet class folder is not listed whole."""
+    subfolders = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir():
+                subfolders.append(entry.path)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                return True
+    return any(_has_image(path) for path in subfolders)
 
 
 def class_folders(root: str, split: str) -> List[str]:

@@ -38,12 +38,17 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-import torchvision
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    from scripts.interrupt import exit_quietly_on_interrupt
+
+    exit_quietly_on_interrupt()
+
+import torch  # noqa: E402
+import torchvision  # noqa: E402
 
 from n2uq.bitwidth import MAX_BITS, MIN_BITS  # noqa: E402
 from n2uq.cli import OneLineParser, UsageError, check_ranges, run_main  # noqa: E402

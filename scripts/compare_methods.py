@@ -32,11 +32,18 @@ from typing import List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    from scripts.interrupt import exit_quietly_on_interrupt
+
+    exit_quietly_on_interrupt()
+
+
 from n2uq.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
 from n2uq.cli import OneLineParser, UsageError, check_output_dir, run_main  # noqa: E402
 from n2uq.methods import METHODS, Quantizers  # noqa: E402
 from n2uq.train_state import run_name  # noqa: E402
 from scripts.comparison_report import RunResult, write_report  # noqa: E402
+from scripts.interrupt import run_child  # noqa: E402
 from scripts.run_flags import differences, recorded_args  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,8 +182,8 @@ def train(spec: RunSpec, args, out: Path) -> float:
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode
+        code = run_child(cmd, f"the training run (log {log})", stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
     if code != 0:
         last = [line for line in log.read_text(encoding="utf-8").splitlines() if line.strip()][-1:]
         raise RuntimeError(f"{spec.label} seed {spec.seed} failed ({last[0] if last else 'no output'}); "

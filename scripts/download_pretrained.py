@@ -17,6 +17,12 @@ from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    from scripts.interrupt import exit_quietly_on_interrupt
+
+    exit_quietly_on_interrupt()
+
+
 from n2uq.cli import OneLineParser, UsageError, check_output_dir, parse_bool, run_main  # noqa: E402
 from n2uq.pretrained import AUTHORS_FILES, PretrainedError, fetch_authors_file  # noqa: E402
 

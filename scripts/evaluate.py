@@ -22,9 +22,14 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-from torch import Tensor, nn
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    from scripts.interrupt import exit_quietly_on_interrupt
+
+    exit_quietly_on_interrupt()
+
+from torch import Tensor, nn  # noqa: E402
 
 from n2uq import data as D  # noqa: E402
 from n2uq.checkpoint import (  # noqa: E402

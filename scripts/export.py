@@ -43,9 +43,14 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    from scripts.interrupt import exit_quietly_on_interrupt
+
+    exit_quietly_on_interrupt()
+
+import torch  # noqa: E402
 
 from n2uq.atomic_io import atomic_path  # noqa: E402
 from n2uq.checkpoint import describe, load_model_state, load_state_dict_strict  # noqa: E402

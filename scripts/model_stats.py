@@ -26,10 +26,15 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import torch
-from torch import nn
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    from scripts.interrupt import exit_quietly_on_interrupt
+
+    exit_quietly_on_interrupt()
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 from n2uq.baselines import DoReFaConv, LSQConv  # noqa: E402
 from n2uq.bitwidth import MAX_BITS, MIN_BITS  # noqa: E402

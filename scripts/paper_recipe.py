@@ -36,12 +36,19 @@ from typing import Any, Dict, List, Mapping, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    from scripts.interrupt import exit_quietly_on_interrupt
+
+    exit_quietly_on_interrupt()
+
+
 from n2uq.checkpoint import CheckpointError, extract_state_dict, read_checkpoint  # noqa: E402
 from n2uq.cli import OneLineParser, UsageError, check_output_dir, run_main  # noqa: E402
 from n2uq.methods import Quantizers  # noqa: E402
 from n2uq.resume import RUN_CONTROL_FLAGS, recipe_differences  # noqa: E402
 from n2uq.run_config import TrainConfig  # noqa: E402
 from n2uq.train_state import run_name  # noqa: E402
+from scripts.interrupt import run_child  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Stage-2 arms: the flags that differ from plain N2UQ. The first four answer the question.
@@ -178,8 +185,8 @@ def call_train(run: Run, argv: List[str], out: Path) -> None:
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}).returncode
+        code = run_child(cmd, f"the training run (log {log})", stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"})
     seconds = time.time() - start
     with open(out / "wall_time.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps({"run": run.label, "seed": run.seed, "seconds": round(seconds, 1),

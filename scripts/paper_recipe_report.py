@@ -24,6 +24,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    from scripts.interrupt import exit_quietly_on_interrupt
+
+    exit_quietly_on_interrupt()
+
+
 from n2uq.cli import OneLineParser, UsageError, run_main  # noqa: E402
 from n2uq.methods import method_tag  # noqa: E402
 

@@ -19,9 +19,14 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    from scripts.interrupt import exit_quietly_on_interrupt
+
+    exit_quietly_on_interrupt()
+
+import numpy as np  # noqa: E402
 
 from n2uq.cli import OneLineParser, UsageError, check_output_dir, run_main  # noqa: E402
 

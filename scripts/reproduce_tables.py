@@ -32,6 +32,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    from scripts.interrupt import exit_quietly_on_interrupt
+
+    exit_quietly_on_interrupt()
+
+
 from n2uq import data as D  # noqa: E402
 from n2uq.checkpoint import (  # noqa: E402
     CheckpointError,

@@ -17,10 +17,15 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import torch
-from torch import Tensor
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    from scripts.interrupt import exit_quietly_on_interrupt
+
+    exit_quietly_on_interrupt()
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 from n2uq import LTQ  # noqa: E402
 from n2uq import data as D  # noqa: E402
