@@ -22,7 +22,6 @@ import math
 import os
 import re
 import signal
-import threading
 from typing import Any, Iterator, List, NamedTuple, Sequence, Tuple
 
 import torch
@@ -212,23 +211,20 @@ def _worker_signals(worker_id: int) -> None:
     """Loader workers leave stop signals to the main process, which saves and stops cleanly.
 
     Ctrl-C and schedulers signal every process of a job; a worker that died of it would make the
-    main process fail instead of saving. So workers ignore SIGINT, and obey SIGTERM only when the
-    main process sends it (``DataLoader`` shutdown and interpreter exit terminate workers that
-    way): SIGTERM is blocked and a thread reads the sender of each one. Workers still exit on
-    their own when the main process goes away.
+    main process fail instead of saving. So workers ignore SIGINT, and a SIGTERM stops a worker
+    only once its main process is gone (the main process stops its workers through their queues,
+    and workers also exit on their own when it goes away). A Python handler, since a signal mask
+    cannot do it: a worker has threads from before this function runs (PyTorch's), which a mask
+    set here would not cover, and the signal goes to any thread that does not block it.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):  # not on macOS / Windows: keep the default
-        return
     parent = os.getppid()
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
-    def wait_for_parent() -> None:
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
-            pass
-        os._exit(128 + signal.SIGTERM)  # what SIGTERM's default action amounts to
+    def stop_if_orphaned(signum, frame) -> None:
+        if os.getppid() != parent:
+            os._exit(128 + signal.SIGTERM)  # what SIGTERM's default action amounts to
 
-    threading.Thread(target=wait_for_parent, name="sigterm-from-parent", daemon=True).start()
+    signal.signal(signal.SIGTERM, stop_if_orphaned)
 
 
 def _loader_kwargs(workers: int, pin_memory: bool) -> dict:
