@@ -66,7 +66,7 @@ while [ $# -gt 0 ]; do
         --fresh) FRESH=1; shift;;
         --quantize-downsample) QD=1; shift;;
         --bits|--arch|--epochs|--train-per-class|--val-per-class|--env|--source)
-            [ $# -ge 2 ] || usage_error "$1 needs a value"
+            { [ $# -ge 2 ] && [ -n "$2" ]; } || usage_error "$1 needs a value"
             case "$1" in
                 --bits) BITS="$2";; --arch) ARCH="$2";; --epochs) EPOCHS="$2";; --env) ENV_MODE="$2";;
                 --train-per-class) TRAIN_PC="$2";; --val-per-class) VAL_PC="$2";; --source) SOURCE="$2";;
@@ -74,6 +74,10 @@ while [ $# -gt 0 ]; do
             shift 2;;
         --) shift; EXTRA=("$@"); break;;
         *) usage_error "unknown option '$1'";;
+    esac
+done
+for arg in ${EXTRA[@]+"${EXTRA[@]}"}; do  # what this script sets itself would be overridden, or contradicted
+    case "${arg%%=*}" in --student|--n_bit|--quantize_downsample|--save|--data) usage_error "${arg%%=*} after -- is set by this script (use --arch, --bits, --quantize-downsample; the data and runs have their own folders)";;
     esac
 done
 if [ "$QUICK" = 1 ]; then EPOCHS="${EPOCHS:-2}" TRAIN_PC="${TRAIN_PC:-50}" VAL_PC="${VAL_PC:-20}"; fi

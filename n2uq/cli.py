@@ -267,8 +267,9 @@ def validate_train_config(cfg: TrainConfig, world_size: Optional[int] = None) ->
         raise UsageError(f"--min_crop_scale must be in (0, 1], got {data.min_crop_scale}")
     if not 0.0 <= optim.momentum < 1.0:
         raise UsageError(f"--momentum (Adam beta1) must be in [0, 1), got {optim.momentum}")
-    if run.amp == "fp16" and run.device == "cpu":
-        raise UsageError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+    if run.amp == "fp16" and (run.device == "cpu" or (run.device == "auto" and not _cuda_available())):
+        raise UsageError("--amp fp16 needs CUDA" + (" (--device auto found none)" if run.device == "auto" else "")
+                         + "; use --amp bf16 on CPU")
     if optim.teacher == "none" and optim.teacher_weights not in ("imagenet", "none"):
         raise UsageError(f"--teacher none conflicts with --teacher_weights {optim.teacher_weights}; "
                          f"name the teacher's architecture with --teacher, or drop --teacher_weights")
@@ -285,6 +286,12 @@ def validate_train_config(cfg: TrainConfig, world_size: Optional[int] = None) ->
                          f"(use auto, torchvision, authors, none or an existing file)")
     check_output_dir(run.save, "--save")
     return quantizers
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def check_run(cfg: TrainConfig, model: str, run_dir: str, world_size: Optional[int] = None) -> List[str]:

@@ -137,6 +137,10 @@ def _initialise(model: nn.Module, cfg: TrainConfig, config: Dict[str, Any], run_
     """Full-precision initialisation (``--pretrained``) with its report on screen and in the run folder."""
     report = load_pretrained(model, cfg.student.pretrained, config.get("arch", ""),
                              bool(config.get("quantize_downsample", False)), cfg.student.models_dir, cfg.run.save)
+    if report is None and config.get("arch") == "mobilenetv2" and not config.get("full_precision"):
+        say(env, "warning: a quantized MobileNetV2 from random init does not learn: its quantized convolutions "
+                 "start at weights of about 1e-3 (SPEC §2), so every LTQ code is 0 and only fc.bias gets a gradient "
+                 "(the reference starts from real_mbv2.pth.tar); pass --pretrained FILE, e.g. a --full_precision run")
     if report is not None and env.is_main:
         say(env, report.summary())
         os.makedirs(run_dir, exist_ok=True)
@@ -213,7 +217,10 @@ def _fit(env: DistEnv, build_model: Callable[[int], nn.Module], cfg: TrainConfig
         del ckpt
     _add_teacher_and_wrappers(parts, cfg, env, num_classes)
 
-    logger = MetricsLogger(run_dir, enabled=env.is_main)
+    purge_step = None  # the first step this run logs again (loop.py numbers step s of epoch e e·steps + s + 1)
+    if resume_path is not None:
+        purge_step = progress.next_epoch * len(data.train_loader) + progress.step_in_epoch + 1
+    logger = MetricsLogger(run_dir, enabled=env.is_main, purge_step=purge_step)
     n_params = sum(p.numel() for p in model.parameters())
     say(env, f"{run_name}: {n_params / 1e6:.2f}M parameters, {num_classes} classes, "
              f"{len(train_ds)} train / {len(val_ds)} val images, {env.world_size} process(es) on {device.type}, "

@@ -28,7 +28,7 @@ class MetricsLogger:
     """Appends one JSON object per line to ``<run_dir>/metrics.jsonl`` and mirrors numbers to
     TensorBoard (``<run_dir>/tb``). A no-op on ranks other than 0 (``enabled=False``)."""
 
-    def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True, purge_step: Optional[int] = None):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.writer = None
@@ -40,7 +40,9 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
+                # a resumed run logs again the steps after its checkpoint: TensorBoard drops the
+                # killed run's events from purge_step on, so no step appears twice
+                self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge_step)
             except ImportError:  # tensorboard is optional at run time
                 self.writer = None
 

@@ -192,6 +192,14 @@ def test_fresh_deletes_nothing_before_every_input_is_checked(tmp_path):
     run_files = [p for p in before if "/models/" in str(p) or "/exports/" in str(p) or "/log/demo/fashion" in str(p)]
     assert run_files and {p: p.read_bytes() for p in run_files} == {p: before[p] for p in run_files}
 
+    # a flag after -- that the demo sets itself (run.sh would refuse it only after the deletion), and
+    # an empty option value (which used to fall back to the default): usage errors, nothing deleted
+    for args in (["--fresh", "--", "--n_bit", "4"], ["--fresh", "--", "--save=elsewhere"], ["--epochs="]):
+        proc = run_demo(["--env", "active", "--quick", *args], tmp_path, source=source)
+        lines = error_lines(proc)
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("demo.sh: error: "), proc.stderr
+    assert {p: p.read_bytes() for p in run_files} == {p: before[p] for p in run_files}
+
 
 def test_fresh_with_good_inputs_starts_the_run_over(tmp_path):
     before = _old_work(tmp_path)

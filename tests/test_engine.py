@@ -194,3 +194,19 @@ def test_kd_from_a_frozen_teacher(tiny_imagefolder, tmp_path, monkeypatch):
     assert not any(p.requires_grad for p in teacher.parameters())
     for key, value in reference.state_dict().items():
         assert torch.equal(teacher.state_dict()[key], value), key
+
+
+def test_a_quantized_mobilenetv2_from_random_init_is_warned_about(capsys, tmp_path):
+    """Its quantized convolutions start at weights ~1e-3: every code is 0 and it cannot learn."""
+    from types import SimpleNamespace
+
+    from n2uq import engine
+    from n2uq.distributed import DistEnv
+
+    cfg = SimpleNamespace(student=SimpleNamespace(pretrained="none", models_dir="models"),
+                          run=SimpleNamespace(save="x"))
+    env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+    for config, warned in (({"arch": "mobilenetv2"}, True), ({"arch": "mobilenetv2", "full_precision": True}, False),
+                           ({"arch": "resnet18"}, False)):
+        engine._initialise(torch.nn.Linear(2, 2), cfg, config, str(tmp_path), env)
+        assert ("a quantized MobileNetV2 from random init does not learn" in capsys.readouterr().out) == warned
