@@ -70,6 +70,8 @@ CASES = [
     case("train-val-resize-below-crop", "train", [*T, "--val_resize", "8"], 2,
          "--val_resize 8 is smaller than --image_size 16"),
     case("train-fp16-on-cpu", "train", [*T, "--amp", "fp16", "--device", "cpu"], 2, "--amp fp16 needs CUDA"),
+    case("train-fp16-auto-device-without-cuda", "train", [*T, "--amp", "fp16"], 2,
+         "--amp fp16 needs CUDA (--device auto found none)", {"CUDA_VISIBLE_DEVICES": ""}),
     case("train-teacher-none-with-weights", "train", [*T, "--teacher_weights", "{notckpt}"], 2,
          "--teacher none conflicts with --teacher_weights"),
     case("train-full-precision-with-qd", "train", [*T, "--full_precision", "--quantize_downsample", "1"], 2,
