@@ -22,6 +22,7 @@ import math
 import os
 import re
 import signal
+import threading
 from typing import Any, Iterator, List, NamedTuple, Sequence, Tuple
 
 import torch
@@ -211,20 +212,40 @@ def _worker_signals(worker_id: int) -> None:
     """Loader workers leave stop signals to the main process, which saves and stops cleanly.
 
     Ctrl-C and schedulers signal every process of a job; a worker that died of it would make the
-    main process fail instead of saving. So workers ignore SIGINT, and a SIGTERM stops a worker
-    only once its main process is gone (the main process stops its workers through their queues,
-    and workers also exit on their own when it goes away). A Python handler, since a signal mask
-    cannot do it: a worker has threads from before this function runs (PyTorch's), which a mask
-    set here would not cover, and the signal goes to any thread that does not block it.
+    main process fail instead of saving. So workers ignore SIGINT, and obey SIGTERM only when the
+    main process sends it (``DataLoader`` shutdown and interpreter exit terminate workers that
+    way): SIGTERM is blocked and a thread reads the sender of each one. Workers still exit on
+    their own when the main process goes away. The block must hold in every thread of the worker,
+    PyTorch's own included, which start before this function runs: :class:`SignalSafeLoader`
+    starts the workers with SIGTERM blocked, so all their threads inherit it.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # not on macOS / Windows: keep the default
+        return
     parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
-    def stop_if_orphaned(signum, frame) -> None:
-        if os.getppid() != parent:
-            os._exit(128 + signal.SIGTERM)  # what SIGTERM's default action amounts to
+    def wait_for_parent() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(128 + signal.SIGTERM)  # what SIGTERM's default action amounts to
 
-    signal.signal(signal.SIGTERM, stop_if_orphaned)
+    threading.Thread(target=wait_for_parent, name="sigterm-from-parent", daemon=True).start()
+
+
+class SignalSafeLoader(DataLoader):
+    """A ``DataLoader`` whose workers start with SIGTERM blocked in the thread that forks them, so that
+    every thread of a worker (each inherits its creator's mask) leaves SIGTERM to
+    :func:`_worker_signals`; the main process's own mask is restored at once."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0 or not hasattr(signal, "sigwaitinfo"):
+            return super()._get_iterator()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _loader_kwargs(workers: int, pin_memory: bool) -> dict:
@@ -243,7 +264,7 @@ def build_train_loader(dataset: Dataset, batch_size: int, rank: int, world_size:
     """
     sampler = TrainSampler(len(dataset), rank, world_size, seed)  # type: ignore[arg-type]
     _mark_bad(dataset)
-    return DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, drop_last=True,
+    return SignalSafeLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, drop_last=True,
                       collate_fn=collate_checked, **_loader_kwargs(workers, pin_memory))
 
 
@@ -252,5 +273,5 @@ def build_val_loader(dataset: Dataset, batch_size: int, rank: int, world_size: i
     """Loader over this rank's shard of ``dataset`` (:class:`ShardSampler`); ``batch_size`` per rank."""
     sampler = ShardSampler(len(dataset), rank, world_size)  # type: ignore[arg-type]
     _mark_bad(dataset)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+    return SignalSafeLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                       collate_fn=collate_checked, **_loader_kwargs(workers, pin_memory))
