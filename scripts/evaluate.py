@@ -42,10 +42,10 @@ from n2uq.checkpoint import (  # noqa: E402
 from n2uq.cli import OneLineParser, UsageError, check_ranges, run_main  # noqa: E402
 from n2uq.distributed import cleanup, init_distributed  # noqa: E402
 from n2uq.engine import configure_threads, default_workers, evaluate  # noqa: E402
+from n2uq.run_config import check_classes  # noqa: E402
 from scripts.model_zoo import (  # noqa: E402
     build_full_precision,
     build_model,
-    check_classes,
     evaluation_sizes,
     full_precision_resnet,
     training_args,

@@ -59,6 +59,7 @@ from n2uq.data import DataError, image_folder, val_transform  # noqa: E402
 from n2uq.export.integer import convert  # noqa: E402
 from n2uq.export.limits import format_limits  # noqa: E402
 from n2uq.export.verify import check_against_fake_quant  # noqa: E402
+from n2uq.run_config import check_classes  # noqa: E402
 from scripts.evaluate import evaluation_settings  # noqa: E402
 from scripts.export_checks import (  # noqa: E402
     report,
@@ -69,7 +70,7 @@ from scripts.export_checks import (  # noqa: E402
     verify_qonnx,
     write_fast,
 )
-from scripts.model_zoo import build_model, check_classes  # noqa: E402
+from scripts.model_zoo import build_model  # noqa: E402
 
 FORMATS = ("onnx", "fast", "qonnx", "packed")
 #: Python packages each format needs (import name = pip name).

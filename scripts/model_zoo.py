@@ -18,7 +18,6 @@ if str(REPO_ROOT) not in sys.path:
 from mobilenetv2.mobilenet_v2 import MobileNetV2  # noqa: E402
 from n2uq.checkpoint import ModelConfig, load_model_state, load_state_dict_strict  # noqa: E402
 from n2uq.methods import Quantizers  # noqa: E402
-from n2uq.run_config import check_classes  # noqa: E402, F401  (shared with the training's resume check)
 from resnet.resnet import ARCHS as RESNET_ARCHS  # noqa: E402
 
 ARCH_NAMES = (*RESNET_ARCHS, "mobilenetv2")
